@@ -1,0 +1,106 @@
+"""From edit records and encoded prompts to one joint solve over every target layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .edits import ConceptEdit
+from .prompts import EncodedPrompts, pair_positions, preserve_positions
+from .solve import Correction, EditTerms, solve_transform, tensor_correction
+
+
+@dataclass
+class AssembledTerms:
+    """Solve inputs plus the bookkeeping the report needs.
+
+    Args:
+        terms (`EditTerms`): the tokens and weights of the joint solve.
+        pairs (`list[tuple[str, str]]`): (erased concept, guide) of every pair, over all records.
+        token_pair (`torch.Tensor`): pair index of every erased token.
+        preserved (`list[str]`): preserved prompts (deduplicated across records).
+        token_preserved (`torch.Tensor`): index into `preserved` of every preserved token.
+    """
+
+    terms: EditTerms
+    pairs: list[tuple[str, str]]
+    token_pair: torch.Tensor
+    preserved: list[str]
+    token_preserved: torch.Tensor
+
+
+def prompts_of(records: list[ConceptEdit]) -> list[str]:
+    return [p for r in records for p in r.prompts()]
+
+
+def assemble_terms(records: list[ConceptEdit], encoded: EncodedPrompts) -> AssembledTerms:
+    """Select the tokens of every record (DESIGN.md §2) and stack them into one `EditTerms`."""
+    states, last, length = encoded.states, encoded.last, encoded.max_length
+    device = states.device
+    erase, guide, weight, tensor_pair, token_pair, pairs = [], [], [], [], [], []
+    preserve_keys: dict[tuple, int] = {}
+    for record in records:
+        rows_e = encoded.rows(record.erase)
+        rows_g = encoded.rows([record.guide_prompt(g) for g in record.guide])
+        pair, pos_e, pos_g = pair_positions(last[rows_e], last[rows_g], record.token_mode, length)
+        erase.append(states[rows_e[pair], pos_e])
+        guide.append(states[rows_g[pair], pos_g])
+        weight.append(torch.full((len(pair),), record.erase_scale, dtype=torch.float64, device=device))
+        global_pair = pair + len(pairs)
+        token_pair.append(global_pair)
+        tensor_pair.append(global_pair if record.technique == "tensor" else torch.full_like(pair, -1))
+        pairs.extend(zip(record.erase, record.guide))
+        for prompt in record.preserve_prompts():
+            preserve_keys.setdefault((prompt, record.token_mode, record.preserve_scale), len(preserve_keys))
+    preserve, preserve_weight, token_preserved = [], [], []
+    for (prompt, mode, scale), index in preserve_keys.items():
+        row = encoded.rows([prompt])
+        _, pos = preserve_positions(last[row], mode, length)
+        preserve.append(states[row[0], pos])
+        preserve_weight.append(torch.full((len(pos),), scale, dtype=torch.float64, device=device))
+        token_preserved.append(torch.full((len(pos),), index, dtype=torch.long, device=device))
+    d = states.shape[-1]
+    cat = lambda xs, dtype=None: (torch.cat(xs) if xs else torch.zeros(0, d, device=device)).to(  # noqa: E731
+        dtype or torch.float64)
+    terms = EditTerms(
+        erase=cat(erase), guide=cat(guide), erase_weight=torch.cat(weight),
+        preserve=cat(preserve), preserve_weight=cat(preserve_weight) if preserve else weight[0][:0],
+        tensor_pair=torch.cat(tensor_pair), lamb=records[-1].lamb,
+    )
+    return AssembledTerms(
+        terms=terms, pairs=pairs, token_pair=torch.cat(token_pair),
+        preserved=[key[0] for key in preserve_keys],
+        token_preserved=torch.cat(token_preserved) if token_preserved else token_pair[0][:0],
+    )
+
+
+@dataclass
+class Solution:
+    """A solved edit: ``W'_ℓ = W_ℓ T_ℓ`` with ``T_ℓ = T + Cᵀ diag(coef[ℓ]) D`` (see `solve.Correction`)."""
+
+    transform: torch.Tensor
+    correction: Correction | None
+
+    def is_finite(self) -> bool:
+        tensors = [self.transform] + ([] if self.correction is None else [
+            self.correction.tokens, self.correction.solved, self.correction.coef])
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def to(self, device=None, dtype=None) -> "Solution":
+        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        c = self.correction
+        return Solution(move(self.transform), None if c is None else Correction(move(c.tokens), move(c.solved),
+                                                                               move(c.coef)))
+
+
+def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int) -> Solution:
+    """One float64 solve shared by every layer, plus the per-layer "tensor" correction when a record asks for it.
+
+    Args:
+        weights (`torch.Tensor`): ``W_all``, original weights of all layers stacked along rows (float32/64).
+        row_layer (`torch.Tensor`): layer index of each row of `weights`.
+    """
+    transform, factor = solve_transform(assembled.terms)
+    correction = tensor_correction(weights, row_layer, num_layers, assembled.terms, factor)
+    return Solution(transform, correction)

@@ -1,0 +1,216 @@
+"""The closed-form UCE math, in pure torch (no diffusers import).
+
+Notation (DESIGN.md §1). Tokens are rows: ``C`` (n×d) erased tokens, ``C*`` (n×d) the matching guide tokens,
+``P`` (m×d) preserved tokens, with per-token weights ``w`` (the erase scale of the edit each token came from) and
+``w_p`` (its preserve scale). For a target layer ``W`` (out×d) UCE minimises
+
+    λ‖W' − W‖² + Σ_i w_i ‖W' c_i − v*_i‖² + Σ_j w_pj ‖W' p_j − W p_j‖²
+
+whose solution is ``W' = (λW + Σ_i w_i v*_i c_iᵀ + Σ_j w_pj W p_j p_jᵀ) B⁻¹`` with
+``B = λI + Cᵀ diag(w) C + Pᵀ diag(w_p) P``. With ``v*_i = W c*_i`` ("replace") every layer shares one transform
+
+    W' = W T,    T = (λI + C*ᵀ diag(w) C + Pᵀ diag(w_p) P) B⁻¹.
+
+With ``v*_i = W c*_i − α_ℓi W c_i`` ("tensor", α over the token block of pair i) a layer ℓ gets
+``T_ℓ = T + Cᵀ diag(a_ℓ) D`` with ``D = C B⁻¹`` and ``a_ℓ = −w ⊙ α_ℓ[pair]``: the shared transform plus a per-layer
+low-rank correction. Everything here works on all layers at once: weights are concatenated along their output
+dimension (``W_all``, rows of layer ℓ form one contiguous segment) so that one matmul serves every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EditTerms:
+    """All token-level inputs of one joint solve.
+
+    Args:
+        erase (`torch.Tensor`): erased tokens ``C``, shape ``(n, d)``.
+        guide (`torch.Tensor`): guide tokens ``C*`` paired row by row with `erase`, shape ``(n, d)``.
+        erase_weight (`torch.Tensor`): erase scale of each erased token, shape ``(n,)``.
+        preserve (`torch.Tensor`): preserved tokens ``P``, shape ``(m, d)``.
+        preserve_weight (`torch.Tensor`): preserve scale of each preserved token, shape ``(m,)``.
+        tensor_pair (`torch.Tensor`): for each erased token, the index of its concept pair when the pair uses the
+            "tensor" technique, ``-1`` for "replace"; shape ``(n,)``, dtype long.
+        lamb (`float`): the regulariser ``λ`` (> 0).
+    """
+
+    erase: torch.Tensor
+    guide: torch.Tensor
+    erase_weight: torch.Tensor
+    preserve: torch.Tensor
+    preserve_weight: torch.Tensor
+    tensor_pair: torch.Tensor
+    lamb: float
+
+
+@dataclass
+class Correction:
+    """Per-layer low-rank correction ``T_ℓ = T + Cᵀ diag(coef[ℓ]) D`` (the "tensor" technique).
+
+    Args:
+        tokens (`torch.Tensor`): ``C`` restricted to the tensor-technique tokens, shape ``(r, d)``.
+        solved (`torch.Tensor`): ``D = C B⁻¹`` for the same tokens, shape ``(r, d)``.
+        coef (`torch.Tensor`): per-layer coefficients, shape ``(num_layers, r)``.
+    """
+
+    tokens: torch.Tensor
+    solved: torch.Tensor
+    coef: torch.Tensor
+
+
+def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve for the shared transform ``T`` in float64.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ``T`` (d×d) and the Cholesky factor ``L`` of ``B`` (d×d), both float64
+        on the device of the inputs.
+    """
+    if terms.lamb <= 0:
+        raise ValueError(f"lamb must be > 0 (got {terms.lamb}); it keeps the solve well posed, use e.g. 0.5")
+    erase, guide, preserve = (t.to(torch.float64) for t in (terms.erase, terms.guide, terms.preserve))
+    w = terms.erase_weight.to(erase)
+    wp = terms.preserve_weight.to(erase)
+    d = erase.shape[-1]
+    eye = torch.eye(d, dtype=torch.float64, device=erase.device)
+    preserve_gram = (preserve * wp[:, None]).T @ preserve
+    weighted_erase = erase * w[:, None]
+    b = terms.lamb * eye + weighted_erase.T @ erase + preserve_gram
+    numerator = terms.lamb * eye + guide.T @ weighted_erase + preserve_gram
+    factor, info = torch.linalg.cholesky_ex(b)
+    if int(info) != 0:
+        raise ValueError(
+            "the UCE system is not positive definite; use lamb > 0 and non-negative erase/preserve scales"
+        )
+    transform = torch.cholesky_solve(numerator.T.contiguous(), factor).T  # T = M B⁻¹, B symmetric
+    return transform, factor
+
+
+def tensor_correction(
+    weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int, terms: EditTerms, factor: torch.Tensor,
+    chunk_size: int = 4096,
+) -> Correction | None:
+    """Per-layer correction of the "tensor" technique, or `None` when no pair uses it.
+
+    Args:
+        weights (`torch.Tensor`): ``W_all``, the original weights of every layer concatenated along rows, ``(R, d)``.
+        row_layer (`torch.Tensor`): layer index of each row of `weights`, ``(R,)``.
+        num_layers (`int`): number of layers.
+        terms (`EditTerms`): the solve inputs.
+        factor (`torch.Tensor`): Cholesky factor of ``B`` from `solve_transform`.
+    """
+    selected = terms.tensor_pair >= 0
+    if not bool(selected.any()):
+        return None
+    pair = terms.tensor_pair[selected]
+    _, pair = torch.unique(pair, return_inverse=True)
+    num_pairs = int(pair.max()) + 1
+    tokens = terms.erase[selected].to(torch.float64)
+    guides = terms.guide[selected].to(torch.float64)
+    compute = weights.dtype
+    inner = torch.zeros(num_layers, tokens.shape[0], dtype=torch.float64, device=weights.device)
+    norm = torch.zeros_like(inner)
+    for start in range(0, tokens.shape[0], chunk_size):  # bounded memory; one matmul per chunk for all layers
+        y = weights @ tokens[start : start + chunk_size].to(compute).T
+        y_star = weights @ guides[start : start + chunk_size].to(compute).T
+        inner[:, start : start + chunk_size].index_add_(0, row_layer, (y * y_star).to(torch.float64))
+        norm[:, start : start + chunk_size].index_add_(0, row_layer, (y * y).to(torch.float64))
+    pair_inner = torch.zeros(num_layers, num_pairs, dtype=torch.float64, device=weights.device)
+    pair_norm = torch.zeros_like(pair_inner)
+    pair_inner.index_add_(1, pair, inner)
+    pair_norm.index_add_(1, pair, norm)
+    alpha = pair_inner / pair_norm.clamp_min(torch.finfo(torch.float64).tiny)
+    coef = -terms.erase_weight[selected].to(torch.float64)[None, :] * alpha[:, pair]
+    solved = torch.cholesky_solve(tokens.T.contiguous(), factor).T  # D = C B⁻¹
+    return Correction(tokens=tokens, solved=solved, coef=coef)
+
+
+def scaled(transform: torch.Tensor, correction: Correction | None, scale: float):
+    """Strength ``s``: ``T_s = I + s (T − I)`` (and the correction times ``s``)."""
+    eye = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
+    transform = eye + scale * (transform - eye)
+    if correction is not None:
+        correction = Correction(correction.tokens, correction.solved, correction.coef * scale)
+    return transform, correction
+
+
+def edited_weights(
+    weights: torch.Tensor, transform: torch.Tensor, correction: Correction | None = None,
+    row_layer: torch.Tensor | None = None, chunk_size: int = 4096,
+) -> torch.Tensor:
+    """``W_ℓ T_ℓ`` for every layer at once, in the dtype of `weights` (use float32 or float64).
+
+    Args:
+        weights (`torch.Tensor`): ``W_all`` (R×d).
+        transform (`torch.Tensor`): the shared ``T`` (d×d).
+        correction (`Correction`, *optional*): the per-layer correction of the "tensor" technique.
+        row_layer (`torch.Tensor`, *optional*): layer index of each row; needed with `correction`.
+    """
+    compute = weights.dtype
+    out = weights @ transform.to(compute)
+    if correction is not None:
+        coef = correction.coef.to(compute)[row_layer]
+        for start in range(0, correction.tokens.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            y = weights @ correction.tokens[part].to(compute).T
+            out += (y * coef[:, part]) @ correction.solved[part].to(compute)
+    return out
+
+
+def apply_to_inputs(
+    x: torch.Tensor, delta: torch.Tensor, correction: Correction | None = None, layer: int | None = None
+) -> torch.Tensor:
+    """``x T_ℓᵀ`` computed as ``x + x Δᵀ (+ correction)`` where ``Δ = T − I``: what a processor feeds ``to_k``/``to_v``.
+
+    ``delta`` and the correction must already be on `x`'s device; the product runs in float32 or better and is
+    returned in `x`'s dtype.
+    """
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(compute)
+    out = xc + xc @ delta.to(compute).T
+    if correction is not None:
+        coef = correction.coef[layer].to(compute)
+        out = out + ((xc @ correction.solved.to(compute).T) * coef) @ correction.tokens.to(compute)
+    return out.to(x.dtype)
+
+
+def grouped_grams(weights: list[torch.Tensor]) -> torch.Tensor:
+    """``W_ℓᵀ W_ℓ`` for every layer, batched over layers of equal shape; float64, shape ``(L, d, d)``."""
+    grams = [None] * len(weights)
+    shapes: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        shapes.setdefault(tuple(w.shape), []).append(i)
+    for indices in shapes.values():
+        stack = torch.stack([weights[i] for i in indices]).to(torch.float64)
+        for i, g in zip(indices, stack.transpose(1, 2) @ stack):
+            grams[i] = g
+    return torch.stack(grams)
+
+
+def output_distances(
+    grams: torch.Tensor, transform: torch.Tensor, correction: Correction | None, x: torch.Tensor, y: torch.Tensor,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """``Σ_ℓ ‖W_ℓ T_ℓ x_k − W_ℓ y_k‖²`` for each row ``k`` of `x`/`y`, summed over the layers of `grams`.
+
+    With ``G_ℓ = W_ℓᵀ W_ℓ`` this is ``Σ_ℓ u_ℓᵀ G_ℓ u_ℓ`` with ``u_ℓ = T_ℓ x − y``: no layer output is materialised.
+    Pass ``transform = 0`` and ``y = −x`` to get ``Σ_ℓ ‖W_ℓ x‖²``.
+    """
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    out = []
+    summed = grams.sum(0)
+    for start in range(0, x.shape[0], chunk_size):
+        xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
+        u = xs @ transform.T - ys
+        if correction is None:
+            out.append(((u @ summed) * u).sum(-1))
+            continue
+        # u_ℓ = u + (a_ℓ ⊙ (D x)) C, per layer
+        proj = xs @ correction.solved.T  # (k, r)
+        u_layers = u[None] + (correction.coef[:, None, :] * proj[None]) @ correction.tokens  # (L, k, d)
+        out.append((torch.einsum("lkd,lde->lke", u_layers, grams) * u_layers).sum((0, 2)))
+    return torch.cat(out) if out else x.new_zeros(0)
