@@ -81,6 +81,9 @@ def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
     weighted_erase = erase * w[:, None]
     b = terms.lamb * eye + weighted_erase.T @ erase + preserve_gram
     numerator = terms.lamb * eye + guide.T @ weighted_erase + preserve_gram
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(numerator).all())):
+        raise ValueError("the UCE system has non-finite entries (overflowing scales or non-finite tokens); "
+                         "nothing was changed: lower erase_scale/preserve_scale")
     factor, info = torch.linalg.cholesky_ex(b)
     if int(info) != 0:
         raise ValueError(
