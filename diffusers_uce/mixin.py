@@ -172,14 +172,7 @@ class UCEMixin:
         report = build_report(grams, solution, assembled, len(projections), held_tokens)
 
         # Validated and solved: only now is the pipeline changed.
-        if state is None:
-            state = EditState(projections, edit_keys, layers)
-            self._uce_install_processors(state)
-            self._uce_state = state
-        state.records = records
-        state.set_solution(solution)
-        if fused_weights is not None:
-            _write(projections, fused_weights)
+        self._uce_set_edit(projections, edit_keys, layers, records, solution, fused_weights)
         logger.info(f"Applied {len(records)} concept edit(s) to {len(projections)} projections")
         return ConceptEditOutput(edits=tuple(records), report=report)
 
@@ -246,6 +239,27 @@ class UCEMixin:
         if self._uce_state is None:
             raise ValueError(f"no concept edits to {action}: call apply_concept_edits() first")
         return self._uce_state
+
+    def _uce_set_edit(self, projections, edit_keys, layers, records, solution, fused_weights=None) -> EditState:
+        """Install a validated, solved edit: the one place where applying or loading changes the pipeline.
+
+        Args:
+            projections (`list[Projection]`): the edited projections, in solve order.
+            edit_keys (`bool`), layers: the options every later edit must share.
+            records (`list[ConceptEdit]`): all edit records, now solved jointly.
+            solution (`engine.Solution`): their solution at strength 1.
+            fused_weights (`list[torch.Tensor]`, *optional*): new weights to write when the edit is fused.
+        """
+        state = self._uce_state
+        if state is None:
+            state = EditState(projections, edit_keys, layers)
+            self._uce_install_processors(state)
+            self._uce_state = state
+        state.records = list(records)
+        state.set_solution(solution)
+        if fused_weights is not None:
+            _write(state.projections, fused_weights)
+        return state
 
     def _uce_install_processors(self, state: EditState) -> None:
         denoiser = getattr(self, self._uce_denoiser_name)
