@@ -1,0 +1,266 @@
+"""The `diffusers-uce` command line: `diffusers-uce edit ...` (more subcommands slot into `COMMANDS`).
+
+The only module of the package that prints: progress goes to stderr, results (the report table) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import warnings
+from typing import Callable, NamedTuple
+
+from . import __version__
+from .edits import TECHNIQUES, TOKEN_MODES, build_concept_edit
+
+PROG = "diffusers-uce"
+DEMO_MODELS = {"demo": "sd1", "demo-sd2": "sd2"}
+DTYPES = ("float32", "float16", "bfloat16")
+REPORT_FILE = "uce_report.json"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the epilog's line breaks; appends "(default: X)" to options whose default is a real value."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports usage errors as one line (with a pointer to --help) instead of the full usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _concepts(text: str) -> list[str]:
+    """Split a ";"-separated list (names may contain commas); whitespace stripped, empty items dropped."""
+    return [item.strip() for item in text.split(";") if item.strip()]
+
+
+def _erase_concepts(text: str) -> list[str]:
+    if not _concepts(text):
+        raise argparse.ArgumentTypeError('is empty: give at least one concept to erase, e.g. --erase "Van Gogh"')
+    return _concepts(text)
+
+
+def _device_arg(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def _add_edit_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", default="demo", metavar="M",
+        help="Hub repo id or local folder of a Stable Diffusion 1.x/2.x pipeline, or 'demo' / 'demo-sd2' for the "
+             "built-in tiny offline demo pipelines (random weights; for trying the tool)")
+    add("--erase", required=True, type=_erase_concepts, metavar='"A; B"',
+        help='concepts to erase, separated by ";" (required)')
+    add("--guide", type=_concepts, metavar='"G" | "G1; G2"',
+        help="what erased concepts become: one guide for all, or one per erased concept; absent or empty means the "
+             "unconditional (empty) prompt")
+    add("--preserve", type=_concepts, default=[], metavar='"P; Q"',
+        help="concepts whose keys/values must not change (default: none)")
+    add("--erase-scale", type=float, default=1.0, metavar="F", help="weight of the erase terms")
+    add("--preserve-scale", type=float, metavar="F",
+        help="weight of the preserve terms (default: 1.0 in 'last' token mode, max(0.1, 1 / (1 + #preserved)) "
+             "in 'paper' mode)")
+    add("--lamb", type=float, default=0.5, metavar="F", help="pull toward the original weights (> 0)")
+    add("--token-mode", choices=TOKEN_MODES, default="last",
+        help="'last': one token per concept; 'paper': the paper's token blocks")
+    add("--technique", choices=TECHNIQUES, default="replace",
+        help="'replace': target = the guide's original keys/values; 'tensor': the guide's with their "
+             "component along the erased concept's removed (per layer)")
+    add("--no-edit-keys", dest="edit_keys", action="store_false",
+        help="edit only the cross-attention value projections (to_v), not the keys (to_k) (default: edit both)")
+    add("--held-out", type=_concepts, metavar='"X; Y"',
+        help='concepts to measure interference on in the report (default: a built-in generic set; "" for none)')
+    add("--output", metavar="DIR",
+        help=f"fuse the edit and save the pipeline to DIR (a plain diffusers pipeline folder) with {REPORT_FILE}; "
+             "without it, only the report is printed")
+    add("--overwrite", action="store_true", help="write into --output DIR even if it is not empty")
+    add("--device", type=_device_arg, default="auto", metavar="auto|cpu|cuda|cuda:N",
+        help="where to load the model and solve; auto = cuda if available, else cpu")
+    add("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in")
+    add("--seed", type=int, default=0, metavar="N",
+        help="seed of the demo pipelines' random weights (the edit itself is deterministic)")
+
+
+def _resolve_device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu (or auto)")
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return text
+
+
+def _check_output(path: str, overwrite: bool) -> None:
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"--output {path} exists and is not a folder")
+        if os.listdir(path) and not overwrite:
+            raise FileExistsError(f"--output {path} exists and is not empty; pass --overwrite to write into it, "
+                                  "or choose another folder")
+
+
+def _check_model(model: str) -> None:
+    if model not in DEMO_MODELS and not os.path.isdir(model) and not _REPO_ID.fullmatch(model):
+        raise FileNotFoundError(f"--model {model}: no such folder, and not a Hub repo id (org/name)")
+
+
+def _load_pipeline(model: str, dtype_name: str, device: str, seed: int):
+    """Load `model` (a demo name, a Hub repo id or a local folder) with concept editing attached."""
+    import torch
+
+    from .pipelines import attach
+
+    dtype = getattr(torch, dtype_name)
+    if model in DEMO_MODELS:
+        from .demo import make_demo_pipeline
+
+        return attach(make_demo_pipeline(DEMO_MODELS[model], seed=seed, torch_dtype=dtype, device=device))
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():  # recent diffusers deprecate torch_dtype for dtype; older ones only know the former
+        warnings.filterwarnings("ignore", ".*torch_dtype.*deprecated", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    try:
+        attach(pipe)
+    except TypeError as error:
+        raise TypeError(f"--model {model} is a {type(pipe).__name__}, which diffusers-uce cannot edit ({error})") from error
+    return pipe.to(device)
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, so readers never see a partial file."""
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _run_edit(args: argparse.Namespace) -> int:
+    """`diffusers-uce edit`: validate everything, load, solve, print the report, then optionally fuse and save."""
+    guide = args.guide or None
+    options = dict(erase_scale=args.erase_scale, preserve_scale=args.preserve_scale, lamb=args.lamb,
+                   token_mode=args.token_mode, technique=args.technique)
+    build_concept_edit(args.erase, guide, args.preserve, **options)  # fail fast, before loading any weights
+    _check_model(args.model)
+    if args.output is not None:
+        _check_output(args.output, args.overwrite)
+    device = _resolve_device(args.device)
+
+    _progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
+    pipe = _load_pipeline(args.model, args.dtype, device, args.seed)
+    _progress(f"Solving the edit: erase {len(args.erase)}, preserve {len(args.preserve)} concept(s) ...")
+    output = pipe.apply_concept_edits(args.erase, guide, args.preserve, edit_keys=args.edit_keys,
+                                      held_out=args.held_out, **options)
+    print(output.report)
+    if args.output is not None:
+        _progress(f"Fusing the edit and saving to {args.output} ...")
+        pipe.fuse_concept_edits()
+        pipe.save_pretrained(args.output)
+        report = {"edits": [record.to_dict() for record in output.edits], "report": output.report.to_dict(),
+                  "model": args.model}
+        _write_json_atomic(os.path.join(args.output, REPORT_FILE), report)
+        _progress(f"Saved the edited pipeline and {REPORT_FILE} to {args.output}")
+    return 0
+
+
+class Command(NamedTuple):
+    """One subcommand: its help line, an epilog with examples, what adds its arguments and what runs it."""
+
+    help: str
+    epilog: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+EDIT_EPILOG = """\
+examples:
+  diffusers-uce edit --erase "Van Gogh; Picasso" --guide art --preserve "Monet; Rembrandt"
+  diffusers-uce edit --model CompVis/stable-diffusion-v1-4 --erase "Kelly McKernan" --guide art \\
+      --device cuda --dtype float16 --output ./sd14-uce
+
+Lists are separated by ";" (names may contain commas). The report shows, per erased concept, the efficacy (1 = its
+keys/values became exactly its guide's) and, per preserved or held-out concept, the relative change of its keys/values.
+"""
+
+# Subcommands by name; `push` and `eval` slot in here.
+COMMANDS: dict[str, Command] = {
+    "edit": Command("erase concepts toward guides while preserving others, and optionally save the edited pipeline",
+                    EDIT_EPILOG, _add_edit_arguments, _run_edit),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `diffusers-uce` argument parser, with one subparser per entry of `COMMANDS`."""
+    parser = _Parser(
+        prog=PROG, formatter_class=_Formatter, epilog=EDIT_EPILOG.split("\n\n")[0] + "\n\nRun 'diffusers-uce "
+        "COMMAND --help' for a command's options.",
+        description="Unified Concept Editing (Gandikota et al., WACV 2024) for diffusers pipelines:\nerase, moderate "
+                    "and debias concepts in closed form.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help[0].upper() + command.help[1:]
+                                    + ".", epilog=command.epilog, formatter_class=_Formatter)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the `diffusers-uce` command line.
+
+    Args:
+        argv (`list[str]`, *optional*): the arguments, without the program name; `sys.argv[1:]` by default.
+
+    Returns:
+        `int`: the exit code: 0 on success, 2 for bad arguments or a failure to load, edit or save (with a one-line
+        reason on stderr), 130 if interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help/--version (0) and argparse's usage errors (2)
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
