@@ -11,6 +11,8 @@ from diffusers.utils import logging
 
 from . import engine
 from .edits import ConceptEdit, build_concept_edit
+from .io import UCEIOMixin
+from .lora import UCELoraMixin
 from .processor import ProjectionEdit, UCEAttnProcessor
 from .prompts import encode_prompts, preserve_positions
 from .report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
@@ -66,7 +68,7 @@ class EditState:
         return 0.0 if self.fused else self.scale
 
 
-class UCEMixin:
+class UCEMixin(UCEIOMixin, UCELoraMixin):
     """Unified Concept Editing (Gandikota et al., WACV 2024) for a text-to-image pipeline.
 
     Erases concepts toward guides while preserving others by rewriting, in closed form, every cross-attention key and
@@ -229,6 +231,32 @@ class UCEMixin:
             denoiser.get_submodule(name).set_processor(processor)
         self._uce_state = None
 
+    def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused.
+
+        Args:
+            fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
+        """
+        self._uce_require_fused(fuse_concept_edits, "save")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, **kwargs):
+        """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused."""
+        self._uce_require_fused(fuse_concept_edits, "push")
+        return super().push_to_hub(repo_id, *args, **kwargs)
+
+    def _uce_require_fused(self, fuse: bool, action: str) -> None:
+        state = self._uce_state
+        if state is None or state.fused:
+            return
+        if not fuse:
+            raise ValueError(
+                f"this pipeline has concept edits that are not fused, so {action} would drop them: call "
+                f"pipe.fuse_concept_edits() first (or pass fuse_concept_edits=True) to {action} the edited model, or "
+                "use pipe.save_concept_edits(...) for the edit alone"
+            )
+        self.fuse_concept_edits()
+
     def to_json_string(self) -> str:
         # Saved pipelines must load without the plugin: record the base pipeline class, not the UCE subclass.
         config = json.loads(super().to_json_string())
@@ -300,4 +328,4 @@ def _write(projections: list[Projection], weights: list[torch.Tensor]) -> None:
 
 def base_pipeline_class(cls: type) -> type:
     """The first class in `cls`'s MRO that is not a UCE class: what saved configs must name."""
-    return next(c for c in cls.__mro__ if not issubclass(c, UCEMixin))
+    return next(c for c in cls.__mro__ if not issubclass(c, UCEMixin) and c not in UCEMixin.__mro__)

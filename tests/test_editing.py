@@ -187,6 +187,16 @@ class TestConceptEditing:
         assert type(loaded) is StableDiffusionPipeline
         assert rel(unet_output(loaded), expected) < 1e-5  # a plain reload of any pipeline differs by ~1e-7
 
+    def test_save_unfused_is_refused(self, pipe, tmp_path):
+        pipe.apply_concept_edits(ERASE, guide="art")
+        with pytest.raises(ValueError, match=r"not fused.*fuse_concept_edits\(\) first"):
+            pipe.save_pretrained(tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()
+        pipe.save_pretrained(tmp_path / "fused", fuse_concept_edits=True)
+        assert pipe._uce_state.fused
+        loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
+        assert rel(unet_output(loaded), unet_output(pipe)) < 1e-5
+
     def test_uce_pipeline_from_pretrained(self, family, tmp_path):
         make_demo_pipeline(family).save_pretrained(tmp_path)
         pipe = UCEStableDiffusionPipeline.from_pretrained(tmp_path)
