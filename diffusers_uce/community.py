@@ -1,0 +1,407 @@
+"""Generate the single-file diffusers community pipeline from the package's own module sources.
+
+`DiffusionPipeline.from_pretrained(base, custom_pipeline=<file or repo>, trust_remote_code=True)` imports ONE file
+(relative imports are not allowed in it) and takes the only `DiffusionPipeline` subclass defined there. This module
+builds that file by concatenating the package modules in dependency order, dropping their intra-package imports,
+hoisting and merging the other imports, and appending one pipeline class; nothing is copied by hand, so the file
+cannot drift from the package (a test regenerates it and compares). Regenerate with:
+
+    python -m diffusers_uce.community examples/community/pipeline_uce.py
+
+A Hub repository serves the file to `custom_pipeline="user/repo"` only under the name `pipeline.py`
+(`HUB_PIPELINE_FILENAME`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import inspect
+import os
+import re
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+PACKAGE = "diffusers_uce"
+# Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
+# imports corrects slips). Add a module here when the mixin starts importing it.
+COMMUNITY_MODULES: tuple[str, ...] = (
+    "solve", "edits", "prompts", "targets", "engine", "report", "processor", "io", "lora", "mixin",
+)
+OPTIONAL_MODULES = frozenset({"io", "lora"})  # included when the package has them
+SHARED_NAMES = frozenset({"logger"})  # may be defined by several modules, if identically
+DROPPED_NAMES = frozenset({"__all__"})
+PIPELINE_BASE = "StableDiffusionPipeline"
+HUB_PIPELINE_FILENAME = "pipeline.py"  # what diffusers fetches for `custom_pipeline="user/repo"`
+DEFAULT_OUTPUT = "examples/community/pipeline_uce.py"
+CITATION = ('R. Gandikota, H. Orgad, Y. Belinkov, J. Materzyńska, D. Bau, "Unified Concept Editing in Diffusion '
+            'Models", WACV 2024, arXiv:2308.14761')
+_WIDTH = 119
+
+
+@dataclass
+class _Module:
+    """One package module, parsed: what to drop or replace, what it imports and defines."""
+
+    name: str
+    lines: list[str]
+    docstring: str | None = None
+    first_line: int = 0  # 0-based index of the first statement (lines before it are header comments)
+    drop: set[int] = field(default_factory=set)
+    replace: dict[int, str] = field(default_factory=dict)
+    future: set[str] = field(default_factory=set)
+    imports: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)  # kind, module, name, as
+    deps: set[str] = field(default_factory=set)  # package modules imported at top level
+    namespaces: set[str] = field(default_factory=set)  # `from . import engine`
+    uses: list[tuple[str, str]] = field(default_factory=list)  # (module, name) imported from package modules
+    defs: dict[str, tuple[str, ast.stmt]] = field(default_factory=dict)  # name -> (ast dump, statement)
+
+
+def _statement_lines(module: _Module, node: ast.stmt) -> range:
+    """The 0-based lines of a statement, which must stand alone on them (no `;` neighbours)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    before = module.lines[first][: node.col_offset]
+    after = module.lines[last][node.end_col_offset:].strip()
+    if before.strip() or (after and not after.startswith("#")):
+        raise ValueError(f"{PACKAGE}/{module.name}.py:{node.lineno}: put this import on its own line(s) so that "
+                         "the community pipeline builder can rewrite it")
+    return range(first, last + 1)
+
+
+def _package_module(node: ast.ImportFrom, module: _Module) -> str | None:
+    """`x` for `from .x import ...` / `from diffusers_uce.x import ...`, `""` for `from . import ...`, else `None`."""
+    if node.level > 1:
+        raise ValueError(f"{PACKAGE}/{module.name}.py:{node.lineno}: only one-dot relative imports are supported")
+    if node.level == 1 or node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
+        return (node.module or "").removeprefix(PACKAGE).removeprefix(".") if node.level == 0 else node.module or ""
+    return None
+
+
+def _rewrite_package_import(module: _Module, node: ast.ImportFrom, source: str, nested: bool) -> None:
+    """Drop an intra-package import: names are shared in one file; aliases become assignments."""
+    lines = _statement_lines(module, node)
+    indent = module.lines[lines[0]][: node.col_offset]
+    replacement = []
+    for alias in node.names:
+        if alias.name == "*":
+            raise ValueError(f"{PACKAGE}/{module.name}.py:{node.lineno}: star imports are not supported")
+        if source == "":  # `from . import engine`: the module becomes a namespace object
+            module.namespaces.add(alias.name)
+        else:
+            module.uses.append((source, alias.name))
+        if not nested:
+            module.deps.add(source or alias.name)
+        if alias.asname and alias.asname != alias.name:
+            replacement.append(f"{alias.asname} = {alias.name}")
+            if not nested:  # a new top-level name: checked for clashes like a definition
+                module.defs[alias.asname] = (f"alias of {source or PACKAGE}.{alias.name}", node)
+    module.drop.update(lines)
+    if nested or replacement:
+        module.replace[lines[0]] = indent + ("; ".join(replacement) or "pass")
+
+
+def _bound_names(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
+        else []
+    names = []
+    for target in targets:
+        names += [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
+    return names
+
+
+def parse_module(name: str, source: str) -> _Module:
+    """Parse one package module for the builder (see `build_community_pipeline`)."""
+    tree = ast.parse(source)
+    module = _Module(name=name, lines=source.splitlines())
+    body = list(tree.body)
+    if body:
+        module.first_line = body[0].lineno - 1
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
+            body[0].value.value, str):
+        module.docstring = inspect.cleandoc(body[0].value.value)
+        module.drop.update(_statement_lines(module, body.pop(0)))
+    top = {id(node) for node in body}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == PACKAGE for a in node.names):
+            raise ValueError(f"{PACKAGE}/{name}.py:{node.lineno}: use `from .module import name`, not `import "
+                             f"{PACKAGE}`, so that the community pipeline builder can resolve it")
+        if isinstance(node, ast.ImportFrom) and (source_module := _package_module(node, module)) is not None:
+            _rewrite_package_import(module, node, source_module, nested=id(node) not in top)
+    for node in body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            module.future.update(a.name for a in node.names)
+            module.drop.update(_statement_lines(module, node))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and _package_module(node, module) is None:
+            if any(a.name == "*" for a in node.names):
+                raise ValueError(f"{PACKAGE}/{name}.py:{node.lineno}: star imports are not supported")
+            module.imports += [("from", node.module, a.name, a.asname) for a in node.names]
+            module.drop.update(_statement_lines(module, node))
+        elif isinstance(node, ast.Import):
+            module.imports += [("import", a.name, None, a.asname) for a in node.names]
+            module.drop.update(_statement_lines(module, node))
+        else:
+            for bound in _bound_names(node):
+                if bound in DROPPED_NAMES:
+                    module.drop.update(_statement_lines(module, node))
+                elif bound in module.defs:
+                    raise ValueError(f"{PACKAGE}/{name}.py defines {bound!r} twice")
+                else:
+                    module.defs[bound] = (ast.dump(node), node)
+    return module
+
+
+def _binding(entry: tuple[str, str, str | None, str | None]) -> tuple[str, str]:
+    """(bound name, what it refers to) of one import entry."""
+    kind, mod, name, asname = entry
+    if kind == "import":
+        return (asname, mod) if asname else (mod.split(".")[0], mod.split(".")[0])
+    return asname or name, f"{mod}.{name}"
+
+
+def _order(modules: dict[str, _Module], preferred: Sequence[str]) -> list[str]:
+    """Stable topological order by top-level package imports (raises on a cycle or a missing module)."""
+    for module in modules.values():
+        missing = sorted((module.deps | {m for m, _ in module.uses} | module.namespaces) - set(modules))
+        if missing:
+            raise ValueError(f"{PACKAGE}/{module.name}.py imports {', '.join('.' + m for m in missing)}, which the "
+                             "community pipeline does not include: add it to "
+                             "diffusers_uce.community.COMMUNITY_MODULES")
+    placed: list[str] = []
+    while len(placed) < len(modules):
+        ready = [m for m in preferred if m not in placed and modules[m].deps <= set(placed)]
+        if not ready:
+            raise ValueError(f"circular top-level imports among {sorted(set(modules) - set(placed))}")
+        placed.append(ready[0])
+    return placed
+
+
+def _check_names(modules: list[_Module], extra: list[tuple[str, str, str | None, str | None]],
+                 class_name: str | None) -> None:
+    """Raise on any name two modules would bind differently in the one file; drop identical shared definitions."""
+    by_module = {m.name: m for m in modules}
+    bindings: dict[str, set[str]] = {}
+    for entry in [e for m in modules for e in m.imports] + extra:
+        bound, target = _binding(entry)
+        bindings.setdefault(bound, set()).add(target)
+    for bound, targets in bindings.items():
+        if len(targets) > 1:
+            raise ValueError(f"name clash in the community pipeline: {bound!r} is imported as "
+                             f"{' and '.join(sorted(targets))} by different modules; import one under another name")
+    owners: dict[str, list[_Module]] = {}
+    for module in modules:
+        for name in module.defs:
+            owners.setdefault(name, []).append(module)
+    namespaces = {n for m in modules for n in m.namespaces}
+    for name, where in owners.items():
+        dumps = {m.defs[name][0] for m in where}
+        if len(where) > 1 and not (name in SHARED_NAMES and len(dumps) == 1):
+            raise ValueError(f"name clash in the community pipeline: {name!r} is defined in "
+                             f"{', '.join(m.name + '.py' for m in where)}; rename one (private helpers too)")
+        clash = [what for what, names in (("an import", bindings), ("a module namespace", namespaces),
+                                          ("the pipeline class", {class_name})) if name in names]
+        if clash:
+            raise ValueError(f"name clash in the community pipeline: {name!r}, defined in {where[0].name}.py, is "
+                             f"also {clash[0]}")
+        for duplicate in where[1:]:  # identical shared definitions (`logger`): keep the first
+            duplicate.drop.update(_statement_lines(duplicate, duplicate.defs[name][1]))
+    for module in modules:
+        for source, name in module.uses:
+            origin = by_module[source]
+            if name not in origin.defs and name not in {_binding(e)[0] for e in origin.imports}:
+                raise ValueError(f"{module.name}.py imports {name!r} from .{source}, which does not define it")
+    if class_name in bindings or class_name in namespaces:
+        raise ValueError(f"name clash in the community pipeline: {class_name!r} is already bound")
+
+
+def _format_imports(entries: list[tuple[str, str, str | None, str | None]]) -> str:
+    plain: dict[bool, set[str]] = {True: set(), False: set()}
+    froms: dict[str, set[str]] = {}
+    for kind, mod, name, asname in entries:
+        if kind == "import":
+            line = f"import {mod}" + (f" as {asname}" if asname else "")
+            plain[mod.split(".")[0] in sys.stdlib_module_names].add(line)
+        else:
+            froms.setdefault(mod, set()).add(name + (f" as {asname}" if asname else ""))
+    groups = []
+    for stdlib in (True, False):
+        lines = sorted(plain[stdlib])
+        for mod in sorted(m for m in froms if (m.split(".")[0] in sys.stdlib_module_names) == stdlib):
+            names = sorted(froms[mod])
+            line = f"from {mod} import {', '.join(names)}"
+            lines.append(line if len(line) <= _WIDTH else f"from {mod} import (\n" + "".join(
+                f"    {n},\n" for n in names) + ")")
+        if lines:
+            groups.append("\n".join(lines))
+    return "\n\n".join(groups)
+
+
+def _namespace(name: str, module: _Module) -> str:
+    items = [f"{n}={n}" for n in module.defs if not n.startswith("__")]
+    text, line = f"{name} = types.SimpleNamespace(\n", "   "
+    for item in items:
+        if len(line) + len(item) + 2 > _WIDTH:
+            text, line = text + line.rstrip() + "\n", "   "
+        line += f" {item},"
+    return f"# `from . import {name}` in the package: {name}.py's names as one object\n{text}{line}\n)"
+
+
+def _section(module: _Module) -> str:
+    out = [f"# {'-' * 116}", f"# {PACKAGE}/{module.name}.py", f"# {'-' * 116}"]
+    out += [f"# {line}".rstrip() for line in (module.docstring or "").splitlines()]
+    out.append("")
+    for index in range(module.first_line, len(module.lines)):
+        if index in module.replace:
+            out.append(module.replace[index])
+        elif index not in module.drop:
+            out.append(module.lines[index].rstrip())
+    return re.sub(r"\n{4,}", "\n\n\n", "\n".join(out)).strip("\n")
+
+
+def available_modules(modules: Sequence[str] = COMMUNITY_MODULES) -> list[str]:
+    """The modules of `modules` the installed package has (optional ones may be missing)."""
+    found = [m for m in modules if importlib.util.find_spec(f"{PACKAGE}.{m}") is not None]
+    missing = sorted(set(modules) - set(found) - OPTIONAL_MODULES)
+    if missing:
+        raise ValueError(f"{PACKAGE} has no module(s) {', '.join(missing)}")
+    return found
+
+
+def build_community_pipeline(modules: Sequence[str] | None = None, *, pipeline_base: str = PIPELINE_BASE) -> str:
+    r"""The source of the single-file community pipeline, generated from the package modules.
+
+    Args:
+        modules (`Sequence[str]`, *optional*): package modules to include (defaults to those of `COMMUNITY_MODULES` the
+            package has); they are put in dependency order.
+        pipeline_base (`str`, defaults to `"StableDiffusionPipeline"`): the diffusers class the pipeline extends.
+
+    Returns:
+        `str`: Python source defining exactly one `DiffusionPipeline` subclass, `UCE<pipeline_base>`.
+
+    Raises:
+        `ValueError`: when two modules bind one name differently, a module imports a package module that is not
+        included, or an intra-package import cannot be rewritten.
+    """
+    names = available_modules(COMMUNITY_MODULES if modules is None else modules)
+    sources = {n: Path(importlib.util.find_spec(f"{PACKAGE}.{n}").origin).read_text(encoding="utf-8") for n in names}
+    return build_from_sources(sources, pipeline_base=pipeline_base)
+
+
+def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = PIPELINE_BASE) -> str:
+    r"""Concatenate module sources into one file (the work of `build_community_pipeline`).
+
+    Args:
+        sources (`dict[str, str]`): module name (as in `from .name import ...`) to source, in the preferred order.
+        pipeline_base (`str`, *optional*, defaults to `"StableDiffusionPipeline"`): the diffusers class the appended
+            pipeline class `UCE<pipeline_base>(UCEMixin, <pipeline_base>)` extends; `None` appends no class.
+
+    Returns:
+        `str`: the generated source.
+    """
+    from . import __version__
+
+    parsed = {name: parse_module(name, source) for name, source in sources.items()}
+    ordered = [parsed[name] for name in _order(parsed, list(sources))]
+    class_name = f"UCE{pipeline_base}" if pipeline_base else None
+    extra = [("from", "diffusers", pipeline_base, None)] if pipeline_base else []
+    if any(m.namespaces for m in ordered):
+        extra.append(("import", "types", None, None))
+    _check_names(ordered, extra, class_name)
+
+    future = sorted(set().union(*(m.future for m in ordered)))
+    namespaces = {n for m in ordered for n in m.namespaces}
+    sections = []
+    for module in ordered:
+        sections.append(_section(module))
+        if module.name in namespaces:
+            sections.append(_namespace(module.name, module))
+    title = f": `{class_name}`" if class_name else ""
+    header = "\n".join([
+        f"# Generated by `python -m diffusers_uce.community` from diffusers-uce {__version__}. DO NOT EDIT:",
+        "# change the package and regenerate this file. Modules, in order:",
+        f"# {', '.join(m.name for m in ordered)}.",
+        "# Licensed under the MIT License.",
+        *textwrap.wrap(f"Unified Concept Editing: {CITATION}.", _WIDTH, initial_indent="# ",
+                       subsequent_indent="#     "),
+        f'"""Unified Concept Editing (UCE) for diffusers, as a single-file community pipeline{title}.',
+        "",
+        f"Loads any checkpoint of `{pipeline_base or 'StableDiffusionPipeline'}` and adds `apply_concept_edits`,",
+        "`fuse_concept_edits`, `unfuse_concept_edits`, `set_concept_edit_scale`, `unload_concept_edits` and the",
+        "edit-file methods, without installing diffusers-uce:",
+        "",
+        "    pipe = DiffusionPipeline.from_pretrained(",
+        '        "CompVis/stable-diffusion-v1-4", custom_pipeline="path/to/pipeline_uce.py", trust_remote_code=True)',
+        '    pipe.apply_concept_edits(erase=["Van Gogh"], guide="art", preserve=["Monet"])',
+        "",
+        f"In a Hub repository, store it as `{HUB_PIPELINE_FILENAME}` and pass `custom_pipeline=\"user/repo\"`. Saved",
+        "pipelines name the base class in model_index.json, so they load without this file.",
+        '"""',
+    ])
+    imports = "\n".join(f"from __future__ import {f}" for f in future)
+    imports += "\n\n" + _format_imports([e for m in ordered for e in m.imports] + extra)
+    text = f"{header}\n\n{imports.strip()}\n\n\n" + "\n\n\n".join(sections) + "\n"
+    if class_name:
+        text += (
+            f"\n\n# {'-' * 116}\n# The community pipeline\n# {'-' * 116}\n\n\n"
+            f"class {class_name}(UCEMixin, {pipeline_base}):\n"
+            f'    r"""`{pipeline_base}` with Unified Concept Editing (Gandikota et al., WACV 2024): see `UCEMixin`.'
+            '"""\n'
+        )
+    return text
+
+
+def write_community_pipeline(path: str | os.PathLike = DEFAULT_OUTPUT, modules: Sequence[str] | None = None) -> Path:
+    r"""Generate the community pipeline and write it to `path` atomically (see `build_community_pipeline`).
+
+    Args:
+        path (`str` or `os.PathLike`, defaults to `"examples/community/pipeline_uce.py"`): the file to write; name it
+            `pipeline.py` in a Hub repository for `custom_pipeline="user/repo"`.
+        modules (`Sequence[str]`, *optional*): package modules to include.
+
+    Returns:
+        `Path`: the written file.
+    """
+    source = build_community_pipeline(modules)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(source)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info(f"community pipeline written to {path}")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusers_uce.community", description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", default=DEFAULT_OUTPUT, help=f"output file (default: {DEFAULT_OUTPUT})")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date; write nothing")
+    args = parser.parse_args(argv)
+    if args.check:
+        path = Path(args.path)
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current != build_community_pipeline():
+            logger.error(f"{path} is out of date: run `python -m diffusers_uce.community {path}`")
+            return 1
+        return 0
+    write_community_pipeline(args.path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
