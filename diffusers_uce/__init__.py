@@ -5,6 +5,7 @@ key/value projections; many concepts at once, in seconds, without training.
 """
 
 from .edits import ConceptEdit
+from .hub import UCEHubMixin
 from .mixin import ConceptEditOutput, UCEMixin
 from .pipelines import UCEStableDiffusionPipeline, attach
 from .processor import UCEAttnProcessor
@@ -13,6 +14,6 @@ from .report import EditReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConceptEdit", "ConceptEditOutput", "EditReport", "UCEAttnProcessor", "UCEMixin", "UCEStableDiffusionPipeline",
-    "attach", "__version__",
+    "ConceptEdit", "ConceptEditOutput", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",
+    "UCEStableDiffusionPipeline", "attach", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The `diffusers-uce` command line: `diffusers-uce edit ...` (more subcommands slot into `COMMANDS`).
+"""The `diffusers-uce` command line: `diffusers-uce edit ...`, `diffusers-uce push DIR REPO` (subcommands: `COMMANDS`).
 
 The only module of the package that prints: progress goes to stderr, results (the report table) to stdout.
 """
@@ -86,12 +86,40 @@ def _add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", metavar="DIR",
         help=f"fuse the edit and save the pipeline to DIR (a plain diffusers pipeline folder) with {REPORT_FILE}; "
              "without it, only the report is printed")
-    add("--overwrite", action="store_true", help="write into --output DIR even if it is not empty")
+    add("--overwrite", action="store_true", help="write into existing non-empty --output/--save-edits/--lora folders")
+    add("--save-edits", metavar="DIR",
+        help="save the edit alone (one small safetensors file and a model card) to DIR, for load_concept_edits()")
+    add("--lora", metavar="DIR", help="export the edit as a diffusers-format LoRA (+ model card) to DIR")
+    add("--rank", type=_positive_int, metavar="R",
+        help="with --lora: the LoRA rank (default: exact, the number of edit tokens; lower is approximate)")
+    add("--push-to-hub", metavar="REPO",
+        help="push the edit (edit file, model card, community pipeline.py) to this Hub repository in one commit")
+    _add_hub_arguments(parser)
     add("--device", type=_device_arg, default="auto", metavar="auto|cpu|cuda|cuda:N",
         help="where to load the model and solve; auto = cuda if available, else cpu")
     add("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in")
     add("--seed", type=int, default=0, metavar="N",
         help="seed of the demo pipelines' random weights (the edit itself is deterministic)")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
+def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--private", action="store_true", help="create a new Hub repository as private")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing to main")
+    parser.add_argument("--commit-message", help="the Hub commit message")
+
+
+def _add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR",
+                        help="a folder written by 'edit --output', '--save-edits' or '--lora'")
+    parser.add_argument("repo", metavar="REPO", help="the Hub repository (user/name), created if needed")
+    _add_hub_arguments(parser)
 
 
 def _resolve_device(text: str) -> str:
@@ -108,12 +136,12 @@ def _resolve_device(text: str) -> str:
     return text
 
 
-def _check_output(path: str, overwrite: bool) -> None:
+def _check_output(path: str, overwrite: bool, option: str = "--output") -> None:
     if os.path.exists(path):
         if not os.path.isdir(path):
-            raise FileExistsError(f"--output {path} exists and is not a folder")
+            raise FileExistsError(f"{option} {path} exists and is not a folder")
         if os.listdir(path) and not overwrite:
-            raise FileExistsError(f"--output {path} exists and is not empty; pass --overwrite to write into it, "
+            raise FileExistsError(f"{option} {path} exists and is not empty; pass --overwrite to write into it, "
                                   "or choose another folder")
 
 
@@ -167,8 +195,11 @@ def _run_edit(args: argparse.Namespace) -> int:
                    token_mode=args.token_mode, technique=args.technique)
     build_concept_edit(args.erase, guide, args.preserve, **options)  # fail fast, before loading any weights
     _check_model(args.model)
-    if args.output is not None:
-        _check_output(args.output, args.overwrite)
+    for option, folder in (("--output", args.output), ("--save-edits", args.save_edits), ("--lora", args.lora)):
+        if folder is not None:
+            _check_output(folder, args.overwrite, option)
+    if args.rank is not None and args.lora is None:
+        raise ValueError("--rank only applies with --lora DIR")
     device = _resolve_device(args.device)
 
     _progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
@@ -177,6 +208,18 @@ def _run_edit(args: argparse.Namespace) -> int:
     output = pipe.apply_concept_edits(args.erase, guide, args.preserve, edit_keys=args.edit_keys,
                                       held_out=args.held_out, **options)
     print(output.report)
+    hub = dict(private=args.private or None, token=args.token, create_pr=args.create_pr,
+               commit_message=args.commit_message)
+    if args.save_edits is not None:
+        path = pipe.save_concept_edits(args.save_edits, overwrite=args.overwrite, overwrite_model_card=args.overwrite)
+        _progress(f"Saved the edit to {path}")
+    if args.lora is not None:
+        error = pipe.save_concept_edits_as_lora(args.lora, rank=args.rank, overwrite=args.overwrite)
+        _progress(f"Saved the edit as a LoRA to {args.lora} (relative error {error:.2e})")
+    if args.push_to_hub is not None:
+        _progress(f"Pushing the edit to {args.push_to_hub} ...")
+        info = pipe.push_concept_edits_to_hub(args.push_to_hub, **hub)
+        _progress(f"Pushed: {info.pr_url or info.commit_url}")
     if args.output is not None:
         _progress(f"Fusing the edit and saving to {args.output} ...")
         pipe.fuse_concept_edits()
@@ -186,6 +229,37 @@ def _run_edit(args: argparse.Namespace) -> int:
         _write_json_atomic(os.path.join(args.output, REPORT_FILE), report)
         _progress(f"Saved the edited pipeline and {REPORT_FILE} to {args.output}")
     return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    """`diffusers-uce push DIR REPO`: upload a saved edit or edited model folder in one commit."""
+    folder = args.folder
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    names = os.listdir(folder)
+    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    if pickles:
+        raise ValueError(f"{folder} holds pickle files ({', '.join(pickles)}); only safetensors are pushed")
+    if "model_index.json" not in names and not any(n.endswith(".safetensors") for n in names):
+        raise ValueError(f"{folder} holds neither a pipeline (model_index.json) nor an edit/LoRA safetensors file: "
+                         "write it with 'diffusers-uce edit --output/--save-edits/--lora' first")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=args.token)
+    repo_id = api.create_repo(args.repo, private=args.private or None, exist_ok=True).repo_id
+    _progress(f"Pushing {folder} to {repo_id} ...")
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, create_pr=args.create_pr,
+                             commit_message=args.commit_message or "Upload concept edit (diffusers-uce)")
+    print(info.pr_url or info.commit_url)
+    return 0
+
+
+PUSH_EPILOG = """\
+examples:
+  diffusers-uce edit --erase "Van Gogh" --guide art --output ./sd-no-van-gogh && \\
+      diffusers-uce push ./sd-no-van-gogh me/sd-no-van-gogh
+  diffusers-uce edit --erase "Van Gogh" --guide art --push-to-hub me/no-van-gogh-edit
+"""
 
 
 class Command(NamedTuple):
@@ -211,6 +285,8 @@ keys/values became exactly its guide's) and, per preserved or held-out concept, 
 COMMANDS: dict[str, Command] = {
     "edit": Command("erase concepts toward guides while preserving others, and optionally save the edited pipeline",
                     EDIT_EPILOG, _add_edit_arguments, _run_edit),
+    "push": Command("push a folder written by 'edit' (edited model, edit file or LoRA) to the Hub in one commit",
+                    PUSH_EPILOG, _add_push_arguments, _run_push),
 }
 
 

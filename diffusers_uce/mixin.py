@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from . import engine
@@ -49,6 +51,7 @@ class EditState:
         self.fused = False
         self.original_processors: dict[str, object] = {}
         self.original_weights: list[torch.Tensor] | None = None
+        self.report: EditReport | None = None  # of the latest solve (None for an edit loaded from a file)
         self._device_terms: dict = {}
 
     def set_solution(self, solution: engine.Solution) -> None:
@@ -174,7 +177,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         report = build_report(grams, solution, assembled, len(projections), held_tokens)
 
         # Validated and solved: only now is the pipeline changed.
-        self._uce_set_edit(projections, edit_keys, layers, records, solution, fused_weights)
+        self._uce_set_edit(projections, edit_keys, layers, records, solution, fused_weights).report = report
         logger.info(f"Applied {len(records)} concept edit(s) to {len(projections)} projections")
         return ConceptEditOutput(edits=tuple(records), report=report)
 
@@ -238,7 +241,8 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
         """
         self._uce_require_fused(fuse_concept_edits, "save")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # diffusers splits save_directory as a string when pushing: accept any os.PathLike
+        return super().save_pretrained(os.fspath(save_directory), *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, **kwargs):
         """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused."""
@@ -285,6 +289,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             self._uce_state = state
         state.records = list(records)
         state.set_solution(solution)
+        state.report = None
         if fused_weights is not None:
             _write(state.projections, fused_weights)
         return state
@@ -327,5 +332,5 @@ def _write(projections: list[Projection], weights: list[torch.Tensor]) -> None:
 
 
 def base_pipeline_class(cls: type) -> type:
-    """The first class in `cls`'s MRO that is not a UCE class: what saved configs must name."""
-    return next(c for c in cls.__mro__ if not issubclass(c, UCEMixin) and c not in UCEMixin.__mro__)
+    """The first pipeline class in `cls`'s MRO that is not a UCE class: what saved configs must name."""
+    return next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, UCEMixin))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from diffusers import StableDiffusionPipeline
 
+from .hub import UCEHubMixin
 from .mixin import UCEMixin
 
 _SUPPORTED = (StableDiffusionPipeline,)
 _attached_classes: dict[type, type] = {}
 
 
-class UCEStableDiffusionPipeline(UCEMixin, StableDiffusionPipeline):
+class UCEStableDiffusionPipeline(UCEHubMixin, UCEMixin, StableDiffusionPipeline):
     """`StableDiffusionPipeline` with concept editing (SD 1.x and 2.x); loads with `from_pretrained` as usual."""
 
 
@@ -37,6 +38,6 @@ def attach(pipe):
         raise TypeError(f"attach() supports {names}, got {type(pipe).__name__}")
     base = type(pipe)
     if base not in _attached_classes:
-        _attached_classes[base] = type(f"UCE{base.__name__}", (UCEMixin, base), {"__module__": __name__})
+        _attached_classes[base] = type(f"UCE{base.__name__}", (UCEHubMixin, UCEMixin, base), {"__module__": __name__})
     pipe.__class__ = _attached_classes[base]
     return pipe

@@ -65,3 +65,21 @@ def hub_token() -> str:
 # =====================================================================================================
 # (end of the local Hub server section; other fixtures go below)
 # =====================================================================================================
+
+
+# =====================================================================================================
+# Tiny pipelines: the shared fixtures every family-parametrised test uses
+# =====================================================================================================
+@pytest.fixture(params=["sd1", "sd2"])
+def family(request):
+    """Every test taking `family` (or `pipe`) runs on each pipeline family."""
+    return request.param
+
+
+@pytest.fixture
+def pipe(family):
+    """A fresh tiny pipeline of `family` with the plugin attached."""
+    import diffusers_uce
+    from diffusers_uce.demo import make_demo_pipeline
+
+    return diffusers_uce.attach(make_demo_pipeline(family))

@@ -19,6 +19,7 @@ from diffusers_uce.demo import make_demo_pipeline
 EDIT_OPTIONS = [
     "--model", "--erase", "--guide", "--preserve", "--erase-scale", "--preserve-scale", "--lamb", "--token-mode",
     "--technique", "--no-edit-keys", "--held-out", "--output", "--overwrite", "--device", "--dtype", "--seed",
+    "--save-edits", "--lora", "--rank", "--push-to-hub", "--private", "--token", "--create-pr", "--commit-message",
 ]
 
 
@@ -178,3 +179,30 @@ def test_console_script():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "van gogh" in result.stdout and "→ art" in result.stdout and "efficacy" in result.stdout
+
+
+def test_save_edits_lora_and_push(tmp_path, hub_server):
+    from huggingface_hub import HfApi, ModelCard
+
+    edits, lora = tmp_path / "edits", tmp_path / "lora"
+    code, _, err = run_cli("edit", "--erase", "van gogh; picasso", "--guide", "art", "--save-edits", edits,
+                           "--lora", lora, "--rank", "1", "--push-to-hub", "user/cli-edit")
+    assert code == 0, err
+    assert (edits / "uce_edits.safetensors").is_file() and "uce" in ModelCard.load(edits / "README.md").data.tags
+    assert (lora / "pytorch_lora_weights.safetensors").is_file() and "relative error" in err
+    api = HfApi()
+    assert {"uce_edits.safetensors", "README.md", "pipeline.py"} <= set(api.list_repo_files("user/cli-edit"))
+    code, out, err = run_cli("push", edits, "user/cli-pushed", "--commit-message", "from the cli")
+    assert code == 0, err
+    assert "uce_edits.safetensors" in api.list_repo_files("user/cli-pushed") and "cli-pushed" in out
+
+
+def test_push_refuses_foreign_folders(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"pickle")
+    code, _, err = run_cli("push", tmp_path, "user/x")
+    assert code == 2 and "pickle" in err
+    (tmp_path / "model.bin").unlink()
+    code, _, err = run_cli("push", tmp_path, "user/x")
+    assert code == 2 and "neither a pipeline" in err
+    code, _, err = run_cli("edit", "--erase", "a", "--rank", "2")
+    assert code == 2 and "--rank only applies with --lora" in err

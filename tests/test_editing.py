@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline
 import diffusers_uce
 from diffusers_uce import UCEAttnProcessor, UCEStableDiffusionPipeline
 from diffusers_uce.demo import make_demo_pipeline
+from helpers import rel, unet_output, weights
 from reference import reference_layer, select_tokens
 
 ERASE = ["van gogh", "picasso"]
@@ -17,32 +18,6 @@ PRESERVE = ["monet", "rembrandt", "a photo of a dog"]
 
 def projections(pipe, kind="to_v"):
     return [(n, m) for n, m in pipe.unet.named_modules() if n.endswith(f"attn2.{kind}")]
-
-
-def weights(pipe):
-    return {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
-
-
-def unet_output(pipe, prompt="a painting by van gogh"):
-    emb = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.unet.dtype)
-    with torch.no_grad():
-        return pipe.unet(latents, 10, encoder_hidden_states=emb).sample.float()
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
-
-
-@pytest.fixture(params=["sd1", "sd2"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture
-def pipe(family):
-    return diffusers_uce.attach(make_demo_pipeline(family))
 
 
 class TestConceptEditing:

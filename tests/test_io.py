@@ -13,25 +13,10 @@ import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
 from diffusers_uce.engine import Solution
 from diffusers_uce.solve import Correction
+from helpers import rel, unet_output, weights
 
 ERASE = ["van gogh", "picasso"]
 PRESERVE = ["monet", "a photo of a dog"]
-
-
-def unet_output(pipe, prompt="a painting by van gogh"):
-    emb = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return pipe.unet(latents, 10, encoder_hidden_states=emb).sample.double()
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def weights(pipe):
-    names = ("attn2.to_k", "attn2.to_v")
-    return {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules() if n.endswith(names)}
 
 
 def fresh(family):
@@ -54,16 +39,6 @@ def same_solution(a, b, tol=0.0):
 def header(path):
     with safetensors.safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["uce"]), set(f.keys())
-
-
-@pytest.fixture(params=["sd1", "sd2"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture
-def pipe(family):
-    return fresh(family)
 
 
 class TestEditFiles:
@@ -172,7 +147,7 @@ class TestEditFiles:
         apply(pipe, "dog", guide="cat")
         pipe.save_concept_edits(tmp_path, overwrite=True)
         assert len(header(path)[0]["edits"]) == 2
-        assert sorted(os.listdir(tmp_path)) == ["uce_edits.safetensors"]
+        assert sorted(os.listdir(tmp_path)) == ["README.md", "uce_edits.safetensors"]  # no temp file left
 
     @pytest.mark.parametrize("failing", ["save_file", "replace"])
     def test_atomic_write(self, pipe, tmp_path, monkeypatch, failing):
@@ -194,7 +169,7 @@ class TestEditFiles:
             with pytest.raises(OSError, match="disk full"):
                 pipe.save_concept_edits(tmp_path, overwrite=True)
         assert os.listdir(fresh_dir) == []
-        assert sorted(os.listdir(tmp_path)) == ["new", "uce_edits.safetensors"]  # no temporary file left
+        assert sorted(os.listdir(tmp_path)) == ["README.md", "new", "uce_edits.safetensors"]  # no temporary file left
         assert open(path, "rb").read() == before
 
     def test_refuses_pickle_and_foreign_files(self, pipe, tmp_path):
@@ -258,7 +233,7 @@ class TestEditFiles:
         for bad in ("edits.bin", "edits", "sub/edits.safetensors"):
             with pytest.raises(ValueError, match="weight_name"):
                 pipe.save_concept_edits(tmp_path, weight_name=bad)
-        assert sorted(os.listdir(tmp_path)) == ["uce_edits.safetensors"]
+        assert sorted(os.listdir(tmp_path)) == ["README.md", "uce_edits.safetensors"]
         pipe.unload_concept_edits()
         pipe.load_concept_edits(path)
         assert len(pipe.concept_edits) == 1

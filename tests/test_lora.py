@@ -6,28 +6,17 @@ import pytest
 import safetensors
 import torch
 
-import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
 from diffusers_uce.io import atomic_save_safetensors
 from diffusers_uce.lora import lora_state_dict
 from diffusers_uce.solve import LowRankFactors
+from helpers import rel, unet_output
 
 pytest.importorskip("peft")
 
 ERASE = ["van gogh", "picasso", "monet", "dog"]
 GUIDES = ["art", "art", "", "cat"]
 PRESERVE = ["rembrandt", "a photo of a house"]
-
-
-def unet_output(pipe, prompt="a painting by van gogh"):
-    emb = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return pipe.unet(latents, 10, encoder_hidden_states=emb).sample.double()
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def read(path):
@@ -59,16 +48,6 @@ def stored_changes(path):
 def frobenius_error(approx, exact):
     num = sum(float((approx.get(n, 0 * d) - d).norm() ** 2) for n, d in exact.items())
     return (num / sum(float(d.norm() ** 2) for d in exact.values())) ** 0.5
-
-
-@pytest.fixture(params=["sd1", "sd2"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture
-def pipe(family):
-    return diffusers_uce.attach(make_demo_pipeline(family))
 
 
 def edit(pipe, technique="replace", **kwargs):
