@@ -11,6 +11,31 @@ TECHNIQUES = ("replace", "tensor")
 
 
 @dataclass(frozen=True)
+class DebiasTarget:
+    """A concept to debias: its keys/values move toward a weighted mix of its attribute variants.
+
+    Args:
+        concept (`str`): the concept, e.g. `"doctor"`.
+        attribute_sets (`tuple[tuple[str, ...], ...]`): one or more sets of attributes, e.g.
+            `(("male", "female"), ("white", "black", "asian"))`.
+        weights (`tuple[tuple[float, ...], ...]`): the weight ``w_a`` of each attribute (same shape); the debias loop
+            moves them until the generated images reach the desired ratios.
+    """
+
+    concept: str
+    attribute_sets: tuple[tuple[str, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+
+    def attribute_prompts(self) -> tuple[str, ...]:
+        """Every attribute as a prompt, all sets flattened: "female" for "doctor" becomes "female doctor"."""
+        return tuple(a if self.concept.lower() in a.lower() else f"{a} {self.concept}"
+                     for group in self.attribute_sets for a in group)
+
+    def flat_weights(self) -> tuple[float, ...]:
+        return tuple(w for group in self.weights for w in group)
+
+
+@dataclass(frozen=True)
 class ConceptEdit:
     """One validated edit request; `pipe.concept_edits` lists these in the order they were applied.
 
@@ -33,9 +58,28 @@ class ConceptEdit:
     lamb: float = 0.5
     token_mode: str = "last"
     technique: str = "replace"
+    debias: tuple[DebiasTarget, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, earlier: Sequence["ConceptEdit"] = ()) -> "ConceptEdit":
+        """Rebuild a record from `to_dict()` output, validated exactly as `apply_concept_edits` validates it."""
+        if not isinstance(data, dict) or not set(data) <= set(cls.__dataclass_fields__) or "erase" not in data:
+            raise ValueError(f"not an edit record: {data!r}")
+        debias = data.get("debias") or ()
+        if not isinstance(debias, (list, tuple)) or not all(isinstance(t, dict) for t in debias):
+            raise ValueError(f"invalid debias targets in edit record: {debias!r}")
+        record = build_concept_edit(
+            data["erase"], data.get("guide", None), data.get("preserve"), earlier=earlier,
+            **{k: data[k] for k in ("erase_scale", "preserve_scale", "lamb", "token_mode", "technique") if k in data},
+            debias={t.get("concept"): t.get("attribute_sets") for t in debias} or None,
+            debias_weights={t.get("concept"): t.get("weights") for t in debias} or None,
+        )
+        if _as_lists(record.to_dict()) != _as_lists({**record.to_dict(), **data}):
+            raise ValueError(f"edit record does not round-trip (was it edited by hand?): {data!r}")
+        return record
 
     def guide_prompt(self, guide: str) -> str:
         """The prompt encoded for a guide: in "paper" mode an empty guide is encoded as " "."""
@@ -49,7 +93,17 @@ class ConceptEdit:
 
     def prompts(self) -> list[str]:
         """Every prompt this edit needs encoded."""
-        return [*self.erase, *(self.guide_prompt(g) for g in self.guide), *self.preserve_prompts()]
+        debias = [p for t in self.debias for p in (t.concept, *t.attribute_prompts())]
+        return [*self.erase, *(self.guide_prompt(g) for g in self.guide), *self.preserve_prompts(), *debias]
+
+
+def _as_lists(value):
+    """JSON view of a record field: tuples become lists, recursively (what `to_dict` gives after a JSON trip)."""
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
 
 
 def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[str, ...]:
@@ -83,7 +137,7 @@ def _number(value, name: str, positive: bool = False) -> float:
 
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
-    token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
+    token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
 ) -> ConceptEdit:
     """Validate one request and resolve its defaults (DESIGN.md §2); raises before any weight is touched.
 
@@ -93,9 +147,14 @@ def build_concept_edit(
             unconditional prompt.
         preserve (`str` or `list[str]`, *optional*): concepts to keep as they are.
         earlier (`Sequence[ConceptEdit]`): edits already applied, checked for conflicts.
+        debias (`dict[str, list[str] | list[list[str]]]`, *optional*): concepts to debias, each with one attribute
+            set (`{"doctor": ["male", "female"]}`) or several (`{"doctor": [["male", "female"], ["young", "old"]]}`).
+        debias_weights (`dict[str, list[float] | list[list[float]]]`, *optional*): attribute weights, shaped like
+            `debias` (zeros by default).
     """
     erase_list = _concept_list(erase, "erase")
-    if not erase_list:
+    targets = _debias_targets(debias, debias_weights)
+    if not erase_list and not targets:
         raise ValueError("erase is empty: give at least one concept to erase, e.g. erase=['Van Gogh']")
     if guide is None or isinstance(guide, str):
         guides = (("" if guide is None else guide.strip()),) * len(erase_list)
@@ -113,6 +172,13 @@ def build_concept_edit(
         raise ValueError(f"unknown token_mode {token_mode!r}; use one of {', '.join(map(repr, TOKEN_MODES))}")
     if technique not in TECHNIQUES:
         raise ValueError(f"unknown technique {technique!r}; use one of {', '.join(map(repr, TECHNIQUES))}")
+    debiased = [t.concept for t in targets]
+    if targets and token_mode != "last":
+        raise ValueError("debiasing supports token_mode='last' only; pass token_mode='last' for the debias call")
+    overlap = sorted(set(debiased) & set(erase_list).union(preserve_list, *(e.erase for e in earlier)))
+    if overlap:
+        raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
+                         "a concept can be in one of the three only")
     erased_all = set(erase_list).union(*(e.erase for e in earlier))
     preserved_all = set(preserve_list).union(*(e.preserve for e in earlier))
     clash = sorted(erased_all & preserved_all)
@@ -134,5 +200,52 @@ def build_concept_edit(
             )
     return ConceptEdit(
         erase=erase_list, guide=guides, preserve=preserve_list, erase_scale=erase_scale,
-        preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
+        preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique, debias=targets,
     )
+
+
+def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
+    """Validate `debias` / `debias_weights` into `DebiasTarget`s (weights default to zeros)."""
+    if debias is None:
+        if debias_weights:
+            raise ValueError("debias_weights given without debias: give the concepts and their attributes too")
+        return ()
+    if not isinstance(debias, dict) or not debias:
+        raise TypeError('debias must be a non-empty dict like {"doctor": ["male", "female"]}')
+    debias_weights = debias_weights or {}
+    unknown = sorted(set(debias_weights) - set(debias))
+    if unknown:
+        raise ValueError(f"debias_weights names concepts that are not debiased: {unknown}")
+    targets = []
+    for concept, sets in debias.items():
+        concept = _concept_list(concept, "debias concept")[0] if isinstance(concept, str) else concept
+        if not isinstance(concept, str) or not concept:
+            raise TypeError(f"debias keys must be concept strings, got {concept!r}")
+        if isinstance(sets, (list, tuple)) and sets and all(isinstance(a, str) for a in sets):
+            sets = [sets]
+        if not isinstance(sets, (list, tuple)) or not sets:
+            raise ValueError(f"debias[{concept!r}] needs attributes, e.g. ['male', 'female']")
+        groups = []
+        for group in sets:
+            group = _concept_list(group, f"attributes of {concept!r}")
+            if len(group) < 2 or len(set(group)) != len(group):
+                raise ValueError(f"debias[{concept!r}]: each attribute set needs at least two distinct attributes, "
+                                 f"got {list(group)}")
+            groups.append(group)
+        weights = debias_weights.get(concept)
+        if weights is None:
+            weights = [[0.0] * len(g) for g in groups]
+        elif len(groups) == 1 and weights and not isinstance(weights[0], (list, tuple)):
+            weights = [weights]
+        if len(weights) != len(groups) or any(len(w) != len(g) for w, g in zip(weights, groups)):
+            raise ValueError(f"debias_weights[{concept!r}] must have one weight per attribute, shaped like "
+                             f"{[list(g) for g in groups]}")
+        weights = tuple(tuple(_signed_number(w, f"debias weight of {concept!r}") for w in ws) for ws in weights)
+        targets.append(DebiasTarget(concept, tuple(groups), weights))
+    return tuple(targets)
+
+
+def _signed_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    return float(value)

@@ -8,7 +8,7 @@ import torch
 
 from .edits import ConceptEdit
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
-from .solve import Correction, EditTerms, solve_transform, tensor_correction
+from .solve import Correction, EditTerms, combine, debias_correction, solve_transform, tensor_correction
 
 
 @dataclass
@@ -21,6 +21,8 @@ class AssembledTerms:
         token_pair (`torch.Tensor`): pair index of every erased token.
         preserved (`list[str]`): preserved prompts (deduplicated across records).
         token_preserved (`torch.Tensor`): index into `preserved` of every preserved token.
+        debias (`tuple`, *optional*): debiasing inputs of `solve.debias_correction`: attribute tokens, the row of
+            each one's concept among the debiased concept tokens (which end `terms.erase`), and ``s_e · w_a``.
     """
 
     terms: EditTerms
@@ -28,6 +30,8 @@ class AssembledTerms:
     token_pair: torch.Tensor
     preserved: list[str]
     token_preserved: torch.Tensor
+    debias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    debiased_concepts: tuple[str, ...] = ()
 
 
 def prompts_of(records: list[ConceptEdit]) -> list[str]:
@@ -53,6 +57,13 @@ def assemble_terms(records: list[ConceptEdit], encoded: EncodedPrompts) -> Assem
         pairs.extend(zip(record.erase, record.guide))
         for prompt in record.preserve_prompts():
             preserve_keys.setdefault((prompt, record.token_mode, record.preserve_scale), len(preserve_keys))
+    debias = _debias_tokens(records, encoded)
+    if debias is not None:  # each debiased concept is an erase pair with itself; its attributes shift the target
+        concepts, scales = debias[0], debias[1]
+        erase.append(concepts)
+        guide.append(concepts)
+        weight.append(scales)
+        tensor_pair.append(torch.full((len(concepts),), -1, dtype=torch.long, device=device))
     preserve, preserve_weight, token_preserved = [], [], []
     for (prompt, mode, scale), index in preserve_keys.items():
         row = encoded.rows([prompt])
@@ -60,19 +71,39 @@ def assemble_terms(records: list[ConceptEdit], encoded: EncodedPrompts) -> Assem
         preserve.append(states[row[0], pos])
         preserve_weight.append(torch.full((len(pos),), scale, dtype=torch.float64, device=device))
         token_preserved.append(torch.full((len(pos),), index, dtype=torch.long, device=device))
-    d = states.shape[-1]
-    cat = lambda xs, dtype=None: (torch.cat(xs) if xs else torch.zeros(0, d, device=device)).to(  # noqa: E731
-        dtype or torch.float64)
+    empty = states.new_zeros((0, states.shape[-1]), dtype=torch.float64)
     terms = EditTerms(
-        erase=cat(erase), guide=cat(guide), erase_weight=torch.cat(weight),
-        preserve=cat(preserve), preserve_weight=cat(preserve_weight) if preserve else weight[0][:0],
+        erase=torch.cat(erase).double(), guide=torch.cat(guide).double(), erase_weight=torch.cat(weight),
+        preserve=torch.cat(preserve).double() if preserve else empty,
+        preserve_weight=torch.cat(preserve_weight) if preserve else empty[:, 0],
         tensor_pair=torch.cat(tensor_pair), lamb=records[-1].lamb,
     )
     return AssembledTerms(
         terms=terms, pairs=pairs, token_pair=torch.cat(token_pair),
         preserved=[key[0] for key in preserve_keys],
-        token_preserved=torch.cat(token_preserved) if token_preserved else token_pair[0][:0],
+        token_preserved=torch.cat(token_preserved) if token_preserved else terms.tensor_pair[:0],
+        debias=None if debias is None else debias[2:],
+        debiased_concepts=tuple(t.concept for r in records for t in r.debias),
     )
+
+
+def _debias_tokens(records: list[ConceptEdit], encoded: EncodedPrompts):
+    """Last tokens of debiased concepts and of their attribute prompts, with their scales and weights."""
+    targets = [(record, target) for record in records for target in record.debias]
+    if not targets:
+        return None
+    states, last = encoded.states, encoded.last
+    device = states.device
+    rows = encoded.rows([t.concept for _, t in targets])
+    concepts = states[rows, last[rows]]
+    scales = torch.tensor([r.erase_scale for r, _ in targets], dtype=torch.float64, device=device)
+    prompts = [p for _, t in targets for p in t.attribute_prompts()]
+    rows = encoded.rows(prompts)
+    attributes = states[rows, last[rows]]
+    counts = torch.tensor([len(t.attribute_prompts()) for _, t in targets], device=device)
+    concept_of = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
+    weights = torch.tensor([w for _, t in targets for w in t.flat_weights()], dtype=torch.float64, device=device)
+    return concepts, scales, attributes, concept_of, weights * scales[concept_of]
 
 
 @dataclass
@@ -103,4 +134,9 @@ def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Ten
     """
     transform, factor = solve_transform(assembled.terms)
     correction = tensor_correction(weights, row_layer, num_layers, assembled.terms, factor)
+    if assembled.debias is not None:
+        attributes, concept_of, weight = assembled.debias
+        concepts = assembled.terms.erase[len(assembled.token_pair):]
+        correction = combine(correction, debias_correction(weights, row_layer, num_layers, concepts, attributes,
+                                                           concept_of, weight, factor))
     return Solution(transform, correction)

@@ -20,7 +20,7 @@ import torch
 from diffusers.utils import logging
 
 from . import engine
-from .edits import ConceptEdit, build_concept_edit
+from .edits import ConceptEdit
 from .solve import Correction
 from .targets import find_projections
 
@@ -120,22 +120,11 @@ def _records_from(raw) -> list[ConceptEdit]:
     if not isinstance(raw, list) or not raw:
         raise ValueError("the edit file lists no edit records")
     records = []
-    fields = set(ConceptEdit.__dataclass_fields__)
     for entry in raw:
-        if not isinstance(entry, dict) or set(entry) != fields:
-            raise ValueError(f"invalid edit record in the edit file: {entry!r}")
-        stored = ConceptEdit(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
         try:
-            rebuilt = build_concept_edit(
-                list(stored.erase), list(stored.guide), list(stored.preserve), erase_scale=stored.erase_scale,
-                preserve_scale=stored.preserve_scale, lamb=stored.lamb, token_mode=stored.token_mode,
-                technique=stored.technique, earlier=records,
-            )
+            records.append(ConceptEdit.from_dict(entry, earlier=records))
         except (TypeError, ValueError) as error:
             raise ValueError(f"invalid edit record in the edit file ({error}): {entry!r}") from error
-        if rebuilt != stored:
-            raise ValueError(f"invalid edit record in the edit file: {entry!r}")
-        records.append(stored)
     return records
 
 

@@ -29,12 +29,18 @@ class EditReport:
         erased (`list[dict]`): ``{"concept", "guide", "efficacy"}`` per erased concept.
         preserved (`list[dict]`): ``{"concept", "interference"}`` per preserved concept.
         held_out (`list[dict]`): ``{"concept", "interference"}`` per held-out concept.
+        debiased (`list[dict]`): ``{"concept", "shift"}`` per debiased concept: the relative change of its
+            keys/values.
+        ratios (`list[dict]`): filled by the debias loop: ``{"concept", "attributes", "target", "before",
+            "after", "iterations", "reached", "weights", "history", "seeds"}`` per concept and attribute set.
         layers (`int`): number of edited projections.
     """
 
     erased: list[dict] = field(default_factory=list)
     preserved: list[dict] = field(default_factory=list)
     held_out: list[dict] = field(default_factory=list)
+    debiased: list[dict] = field(default_factory=list)
+    ratios: list[dict] = field(default_factory=list)
     layers: int = 0
 
     def summary(self) -> dict:
@@ -56,6 +62,9 @@ class EditReport:
                 for r in self.erased]
         rows += [(kind, r["concept"] or "<unconditional>", "", "interference", r["interference"])
                  for kind, part in (("preserved", self.preserved), ("held-out", self.held_out)) for r in part]
+        rows += [("debiased", r["concept"], "", "shift", r["shift"]) for r in self.debiased]
+        rows += [("ratio", r["concept"], f"{a} (target {t:.2f}, before {b:.2f})", "after", x)
+                 for r in self.ratios for a, t, b, x in zip(r["attributes"], r["target"], r["before"], r["after"])]
         widths = [max([len(str(r[i])) for r in rows] + [len(h)]) for i, h in
                   enumerate(("role", "concept", "guide", "metric"))]
         header = ("role", "concept", "guide", "metric", "value")
@@ -98,14 +107,20 @@ def build_report(grams, solution, assembled, layers: int, held_out=None) -> Edit
     """
     t, c, terms = solution.transform, solution.correction, assembled.terms
     eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
-    num_pairs = len(assembled.pairs)
-    moved = _per_group(output_distances(grams, t, c, terms.erase, terms.guide), assembled.token_pair, num_pairs)
-    gap = _per_group(output_distances(grams, eye, None, terms.erase, terms.guide), assembled.token_pair, num_pairs)
+    num_pairs, n = len(assembled.pairs), len(assembled.token_pair)  # debiased concepts' tokens follow the pairs'
+    erased, guides = terms.erase[:n], terms.guide[:n]
+    moved = _per_group(output_distances(grams, t, c, erased, guides), assembled.token_pair, num_pairs)
+    gap = _per_group(output_distances(grams, eye, None, erased, guides), assembled.token_pair, num_pairs)
     efficacy = (1 - (moved / gap).sqrt()).tolist()
     report = EditReport(
         erased=[{"concept": e, "guide": g, "efficacy": v} for (e, g), v in zip(assembled.pairs, efficacy)],
         layers=layers,
     )
+    debiased = terms.erase[n:]
+    if len(debiased):
+        values = relative_change(grams, t, c, debiased, torch.arange(len(debiased), device=debiased.device),
+                                 len(debiased))
+        report.debiased = [{"concept": p, "shift": v} for p, v in zip(assembled.debiased_concepts, values)]
     if assembled.preserved:
         values = relative_change(grams, t, c, terms.preserve, assembled.token_preserved, len(assembled.preserved))
         report.preserved = [{"concept": p, "interference": v} for p, v in zip(assembled.preserved, values)]

@@ -132,6 +132,50 @@ def tensor_correction(
     return Correction(tokens=tokens, solved=solved, coef=coef)
 
 
+def layer_norms(weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int, tokens: torch.Tensor) -> torch.Tensor:
+    """``‖W_ℓ x‖`` for every layer and token: one matmul for all layers, then per-layer sums; ``(L, n)`` float64."""
+    y = weights @ tokens.to(weights.dtype).T
+    squares = torch.zeros(num_layers, tokens.shape[0], dtype=torch.float64, device=weights.device)
+    return squares.index_add_(0, row_layer, (y * y).to(torch.float64)).sqrt()
+
+
+def debias_correction(
+    weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int, concepts: torch.Tensor,
+    attributes: torch.Tensor, concept_of: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor,
+) -> Correction | None:
+    """Per-layer correction of debiasing: the concept's target is ``W_ℓ (c_i + Σ_a β_ℓia c_a)``.
+
+    Each concept token ``c_i`` is solved as an erase pair with itself as guide; its attribute tokens ``c_a`` add
+    ``Σ_a β_ℓia W_ℓ c_a`` to its target, with the paper's per-layer normalisation
+    ``β_ℓia = w_ia ‖W_ℓ c_i‖ / ‖W_ℓ c_a‖``. In ``W'_ℓ = (… + s_e Σ_i v*_i c_iᵀ …) B⁻¹`` that is
+    ``T_ℓ = T + Σ_(i,a) s_e β_ℓia c_a (B⁻¹ c_i)ᵀ``: a `Correction` with one row per (concept, attribute).
+
+    Args:
+        concepts (`torch.Tensor`): concept tokens ``c_i``, ``(m, d)``.
+        attributes (`torch.Tensor`): attribute tokens, one row per (concept, attribute), ``(q, d)``.
+        concept_of (`torch.Tensor`): for each attribute row, the index of its concept token, ``(q,)``.
+        weight (`torch.Tensor`): ``s_e · w_ia`` per attribute row, ``(q,)``.
+        factor (`torch.Tensor`): Cholesky factor of ``B``.
+    """
+    if attributes.shape[0] == 0:
+        return None
+    concepts, attributes = concepts.to(torch.float64), attributes.to(torch.float64)
+    norm_c = layer_norms(weights, row_layer, num_layers, concepts)[:, concept_of]
+    norm_a = layer_norms(weights, row_layer, num_layers, attributes)
+    coef = weight.to(torch.float64)[None, :] * norm_c / norm_a.clamp_min(torch.finfo(torch.float64).tiny)
+    solved = torch.cholesky_solve(concepts[concept_of].T.contiguous(), factor).T  # rows (B⁻¹ c_i)ᵀ
+    return Correction(tokens=attributes, solved=solved, coef=coef)
+
+
+def combine(*corrections: Correction | None) -> Correction | None:
+    """Stack corrections (their rows add up): ``T_ℓ = T + Σ_k C_kᵀ diag(coef_kℓ) D_k``."""
+    parts = [c for c in corrections if c is not None]
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    return Correction(tokens=torch.cat([c.tokens for c in parts]), solved=torch.cat([c.solved for c in parts]),
+                      coef=torch.cat([c.coef for c in parts], dim=1))
+
+
 def scaled(transform: torch.Tensor, correction: Correction | None, scale: float):
     """Strength ``s``: ``T_s = I + s (T − I)`` (and the correction times ``s``)."""
     eye = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)

@@ -44,12 +44,21 @@ def select_tokens(pipe, erase, guides, preserve, mode):
     return pairs, kept
 
 
-def reference_layer(weight, pairs, preserved, erase_scale, preserve_scale, lamb, technique):
-    """``W' = (λW + s_e Σ v* cᵀ + s_p Σ W p pᵀ) B⁻¹`` for one layer, float64."""
+def reference_layer(weight, pairs, preserved, erase_scale, preserve_scale, lamb, technique, debiased=()):
+    """``W' = (λW + s_e Σ v* cᵀ + s_p Σ W p pᵀ) B⁻¹`` for one layer, float64.
+
+    `debiased` lists ``(c, [(c_a, w_a), ...])``: target ``W c + Σ_a w_a (‖W c‖ / ‖W c_a‖) W c_a``.
+    """
     w = weight.double()
     d = w.shape[1]
     b = lamb * torch.eye(d, dtype=torch.float64)
     num = lamb * w
+    for c, attributes in debiased:
+        target = w @ c
+        for c_a, w_a in attributes:
+            target = target + w_a * (w @ c).norm() / (w @ c_a).norm() * (w @ c_a)
+        num = num + erase_scale * torch.outer(target, c)
+        b = b + erase_scale * torch.outer(c, c)
     for block in pairs:
         alpha = 0.0
         if technique == "tensor":
