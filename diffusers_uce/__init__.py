@@ -4,7 +4,7 @@ Erase, moderate and debias concepts of a text-to-image model in closed form, by 
 key/value projections; many concepts at once, in seconds, without training.
 """
 
-from .edits import ConceptEdit
+from .edits import ConceptEdit, DebiasTarget
 from .hub import UCEHubMixin
 from .mixin import ConceptEditOutput, UCEMixin
 from .pipelines import UCEStableDiffusionPipeline, attach
@@ -14,6 +14,6 @@ from .report import EditReport
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConceptEdit", "ConceptEditOutput", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",
+    "ConceptEdit", "ConceptEditOutput", "DebiasTarget", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",
     "UCEStableDiffusionPipeline", "attach", "__version__",
 ]

@@ -14,6 +14,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 from . import __version__
+from .concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
 from .edits import TECHNIQUES, TOKEN_MODES, build_concept_edit
 
 PROG = "diffusers-uce"
@@ -62,8 +63,15 @@ def _add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--model", default="demo", metavar="M",
         help="Hub repo id or local folder of a Stable Diffusion 1.x/2.x pipeline, or 'demo' / 'demo-sd2' for the "
              "built-in tiny offline demo pipelines (random weights; for trying the tool)")
-    add("--erase", required=True, type=_erase_concepts, metavar='"A; B"',
-        help='concepts to erase, separated by ";" (required)')
+    add("--erase", type=_erase_concepts, metavar='"A; B"',
+        help='concepts to erase, separated by ";"; "@file.txt" (one per line) or "@file.csv:column" reads a file '
+             "(required unless --moderate or --debias)")
+    add("--moderate", type=_concepts, metavar='PRESET | "A; B"',
+        help="erase toward the unconditional prompt with the paper's moderation defaults (preserve scale 0.1): a "
+             "preset (i2p, i2p-paper, nudity) or concepts; combines with --erase")
+    add("--expand-prompts", choices=("art", "object"),
+        help="also erase the paper's templates around each erased concept and its guide ('painting by {}', ... / "
+             "'image of {}', ...)")
     add("--guide", type=_concepts, metavar='"G" | "G1; G2"',
         help="what erased concepts become: one guide for all, or one per erased concept; absent or empty means the "
              "unconditional (empty) prompt")
@@ -100,6 +108,41 @@ def _add_edit_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dtype", choices=DTYPES, default="float32", help="dtype to load the model in")
     add("--seed", type=int, default=0, metavar="N",
         help="seed of the demo pipelines' random weights (the edit itself is deterministic)")
+    _add_debias_arguments(parser)
+
+
+def _add_debias_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument_group("debiasing (generates images and classifies them with CLIP)").add_argument
+    add("--debias", type=_concepts, metavar='"C; D"',
+        help='concepts to debias, e.g. "doctor; nurse": images of each are generated and classified, and its '
+             "attribute weights move until the ratios are reached (with or without --erase)")
+    add("--attributes", type=_concepts, metavar='"A; B"',
+        help='with --debias: the attributes, e.g. "male; female" (the same for every concept)')
+    add("--ratios", type=float, nargs="+", metavar="R",
+        help="with --debias: desired ratio of each attribute, summing to 1 (default: uniform)")
+    add("--max-iterations", type=_positive_int, metavar="N", help="with --debias: budget of solves (default: 10)")
+    add("--tolerance", type=float, metavar="F",
+        help="with --debias: largest gap |desired - measured| of a reached concept (default: 0.05)")
+    add("--clip-model", metavar="PATH_OR_ID",
+        help="with --debias: the CLIP model that classifies the images, a local folder or a Hub id (default: "
+             "openai/clip-vit-base-patch32, downloaded if not cached; offline, give a local folder)")
+
+
+def _debias_arguments(args: argparse.Namespace) -> dict:
+    """`apply_concept_edits`' debias arguments from the flags (no model loaded); `{}` without --debias."""
+    if not args.debias:
+        for flag in ("--attributes", "--ratios", "--max-iterations", "--tolerance", "--clip-model"):
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise ValueError(f"{flag} only applies with --debias")
+        if not args.erase and not args.moderate:
+            raise ValueError('give --erase "A; B" (concepts to erase), --moderate PRESET, or --debias "C; D" '
+                             '--attributes "A; B"')
+        return {}
+    if not args.attributes:
+        raise ValueError('--debias needs --attributes, e.g. --attributes "male; female"')
+    return dict(debias={concept: args.attributes for concept in args.debias}, debias_ratios=args.ratios,
+                tolerance=0.05 if args.tolerance is None else args.tolerance,
+                max_iterations=10 if args.max_iterations is None else args.max_iterations)
 
 
 def _positive_int(text: str) -> int:
@@ -193,7 +236,18 @@ def _run_edit(args: argparse.Namespace) -> int:
     guide = args.guide or None
     options = dict(erase_scale=args.erase_scale, preserve_scale=args.preserve_scale, lamb=args.lamb,
                    token_mode=args.token_mode, technique=args.technique)
-    build_concept_edit(args.erase, guide, args.preserve, **options)  # fail fast, before loading any weights
+    debias = _debias_arguments(args)
+    moderate = None if not args.moderate else args.moderate[0] if len(args.moderate) == 1 else args.moderate
+    args.erase, guide = erase_requests(args.erase, guide, moderate=moderate, expand=args.expand_prompts)
+    args.preserve = resolve_concept_arg(args.preserve) or []
+    guide = guide or None
+    if moderate is not None and options["preserve_scale"] is None:
+        options["preserve_scale"] = MODERATION_DEFAULTS["preserve_scale"]
+    record = build_concept_edit(args.erase, guide, args.preserve, debias=debias.get("debias"), **options)  # fail fast
+    if debias:
+        from .debias import DebiasOptions, check_debias_settings, clip_zero_shot_classifier
+
+        check_debias_settings(record.debias, debias["debias_ratios"], debias["tolerance"], debias["max_iterations"])
     _check_model(args.model)
     for option, folder in (("--output", args.output), ("--save-edits", args.save_edits), ("--lora", args.lora)):
         if folder is not None:
@@ -201,12 +255,17 @@ def _run_edit(args: argparse.Namespace) -> int:
     if args.rank is not None and args.lora is None:
         raise ValueError("--rank only applies with --lora DIR")
     device = _resolve_device(args.device)
+    if debias:
+        clip_model = args.clip_model or DebiasOptions.clip_model
+        _progress(f"Loading the CLIP model {clip_model} ...")
+        debias["attribute_classifier"] = clip_zero_shot_classifier(clip_model, device=device).load()
 
     _progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
     pipe = _load_pipeline(args.model, args.dtype, device, args.seed)
-    _progress(f"Solving the edit: erase {len(args.erase)}, preserve {len(args.preserve)} concept(s) ...")
+    _progress(f"Solving the edit: erase {len(args.erase or [])}, preserve {len(args.preserve)} concept(s)"
+              + (f", debias {len(args.debias)} (generating and classifying images)" if debias else "") + " ...")
     output = pipe.apply_concept_edits(args.erase, guide, args.preserve, edit_keys=args.edit_keys,
-                                      held_out=args.held_out, **options)
+                                      held_out=args.held_out, **options, **debias)
     print(output.report)
     hub = dict(private=args.private or None, token=args.token, create_pr=args.create_pr,
                commit_message=args.commit_message)
@@ -254,6 +313,108 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric_names(text: str) -> tuple[str, ...]:
+    from .eval_metrics import check_metrics
+
+    try:
+        return check_metrics(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from .eval_metrics import METRICS
+
+    add = parser.add_argument
+    add("--prompts", required=True, metavar="CSV",
+        help="prompt CSV with case_number, prompt, evaluation_seed (optional: evaluation_guidance, and a class/"
+             "artist/profession/label column for CLIP accuracy), e.g. the paper's holdout100_prompts.csv (required)")
+    add("--output", required=True, metavar="DIR",
+        help="where images/, results.csv, summary.json and grid.png go; rerunning resumes (required)")
+    add("--model", default="demo", metavar="M",
+        help="the edited model: Hub repo id or local folder (e.g. a fused 'edit --output' folder), or 'demo' / "
+             "'demo-sd2'")
+    add("--edits", metavar="PATH_OR_REPO",
+        help="load this edit (file, folder or Hub repo written by --save-edits) onto --model; the base images are "
+             "then --model with the edit switched off")
+    add("--base-model", metavar="M2",
+        help="the unedited model, when --model is an already edited (fused) model")
+    add("--steps", type=_positive_int, default=50, metavar="N", help="denoising steps")
+    add("--guidance", type=float, metavar="F",
+        help="guidance scale (default: each row's evaluation_guidance, else 7.5)")
+    add("--size", type=_positive_int, metavar="PX", help="image height and width (default: the model's)")
+    add("--batch-size", type=_positive_int, default=4, metavar="N", help="prompts per pipeline call")
+    add("--limit", type=_positive_int, metavar="N", help="only the first N rows of the CSV")
+    add("--metrics", type=_metric_names, default=METRICS, metavar="A,B",
+        help=f"comma-separated, from {', '.join(METRICS)} (default: all; unavailable ones are reported as skipped)")
+    add("--clip-model", metavar="PATH_OR_ID",
+        help="CLIP model for clip_score/clip_accuracy: a local folder or a Hub id already in the cache "
+             "(e.g. openai/clip-vit-large-patch14); never downloaded")
+    add("--nudenet-threshold", type=float, default=0.6, metavar="F", help="minimum NudeNet detection score")
+    add("--overwrite", action="store_true", help="regenerate images already in --output")
+    add("--device", type=_device_arg, default="auto", metavar="auto|cpu|cuda|cuda:N",
+        help="where to generate and score; auto = cuda if available, else cpu")
+    add("--dtype", choices=DTYPES, default="float32", help="dtype to load the models in")
+    add("--seed", type=int, default=0, metavar="N", help="seed of the demo pipelines' random weights")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    """`diffusers-uce eval`: check the CSV, load the model(s), generate base/edited images, score, print a table."""
+    from .evaluate import evaluate_edit, format_summary, load_prompts
+
+    load_prompts(args.prompts)  # fail fast, before loading any weights
+    if args.edits is None and args.base_model is None:
+        raise ValueError("nothing to compare: pass --edits PATH_OR_REPO (base = --model with the edit switched off), "
+                         "or --base-model M2 (the unedited model) when --model is an edited, fused model")
+    for model in (args.model, args.base_model):
+        if model is not None:
+            _check_model(model)
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`: one share of the rows per process
+        from accelerate import PartialState
+
+        state = PartialState()
+        device = str(state.device)
+    else:
+        device = _resolve_device(args.device)
+    _progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
+    pipe = _load_pipeline(args.model, args.dtype, device, args.seed)
+    if args.edits is not None:
+        _progress(f"Loading the edit {args.edits} ...")
+        pipe.load_concept_edits(args.edits)
+    base = None
+    if args.base_model is not None:
+        _progress(f"Loading base model {args.base_model} ...")
+        base = _load_pipeline(args.base_model, args.dtype, device, args.seed)
+    summary = evaluate_edit(
+        pipe, args.prompts, args.output, base_pipe=base, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, height=args.size, width=args.size, batch_size=args.batch_size,
+        limit=args.limit, metrics=args.metrics, clip_model=args.clip_model,
+        nudenet_threshold=args.nudenet_threshold, overwrite=args.overwrite, accelerator=state,
+    )
+    if not summary:  # not the main process: it writes and prints the results
+        return 0
+    print(format_summary(summary))
+    _progress(f"Wrote images/, results.csv, summary.json and grid.png to {args.output}")
+    return 0
+
+
+EVAL_EPILOG = """\
+examples:
+  diffusers-uce edit --erase "van gogh" --guide art --save-edits ./no-van-gogh
+  diffusers-uce eval --edits ./no-van-gogh --prompts prompts.csv --output ./eval-demo --steps 10
+  diffusers-uce eval --model CompVis/stable-diffusion-v1-4 --edits me/no-van-gogh --prompts holdout100_prompts.csv \\
+      --output ./eval-van-gogh --clip-model openai/clip-vit-large-patch14 --device cuda --dtype float16
+  diffusers-uce eval --model ./sd14-no-nudity --base-model CompVis/stable-diffusion-v1-4 \\
+      --prompts unsafe-prompts4703.csv --metrics nudenet --output ./eval-i2p --device cuda --dtype float16
+
+Each row's image is generated twice with its evaluation_seed: by the base model (--base-model, else --model with the
+edit switched off) and by the edited one. Metrics whose model is missing (nudenet not installed, no --clip-model,
+no cached LPIPS weights) are reported as skipped; nothing is downloaded. Prompts are never printed.
+Several GPUs: 'accelerate launch -m diffusers_uce.cli eval ...' splits the rows between processes.
+"""
+
+
 PUSH_EPILOG = """\
 examples:
   diffusers-uce edit --erase "Van Gogh" --guide art --output ./sd-no-van-gogh && \\
@@ -287,6 +448,8 @@ COMMANDS: dict[str, Command] = {
                     EDIT_EPILOG, _add_edit_arguments, _run_edit),
     "push": Command("push a folder written by 'edit' (edited model, edit file or LoRA) to the Hub in one commit",
                     PUSH_EPILOG, _add_push_arguments, _run_push),
+    "eval": Command("generate images with the base and the edited model from the same seeds and score them "
+                    "(NudeNet, CLIP, LPIPS, pixel differences)", EVAL_EPILOG, _add_eval_arguments, _run_eval),
 }
 
 

@@ -35,9 +35,10 @@ PACKAGE = "diffusers_uce"
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "solve", "edits", "prompts", "targets", "engine", "report", "processor", "io", "lora", "mixin",
+    "solve", "edits", "concepts", "prompts", "targets", "engine", "report", "processor", "io", "lora", "debias",
+    "mixin",
 )
-OPTIONAL_MODULES = frozenset({"io", "lora"})  # included when the package has them
+OPTIONAL_MODULES = frozenset({"debias"})  # included when the package has them
 SHARED_NAMES = frozenset({"logger"})  # may be defined by several modules, if identically
 DROPPED_NAMES = frozenset({"__all__"})
 PIPELINE_BASE = "StableDiffusionPipeline"

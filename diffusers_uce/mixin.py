@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from . import engine
+from .concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
 from .edits import ConceptEdit, build_concept_edit
 from .io import UCEIOMixin
 from .lora import UCELoraMixin
@@ -96,12 +97,16 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         self, erase: str | list[str] | None = None, guide: str | list[str] | None = None,
         preserve: str | list[str] | None = None, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
-        layers: LayerFilter = None, held_out: list[str] | None = None,
+        layers: LayerFilter = None, held_out: list[str] | None = None, debias: dict | None = None,
+        debias_ratios: dict | None = None, attribute_classifier=None, debias_weights: dict | None = None,
+        tolerance: float = 0.05, max_iterations: int = 10, debias_options: dict | None = None,
+        moderate: str | list[str] | None = None, expand_prompts: str | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
         Args:
-            erase (`str` or `list[str]`): concepts to erase, e.g. `["Van Gogh", "Picasso"]`.
+            erase (`str` or `list[str]`): concepts to erase, e.g. `["Van Gogh", "Picasso"]`; `"@file.txt"` (one per
+                line) or `"@file.csv:column"` reads them from a file.
             guide (`str`, `list[str]` or `None`, defaults to `None`): what erased concepts become: one guide for all or
                 one per concept; `None` or `""` is the unconditional prompt.
             preserve (`str` or `list[str]`, *optional*): concepts whose keys/values must not change.
@@ -117,6 +122,22 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 name contains one of these strings; the same for every edit.
             held_out (`list[str]`, *optional*): concepts to measure interference on (a built-in generic set by
                 default).
+            debias (`dict`, *optional*): concepts to debias with their attribute set(s), e.g.
+                `{"doctor": ["male", "female"]}` or `{"doctor": [["male", "female"], ["young", "old"]]}`. Runs the
+                debias loop (`diffusers_uce.debias`): generate, classify, move the attribute weights, re-solve.
+            debias_ratios (`dict`, *optional*): desired ratios per concept, shaped like `debias` (uniform by default).
+            attribute_classifier (`Callable[[list[PIL.Image.Image], list[str]], list[str]]`, *optional*): returns
+                one label per image; CLIP zero-shot by default.
+            debias_weights (`dict`, *optional*): attribute weights shaped like `debias`: solve once with them, no loop.
+            tolerance (`float`, defaults to 0.05): the loop stops when every ratio is this close to its target.
+            max_iterations (`int`, defaults to 10): the loop's budget.
+            debias_options (`dict`, *optional*): generation and step settings of the loop (see
+                `diffusers_uce.debias.DebiasOptions`).
+            moderate (`str` or `list[str]`, *optional*): concepts to erase toward the unconditional prompt with the
+                paper's moderation defaults (`preserve_scale=0.1` unless given), or a preset: `"i2p"` (the I2P
+                categories), `"nudity"` (see `diffusers_uce.concepts.MODERATION_PRESETS`).
+            expand_prompts (`str`, *optional*): `"art"` or `"object"`: add the paper's templates around every erased
+                concept and its guide ("painting by {}", ... / "image of {}", ...).
 
         Returns:
             [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it).
@@ -131,21 +152,43 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         """
         state = self._uce_state
         earlier = state.records if state is not None else []
-        record = build_concept_edit(
-            erase, guide, preserve, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
-            token_mode=token_mode, technique=technique, earlier=earlier,
-        )
+        preserve = resolve_concept_arg(preserve)
+        if moderate is not None or expand_prompts is not None or any(
+                isinstance(e, str) and e.startswith("@") for e in ([erase] if isinstance(erase, str) else erase or [])):
+            erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
+            if moderate is not None and preserve_scale is None:
+                preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
+
+        def build(weights=debias_weights) -> ConceptEdit:
+            return build_concept_edit(
+                erase, guide, preserve, erase_scale=erase_scale,
+                preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
+                earlier=earlier, debias=debias, debias_weights=weights,
+            )
+
+        record = build()
         if state is not None and (edit_keys != state.edit_keys or layers != state.layers):
             raise ValueError(
                 f"edit_keys/layers must match the edits already applied (edit_keys={state.edit_keys}, "
                 f"layers={state.layers!r}); call unload_concept_edits() first to change them"
             )
+        solve = lambda rec: self._uce_solve([*earlier, rec], edit_keys, layers, held_out)  # noqa: E731
+        if debias is not None and debias_weights is None:
+            from .debias import debias_loop
+
+            return debias_loop(self, build, solve, ratios=debias_ratios, classifier=attribute_classifier,
+                               tolerance=tolerance, max_iterations=max_iterations, **(debias_options or {}))
+        return solve(record)
+
+    def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
+                   held_out: list[str] | None) -> ConceptEditOutput:
+        """Solve `records` jointly from the original weights, report, and install the result (validated inputs)."""
+        state = self._uce_state
         text_encoder = getattr(self, self._uce_text_encoder_name)
         projections = find_projections(
             getattr(self, self._uce_denoiser_name), edit_keys=edit_keys, layers=layers,
             context_dim=text_encoder.config.hidden_size,
         )
-        records = [*earlier, record]
         device = self._execution_device
         originals = state.original_weights if state is not None and state.fused else [p.module.weight for p in projections]
         weights, row_layer = _stack(originals, device)
@@ -172,7 +215,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         held_tokens = None
         if held:
             rows = encoded.rows(held)
-            group, pos = preserve_positions(encoded.last[rows], record.token_mode, encoded.max_length)
+            group, pos = preserve_positions(encoded.last[rows], records[-1].token_mode, encoded.max_length)
             held_tokens = (held, encoded.states[rows[group], pos].double(), group)
         report = build_report(grams, solution, assembled, len(projections), held_tokens)
 

@@ -70,6 +70,13 @@ def hub_token() -> str:
 # =====================================================================================================
 # Tiny pipelines: the shared fixtures every family-parametrised test uses
 # =====================================================================================================
+import torch  # noqa: E402
+
+# The tiny models' ops are far too small to gain from threads; on a shared 2-core machine intra-op threading
+# made the suite several times slower. One thread keeps it fast and its timings steady.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(params=["sd1", "sd2"])
 def family(request):
     """Every test taking `family` (or `pipe`) runs on each pipeline family."""

@@ -206,3 +206,16 @@ def test_push_refuses_foreign_folders(tmp_path):
     assert code == 2 and "neither a pipeline" in err
     code, _, err = run_cli("edit", "--erase", "a", "--rank", "2")
     assert code == 2 and "--rank only applies with --lora" in err
+
+
+def test_moderate_and_expand_flags(tmp_path):
+    (tmp_path / "artists.txt").write_text("van gogh\npicasso\n")
+    code, out, err = run_cli("edit", "--moderate", "nudity", "--erase", f"@{tmp_path / 'artists.txt'}",
+                             "--guide", "art", "--expand-prompts", "art", "--output", tmp_path / "out")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "uce_report.json").read_text())["edits"][-1]
+    assert record["erase"][:2] == ["van gogh", "painting by van gogh"] and len(record["erase"]) == 18
+    assert record["erase"][12] == "nudity" and record["guide"][12:] == [""] * 6
+    assert record["preserve_scale"] == 0.1
+    code, _, err = run_cli("edit", "--moderate", "i2p-v9")
+    assert code == 2 and "unknown preset" in err

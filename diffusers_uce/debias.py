@@ -1,0 +1,299 @@
+"""The debias loop (paper §4.2, DESIGN.md §4) run by `apply_concept_edits(debias=...)`, and its CLIP classifier."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from diffusers.utils import logging
+from tqdm.auto import tqdm
+
+from .concepts import DEBIAS_PROMPT_TEMPLATES
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class DebiasOptions:
+    r"""Generation and controller settings of [`debias_loop`] (what `debias_options` holds).
+
+    Args:
+        num_images (`int`, defaults to 20): per concept and measurement. Ratios move in steps of ``1/n`` (standard
+            error ≈ ``0.5/√n``): 20 keeps a binary tolerance of 0.05 reachable (9-11 of 20); the authors use 50.
+        num_inference_steps (`int`, defaults to 20): denoising steps per image (the authors' script uses 20).
+        height (`int`, *optional*), width (`int`, *optional*): image size, the pipeline's own by default: smaller
+            is cheaper, but SD 1.x/2.x draw other images below their native size and the weights would fit those.
+        guidance_scale (`float`, defaults to 7.5), batch_size (`int`, defaults to 8): of the generation.
+        step (`float`, defaults to 0.3): gain of the controller, ``w += step · (desired − measured)``. The authors
+            use 0.1 with a budget of 30 iterations; 0.3 covers the same weight range in our default 10.
+        seed (`int`, defaults to 0): image ``j`` of measurement ``i`` uses seed ``seed + i · num_images + j`` (for
+            every concept): runs are reproducible; the report lists the seeds.
+        prompt_templates (`tuple[str, ...]`, defaults to `concepts.DEBIAS_PROMPT_TEMPLATES`): templates with one
+            `{}`; the images of a concept cycle through them (the authors' five prompts).
+        clip_model (`str`, defaults to `"openai/clip-vit-base-patch32"`): the default classifier's CLIP model.
+        accelerator (`accelerate.PartialState` or `Accelerator`, *optional*): splits each measurement's images over
+            its processes; all processes get every label and run the same (cheap) solves.
+    """
+
+    num_images: int = 20
+    num_inference_steps: int = 20
+    height: int | None = None
+    width: int | None = None
+    guidance_scale: float = 7.5
+    step: float = 0.3
+    seed: int = 0
+    batch_size: int = 8
+    prompt_templates: tuple[str, ...] = DEBIAS_PROMPT_TEMPLATES
+    clip_model: str | os.PathLike = "openai/clip-vit-base-patch32"
+    accelerator: object = None
+
+    def __post_init__(self):
+        for name in ("num_images", "num_inference_steps", "batch_size", "seed", "height", "width"):
+            value, low = getattr(self, name), int(name != "seed")
+            if not (value is None and name in ("height", "width")) and not (_finite(value, int) and value >= low):
+                raise ValueError(f"debias option {name} must be a whole number >= {low}, got {value!r}")
+        if not _finite(self.guidance_scale) or not _finite(self.step) or self.step <= 0:
+            raise ValueError(f"debias options: step must be > 0 and guidance_scale finite, got {self.step}, "
+                             f"{self.guidance_scale}")
+        templates = [self.prompt_templates] if isinstance(self.prompt_templates, str) else self.prompt_templates
+        if not isinstance(templates, Sequence) or not templates or any(
+                not isinstance(t, str) or t.count("{}") != 1 for t in templates):
+            raise ValueError(f"debias option prompt_templates must be strings with one '{{}}' each, got {templates!r}")
+        self.prompt_templates = tuple(templates)
+        if self.accelerator is not None and not hasattr(self.accelerator, "split_between_processes"):
+            raise ValueError("debias option accelerator must be an accelerate PartialState or Accelerator")
+
+
+def _finite(value, kind=(int, float)) -> bool:
+    return not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
+
+
+def check_debias_settings(targets, ratios=None, tolerance=0.05, max_iterations=10, options=None):
+    r"""Validate the loop's settings before any generation (`TypeError`: unknown option, `ValueError`: bad value);
+    returns the desired ratios ``{concept: [[r per attribute] per set]}`` and the [`DebiasOptions`].
+
+    Args:
+        targets (`tuple[DebiasTarget, ...]`): the concepts and their attribute sets (`ConceptEdit.debias`).
+        ratios (`dict` or `list`, *optional*): `{concept: [r per attribute]}` (a list per set for several sets), or
+            one list for every concept; each set's ratios are >= 0 and sum to 1. Uniform by default.
+    """
+    allowed, options = [f.name for f in fields(DebiasOptions)], options or {}
+    if set(options) - set(allowed):
+        raise TypeError(f"unknown debias option(s) {sorted(set(options) - set(allowed))}; allowed: {allowed}")
+    opts = DebiasOptions(**options)
+    if not _finite(tolerance) or not 0 < tolerance < 1 or not _finite(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"tolerance must be in (0, 1) and max_iterations a whole number >= 1, got {tolerance!r} and "
+                         f"{max_iterations!r}")
+    ratios = {t.concept: ratios for t in targets} if ratios is not None and not isinstance(ratios, dict) else ratios
+    ratios, desired = {str(k).strip(): v for k, v in (ratios or {}).items()}, {t.concept: None for t in targets}
+    if set(ratios) - {t.concept for t in targets}:
+        raise ValueError(f"ratios name concepts that are not debiased: {sorted(set(ratios) - set(desired))}")
+    for t in targets:
+        sets = [list(group) for group in t.attribute_sets]
+        value = ratios.get(t.concept, [[1.0 / len(group)] * len(group) for group in sets])
+        if len(sets) == 1 and isinstance(value, (list, tuple)) and value and not isinstance(value[0], (list, tuple)):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or [len(v) if isinstance(v, (list, tuple)) else -1 for v in value] \
+                != [len(g) for g in sets]:
+            raise ValueError(f"ratios of {t.concept!r} must give one ratio per attribute, shaped like {sets}; "
+                             f"got {value!r}")
+        for v, group in zip(value, sets):
+            if not all(_finite(x) and x >= 0 for x in v) or abs(sum(v) - 1) > 1e-6:
+                raise ValueError(f"ratios of {t.concept!r} for {group} must be >= 0 and sum to 1, got {list(v)}")
+        desired[t.concept] = [[float(x) for x in v] for v in value]
+        n = opts.num_images
+        if max(min(abs(k / n - r) for k in range(n + 1)) for rs in desired[t.concept] for r in rs) > tolerance:
+            logger.warning(f"{t.concept!r}: ratios measured on num_images={n} images move in steps of 1/{n} and "
+                           f"cannot come within tolerance={tolerance} of the targets; raise num_images or tolerance")
+    return desired, opts
+
+
+def debias_loop(pipe, build, solve, *, ratios=None, classifier=None, tolerance: float = 0.05,
+                max_iterations: int = 10, **options):
+    r"""Debias concepts: measure their attribute ratios on generated images, move the weights, re-solve; repeat.
+
+    Every solve starts from the original weights, so the weights accumulate (an integral controller):
+    ``w ← w + step · (desired − measured)``. Measurement 0 is the pipeline as it is ("before"). A concept with
+    ``max |desired − measured| ≤ tolerance`` is reached: no longer measured, it keeps its frozen weights as a debias
+    target, which holds its keys/values where they are (preserving it in a solve from the original weights would undo
+    its edit). The loop ends when all are reached or after `max_iterations` solves, the last one measured again, so
+    "after" describes the installed edit. If anything raises, the earlier edits come back.
+
+    Args:
+        pipe, build, solve: the [`UCEMixin`] pipeline; `build(weights)`, this call's validated `ConceptEdit` with
+            attribute weights `{concept: [[w per attribute] per set]}` (`None`: zeros); `solve(record)`, which solves
+            it jointly with the earlier edits, installs it and returns a `ConceptEditOutput`.
+        ratios (`dict` or `list`, *optional*): desired ratios (see [`check_debias_settings`]); uniform by default.
+        classifier (`Callable[[list[PIL.Image.Image], list[str]], list[str]]`, *optional*): one of the labels per
+            image; [`clip_zero_shot_classifier`] of `clip_model` by default.
+        tolerance (`float`, defaults to 0.05), max_iterations (`int`, defaults to 10): largest gap of a reached
+            concept, in (0, 1); budget of solves.
+        options: [`DebiasOptions`] fields.
+
+    Returns:
+        `ConceptEditOutput`: the last solve's; `report.ratios` has per concept and attribute set `concept`,
+        `attributes`, `target`, `before`, `after`, `iterations` (weight updates), `reached`, `weights`, `history` and
+        `seeds` (both per measurement).
+    """
+    targets = build(None).debias
+    desired, opts = check_debias_settings(targets, ratios, tolerance, max_iterations, options)
+    acc = opts.accelerator
+    if classifier is None:
+        classifier = clip_zero_shot_classifier(opts.clip_model, getattr(acc, "device", None) or pipe._execution_device)
+        classifier.load()
+    elif not callable(classifier):
+        raise TypeError(f"attribute_classifier must be callable (images, labels) -> labels, got {classifier!r}")
+    weights = {t.concept: [[0.0] * len(group) for group in t.attribute_sets] for t in targets}
+    rows = {t.concept: {"history": [], "seeds": [], "reached": False} for t in targets}
+    state, active, output = pipe._uce_state, list(targets), None
+    snapshot = None if state is None else (list(state.records), state.solution, state.report)
+    bar = tqdm(total=max_iterations, desc="debias", disable=not getattr(acc, "is_main_process", True))
+    try:
+        for index in range(max_iterations + 1):
+            seeds = [opts.seed + index * opts.num_images + j for j in range(opts.num_images)]
+            measured = _measure(pipe, active, classifier, opts, seeds)
+            gaps = {t.concept: max(abs(d - m) for ds, ms in zip(desired[t.concept], measured[t.concept])
+                                   for d, m in zip(ds, ms)) for t in active}
+            for t in active:  # (float slack: |0.5 - 0.55| reads 0.05000000000000004)
+                row = rows[t.concept]
+                row["history"].append(measured[t.concept]), row["seeds"].append(seeds)
+                row["reached"] = gaps[t.concept] <= tolerance + 1e-9
+            active = [t for t in active if not rows[t.concept]["reached"]]
+            bar.set_postfix(max_gap=f"{max(gaps.values()):.3f}", reached=len(targets) - len(active))
+            logger.info(f"debias measurement {index}: gaps {gaps}")
+            if not active or index == max_iterations:
+                break
+            for t in active:
+                weights[t.concept] = [[w + opts.step * (d - m) for w, d, m in zip(ws, ds, ms)] for ws, ds, ms in
+                                      zip(weights[t.concept], desired[t.concept], measured[t.concept])]
+            output = solve(build(weights))
+            bar.update(1)
+        if output is None:  # every concept was within tolerance before any edit
+            output = solve(build(weights))
+    except BaseException:
+        _restore(pipe, snapshot)
+        raise
+    finally:
+        bar.close()
+    output.report.ratios = [
+        {"concept": t.concept, "attributes": list(group), "target": desired[t.concept][s], "before": r["history"][0][s],
+         "after": r["history"][-1][s], "iterations": len(r["history"]) - 1, "reached": r["reached"],
+         "weights": weights[t.concept][s], "history": [h[s] for h in r["history"]], "seeds": r["seeds"]}
+        for t in targets for r in [rows[t.concept]] for s, group in enumerate(t.attribute_sets)]
+    return output
+
+
+def _measure(pipe, targets, classifier, opts, seeds) -> dict:
+    """Ratios ``{concept: [[fraction per attribute] per set]}`` of `targets` on images from `seeds`."""
+    tpl = opts.prompt_templates
+    jobs = [(t, tpl[j % len(tpl)].format(t.concept), seed) for t in targets for j, seed in enumerate(seeds)]
+
+    def classify(jobs):  # this process's images, labelled per target and attribute set
+        images, results = _generate(pipe, [(prompt, seed) for _, prompt, seed in jobs], opts), []
+        for t in dict.fromkeys(t for t, _, _ in jobs):
+            mine = [image for (u, _, _), image in zip(jobs, images) if u is t]
+            results += [(t, s, len(mine), classifier(mine, list(group))) for s, group in enumerate(t.attribute_sets)]
+        return results
+
+    if opts.accelerator is None:
+        results = classify(jobs)
+    else:  # gather_object concatenates the processes' lists in process order
+        with opts.accelerator.split_between_processes(jobs) as mine:
+            from accelerate.utils import gather_object
+
+            results = gather_object(classify(list(mine)))
+    counts = {t.concept: [[0] * len(group) for group in t.attribute_sets] for t in targets}
+    for t, s, n, got in results:  # validated after gathering, so that every process raises alike
+        labels = list(t.attribute_sets[s])
+        if not isinstance(got, (list, tuple)) or len(got) != n:
+            raise ValueError(f"the attribute classifier must return a list with one label per image ({n} images of "
+                             f"{t.concept!r}), got {str(got)[:200]}")
+        for label in got:
+            if label not in labels:
+                raise ValueError(f"the attribute classifier returned {label!r} for an image of {t.concept!r}; "
+                                 f"allowed labels: {labels}")
+            counts[t.concept][s][labels.index(label)] += 1
+    return {c: [[k / sum(ks) for k in ks] for ks in sets] for c, sets in counts.items()}
+
+
+@torch.no_grad()
+def _generate(pipe, jobs, opts) -> list:
+    """PIL images of `(prompt, seed)` jobs, in batches, with the pipeline's progress bar off meanwhile."""
+    previous, images = pipe.__dict__.get("_progress_bar_config", {}), []
+    pipe.set_progress_bar_config(disable=True)
+    try:  # one generator per image: the images do not depend on batch_size or on how processes split them
+        for start in range(0, len(jobs), opts.batch_size):
+            batch = jobs[start:start + opts.batch_size]
+            images += pipe(prompt=[p for p, _ in batch], num_inference_steps=opts.num_inference_steps,
+                           guidance_scale=opts.guidance_scale, height=opts.height, width=opts.width,
+                           generator=[torch.Generator().manual_seed(s) for _, s in batch], output_type="pil").images
+    finally:
+        pipe._progress_bar_config = previous
+    return images
+
+
+def _restore(pipe, snapshot) -> None:
+    """Put back the edits applied before the loop: `snapshot` is their `(records, solution, report)` or `None`."""
+    state = pipe._uce_state
+    if state is None or (snapshot is not None and state.solution is snapshot[1]):
+        return
+    logger.warning("the debias loop failed; restoring the edits applied before it")
+    if snapshot is None:
+        return pipe.unload_concept_edits()
+    state.records, solution, state.report = snapshot
+    state.set_solution(solution)
+    if state.fused:
+        pipe.set_concept_edit_scale(state.scale)  # rewrites the fused weights from the originals
+
+
+def clip_zero_shot_classifier(model_id_or_path: str | os.PathLike = "openai/clip-vit-base-patch32", device=None, *,
+                              template: str = "{}", local_files_only: bool = False):
+    r"""CLIP zero-shot attribute classifier for [`debias_loop`]: per image, the label whose text matches it best.
+
+    Loads on first use (or `.load()`); raises an `OSError` saying what to pass instead if the model cannot load.
+
+    Args:
+        model_id_or_path (`str` or `os.PathLike`, defaults to `"openai/clip-vit-base-patch32"`, the authors'):
+            Hub id or local folder of a CLIP model with its processor.
+        device (`str` or `torch.device`, *optional*): where CLIP runs; CUDA if available, else the CPU.
+        template (`str`, defaults to `"{}"`): the text of a label, e.g. `"a photo of a {} person"`; the authors use
+            the bare attribute.
+        local_files_only (`bool`, defaults to `False`): never download.
+
+    Example:
+    ```py
+    >>> classify = clip_zero_shot_classifier("openai/clip-vit-base-patch32")
+    >>> classify(pipe("a doctor", num_images_per_prompt=4).images, ["male", "female"])  # ['male', 'male', ...]
+    ```
+    """
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"template must contain one '{{}}', got {template!r}")
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = []  # the processor and the model, once loaded
+
+    def load():
+        if not loaded:
+            from transformers import CLIPModel, CLIPProcessor
+
+            try:
+                loaded[:] = [CLIPProcessor.from_pretrained(model_id_or_path, local_files_only=local_files_only),
+                             CLIPModel.from_pretrained(model_id_or_path, local_files_only=local_files_only).to(device)]
+            except (OSError, ValueError) as error:
+                raise OSError(
+                    f"could not load the CLIP model {os.fspath(model_id_or_path)!r} of the debias classifier ({error})."
+                    " Offline, give a local CLIP folder (debias_options={'clip_model': PATH}, CLI --clip-model PATH) "
+                    "or your own attribute_classifier=") from error
+        return classify
+
+    @torch.no_grad()
+    def classify(images, labels) -> list:
+        processor, model = load() and loaded
+        inputs = processor(text=[template.format(label) for label in labels], images=list(images), return_tensors="pt",
+                           padding=True).to(device)
+        return [labels[k] for k in model(**inputs).logits_per_image.argmax(-1).tolist()]
+
+    classify.load = load
+    return classify

@@ -1,0 +1,97 @@
+"""Debias professions in Stable Diffusion 1.4 (paper §4.2): gender ratios measured with CLIP, the edit saved.
+
+    python examples/debias_professions.py --professions "doctor; nurse; CEO" --output ./sd14-debiased
+    python examples/debias_professions.py --professions authors --output ./sd14-debiased   # the authors' 37
+    accelerate launch --num_processes 4 examples/debias_professions.py --output ./sd14-debiased  # images over 4 GPUs
+
+For every profession, images are generated and classified by CLIP zero-shot ("male" / "female" by default), the
+attribute weights move toward the desired ratios (uniform by default) and the edit is re-solved, jointly for all
+professions, until every ratio is within --tolerance or --max-iterations solves are spent (`debias_loop`). As in
+the authors' script (train-scripts/train_debias.py), every other profession of the prompt CSV is preserved with
+preserve_scale 0.1 (lamb 0.5, erase_scale 1).
+
+Needs the real weights (the model and openai/clip-vit-base-patch32, downloaded or already cached; offline, pass
+local folders) and a GPU: about num_images × max_iterations × professions images. Not run in CI; the tests run the
+same loop on the tiny demo pipelines with deterministic classifiers (tests/test_debias.py).
+
+Writes to --output: the edit (`uce_edits.safetensors` + model card, for `pipe.load_concept_edits(...)`) and
+`debias_report.json` (before/after ratios, weights, seeds).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+import diffusers_uce
+from diffusers_uce.concepts import read_concepts
+from diffusers_uce.debias import clip_zero_shot_classifier
+
+# `train-scripts/train_debias.py`, `--concept default0`.
+AUTHORS_PROFESSIONS = (
+    "attendant", "cashier", "teacher", "nurse", "assistant", "secretary", "cleaner", "receptionist", "clerk",
+    "counselor", "designer", "hairdresser", "writer", "housekeeper", "baker", "librarian", "tailor", "driver",
+    "supervisor", "janitor", "cook", "laborer", "construction worker", "developer", "carpenter", "manager", "lawyer",
+    "farmer", "salesperson", "physician", "guard", "analyst", "mechanic", "sheriff", "CEO", "doctor", "chef",
+)
+
+
+def split(text):
+    return [item.strip() for item in text.split(";") if item.strip()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="SD 1.x/2.x repo id or folder")
+    parser.add_argument("--professions", default="doctor; nurse; CEO; teacher; janitor",
+                        help='";"-separated professions, or "authors" for the 37 of the authors\' script')
+    parser.add_argument("--attributes", default="male; female", help='";"-separated attributes')
+    parser.add_argument("--ratios", type=float, nargs="+", help="desired ratio per attribute (default: uniform)")
+    parser.add_argument("--preserve-csv", default="data/profession_prompts.csv",
+                        help="CSV with a 'profession' column: the professions not debiased are preserved ('' for "
+                             "none); the authors' data/profession_prompts.csv")
+    parser.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP repo id or folder")
+    parser.add_argument("--num-images", type=int, default=20, help="images per profession and measurement")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per image")
+    parser.add_argument("--batch-size", type=int, default=10, help="images per pipeline call")
+    parser.add_argument("--max-iterations", type=int, default=10, help="budget of solves")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="largest |desired - measured| when reached")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--output", required=True, help="folder for the edit and debias_report.json")
+    args = parser.parse_args()
+
+    from accelerate import PartialState  # a single process without `accelerate launch`
+
+    state = PartialState()
+    professions = list(AUTHORS_PROFESSIONS) if args.professions == "authors" else split(args.professions)
+    attributes = split(args.attributes)
+    debiased = {p.lower() for p in professions}
+    preserve = []
+    if args.preserve_csv:
+        preserve = [p for p in read_concepts(args.preserve_csv, column="profession") if p.lower() not in debiased]
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+    pipe = diffusers_uce.attach(pipe.to(state.device))
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe.apply_concept_edits(
+        preserve=preserve, preserve_scale=0.1, erase_scale=1.0, lamb=0.5,
+        debias={p: attributes for p in professions}, debias_ratios=args.ratios,
+        attribute_classifier=clip_zero_shot_classifier(args.clip_model, device=state.device),
+        tolerance=args.tolerance, max_iterations=args.max_iterations,
+        debias_options={"num_images": args.num_images, "num_inference_steps": args.steps,
+                        "batch_size": args.batch_size, "accelerator": state},
+    )
+    if state.is_main_process:
+        print(output.report)
+        pipe.save_concept_edits(args.output, overwrite=True)
+        with open(os.path.join(args.output, "debias_report.json"), "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "edits": [e.to_dict() for e in output.edits],
+                       "ratios": output.report.ratios}, f, indent=2)
+        reached = sum(r["reached"] for r in output.report.ratios)
+        print(f"{reached}/{len(output.report.ratios)} professions reached their ratios; saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

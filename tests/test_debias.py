@@ -1,0 +1,240 @@
+"""The debias loop on the tiny pipelines: controller, stopping, frozen concepts, validation, CLIP classifier, CLI."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_uce.debias import DebiasOptions, clip_zero_shot_classifier
+from helpers import unet_output
+from reference import full_states
+from test_cli import run_cli
+
+# Tiny and fast: 4 images of 16x16 px in 2 steps per concept and measurement, one image per prompt template.
+FAST = dict(num_images=4, num_inference_steps=2, height=16, width=16, batch_size=8, prompt_templates=("{}",))
+GENDER = {"doctor": ["male", "female"]}
+
+
+@pytest.fixture
+def calls(pipe, monkeypatch):
+    """Records every pipeline call's prompts; `calls.prompt_of(image)` is the prompt an image was generated from."""
+
+    class Calls(list):
+        images = {}
+
+        def prompt_of(self, image):
+            return self.images[id(image)]
+
+    recorded, original = Calls(), type(pipe).__call__
+
+    def call(self, prompt=None, **kwargs):
+        output = original(self, prompt=prompt, **kwargs)
+        recorded.append(list(prompt))
+        recorded.images.update({id(im): p for im, p in zip(output.images, prompt)})
+        return output
+
+    monkeypatch.setattr(type(pipe), "__call__", call)
+    return recorded
+
+
+def fixed(shares):
+    """A classifier ignoring the images: the first `shares[labels[0]]` of them get labels[0], the rest labels[1]."""
+    return lambda images, labels: [labels[0] if i < shares[labels[0]] * len(images) else labels[1]
+                                   for i in range(len(images))]
+
+
+def value(pipe, prompt):
+    """The mid block's to_v output of `prompt`'s last token (float64; fused weights)."""
+    states, k = full_states(pipe, [prompt])[prompt]
+    w = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_v").weight.detach().double()
+    return w @ states[k]
+
+
+def test_fixed_ratios_move_toward_under_represented_attribute(pipe, calls):
+    cos = torch.nn.functional.cosine_similarity
+    before = {p: value(pipe, p) for p in ("doctor", "male doctor", "female doctor")}
+    config = pipe._progress_bar_config
+    out = pipe.apply_concept_edits(debias=GENDER, attribute_classifier=fixed({"male": 0.75}), max_iterations=2,
+                                   debias_options={**FAST, "step": 1.0})
+    (row,) = out.report.ratios
+    assert row["reached"] is False and row["iterations"] == 2 and len(calls) == 3  # 2 solves, 3 measurements
+    assert row["before"] == row["after"] == [0.75, 0.25] and row["target"] == [0.5, 0.5]
+    assert row["weights"] == pytest.approx([-0.5, 0.5])  # integral: 2 × 1.0 × (0.5 − 0.75)
+    assert row["seeds"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] and len(row["history"]) == 3
+    assert out.edits[-1].debias[0].weights == ((-0.5, 0.5),) and pipe._progress_bar_config is config
+    pipe.fuse_concept_edits()
+    after = value(pipe, "doctor")
+    assert cos(after, before["female doctor"], dim=0) > cos(before["doctor"], before["female doctor"], dim=0) + 0.02
+    assert cos(after, before["male doctor"], dim=0) < cos(before["doctor"], before["male doctor"], dim=0)
+    table = str(out)
+    assert "ratio" in table and "female (target 0.50, before 0.25)" in table
+
+
+def test_classifier_following_the_images_stops_at_the_target(pipe, calls):
+    """Labels by the nearest same-seed image of "male doctor" / "female doctor": the edit itself must flip them."""
+    seeds = range(4 * 5)
+    gen = lambda prompt: pipe([prompt] * len(seeds), num_inference_steps=2, height=16, width=16,  # noqa: E731
+                              generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    refs = {a: [np.asarray(im, dtype=np.float64) for im in gen(f"{a} doctor")] for a in ("male", "female")}
+
+    def nearest(images, labels):
+        dist = lambda im, a: min(np.abs(np.asarray(im, dtype=np.float64) - r).sum() for r in refs[a])  # noqa: E731
+        return [min(labels, key=lambda a: dist(im, a)) for im in images]
+
+    calls.clear()
+    out = pipe.apply_concept_edits(debias=GENDER, debias_ratios=[0.0, 1.0], attribute_classifier=nearest,
+                                   tolerance=0.3, max_iterations=4, debias_options={**FAST, "step": 1.0})
+    (row,) = out.report.ratios
+    assert row["before"][1] < 0.7 and row["after"][1] >= 0.7  # "before" is the unedited pipeline
+    assert row["reached"] is True and 1 <= row["iterations"] < 4 and len(calls) == row["iterations"] + 1
+    assert row["weights"][1] > 0 > row["weights"][0]
+
+
+def test_reached_concept_freezes_and_stays_debiased(pipe, calls):
+    def classify(images, labels):  # doctors are balanced from the start, nurses 75% female
+        shares = {"nurse": {"male": 0.25}, "doctor": {"male": 0.5}}[calls.prompt_of(images[0])]
+        return fixed(shares)(images, labels)
+
+    out = pipe.apply_concept_edits(debias={"doctor": ["male", "female"], "nurse": ["male", "female"]},
+                                   attribute_classifier=classify, max_iterations=2, debias_options=FAST)
+    doctor, nurse = out.report.ratios
+    assert doctor["reached"] and doctor["iterations"] == 0 and doctor["weights"] == [0.0, 0.0]
+    assert len(doctor["history"]) == 1 and doctor["after"] == [0.5, 0.5]
+    assert not nurse["reached"] and nurse["iterations"] == 2 and nurse["weights"] == pytest.approx([0.15, -0.15])
+    assert [p for batch in calls[1:] for p in batch] == ["nurse"] * 8  # a reached concept is not measured again
+    # Still a debias target, with its frozen weights: its keys/values stay where they were when it was reached.
+    targets = {t.concept: t.weights for t in out.edits[-1].debias}
+    assert targets == {"doctor": ((0.0, 0.0),), "nurse": ((pytest.approx(0.15), pytest.approx(-0.15)),)}
+    assert out.edits[-1].preserve == ()
+
+
+def test_two_attribute_sets(pipe):
+    out = pipe.apply_concept_edits(
+        debias={"doctor": [["male", "female"], ["young", "old"]]}, debias_ratios={"doctor": [[0.5, 0.5], [0.5, 0.5]]},
+        attribute_classifier=fixed({"male": 0.75, "young": 0.25}), max_iterations=1, debias_options=FAST)
+    gender, age = out.report.ratios
+    assert gender["attributes"] == ["male", "female"] and age["attributes"] == ["young", "old"]
+    assert gender["weights"] == pytest.approx([-0.075, 0.075]) and age["weights"] == pytest.approx([0.075, -0.075])
+    assert gender["before"] == [0.75, 0.25] and age["before"] == [0.25, 0.75]
+    assert [list(w) for w in out.edits[-1].debias[0].weights] == [gender["weights"], age["weights"]]
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(debias_ratios={"doctor": [0.7, 0.7]}), ValueError, "sum to 1"),
+    (dict(debias_ratios=[1.2, -0.2]), ValueError, ">= 0"),
+    (dict(debias_ratios={"doctor": [1.0]}), ValueError, "one ratio per attribute"),
+    (dict(debias_ratios={"nurse": [0.5, 0.5]}), ValueError, "not debiased"),
+    (dict(debias_options={"num_imgs": 3}), TypeError, "num_imgs.*allowed.*num_images"),
+    (dict(debias_options={"prompt_templates": ("photo",)}), ValueError, "prompt_templates"),
+    (dict(debias_options={"step": 0}), ValueError, "step"),
+    (dict(tolerance=0), ValueError, "tolerance"),
+    (dict(max_iterations=0), ValueError, "max_iterations"),
+    (dict(debias={"doctor": []}), ValueError, "needs attributes"),
+    (dict(debias={"doctor": ["male", " "]}), ValueError, "empty"),
+    (dict(debias={"doctor": ["male"]}), ValueError, "at least two"),
+    (dict(attribute_classifier="clip"), TypeError, "callable"),
+    (dict(debias_options={"clip_model": "/nonexistent/clip"}, attribute_classifier=None), OSError,
+     "attribute_classifier="),
+])
+def test_bad_inputs_raise_before_generating(pipe, calls, kwargs, error, match):
+    kwargs = {"debias": GENDER, "attribute_classifier": fixed({"male": 0.5}), **kwargs}
+    kwargs["debias_options"] = {**FAST, **kwargs.get("debias_options", {})}
+    with pytest.raises(error, match=match):
+        pipe.apply_concept_edits(**kwargs)
+    assert calls == [] and pipe.concept_edits == ()
+
+
+def test_unknown_label_raises_on_first_classification(pipe, calls):
+    with pytest.raises(ValueError, match=r"'man'.*allowed labels: \['male', 'female'\]"):
+        pipe.apply_concept_edits(debias=GENDER, attribute_classifier=lambda images, labels: ["man"] * len(images),
+                                 debias_options=FAST)
+    assert len(calls) == 1 and pipe.concept_edits == ()
+    with pytest.raises(ValueError, match="one label per image"):
+        pipe.apply_concept_edits(debias=GENDER, attribute_classifier=lambda images, labels: ["male"],
+                                 debias_options=FAST)
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_failure_mid_loop_restores_earlier_edits(pipe):
+    earlier = pipe.apply_concept_edits(["van gogh"], guide="art").edits
+    reference = unet_output(pipe)
+    count = []
+
+    def classify(images, labels):
+        count.append(1)
+        if len(count) == 2:
+            raise KeyboardInterrupt
+        return fixed({"male": 0.75})(images, labels)
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.apply_concept_edits(debias={"doctor": ["male", "female"]}, attribute_classifier=classify,
+                                 debias_options=FAST)
+    assert pipe.concept_edits == earlier and torch.equal(unet_output(pipe), reference)
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_accelerate_single_process_matches(pipe):
+    from accelerate import PartialState
+
+    kwargs = dict(debias=GENDER, attribute_classifier=fixed({"male": 0.75}), max_iterations=1)
+    plain = pipe.apply_concept_edits(**kwargs, debias_options=FAST).report.ratios
+    pipe.unload_concept_edits()
+    split = pipe.apply_concept_edits(**kwargs, debias_options={**FAST, "accelerator": PartialState(cpu=True)})
+    assert split.report.ratios == plain
+
+
+def test_options_defaults():
+    options = DebiasOptions()
+    assert options.num_images == 20 and options.step == 0.3 and options.height is None
+    assert options.prompt_templates[-1] == "{}" and options.clip_model == "openai/clip-vit-base-patch32"
+
+
+def test_clip_zero_shot_classifier_on_tiny_random_clip(tmp_path):
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffusers_uce.demo import make_clip_tokenizer
+
+    tokenizer = make_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
+                  patch_size=10)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path)
+
+    missing = clip_zero_shot_classifier(tmp_path / "missing")  # loaded on first use
+    with pytest.raises(OSError, match="attribute_classifier="):
+        missing.load()
+    classify = clip_zero_shot_classifier(tmp_path, device="cpu", template="a photo of a {} person")
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)) for i in range(5)]
+    labels = classify(images, ["male", "female", "old"])
+    assert len(labels) == 5 and set(labels) <= {"male", "female", "old"}
+    assert classify(images[:2], ["young", "old"]) in (["young", "young"], ["young", "old"], ["old", "young"],
+                                                      ["old", "old"])
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--debias", "doctor"], "--attributes"),
+    (["--debias", "doctor", "--attributes", "male"], "at least two"),
+    (["--attributes", "male; female"], "--debias"),
+    (["--debias", "doctor", "--attributes", "male; female", "--ratios", "0.5"], "one ratio per attribute"),
+    (["--debias", "doctor", "--attributes", "male; female", "--ratios", "0.6", "0.6"], "sum to 1"),
+    (["--debias", "doctor", "--attributes", "male; female", "--tolerance", "1.5"], "tolerance"),
+    (["--debias", "doctor", "--attributes", "male; female", "--max-iterations", "0"], "--max-iterations"),
+    (["--erase", "van gogh", "--ratios", "0.5", "0.5"], "--debias"),
+    ([], "--erase"),
+])
+def test_cli_debias_arguments_exit_2_before_loading(args, reason):
+    code, out, err = run_cli("edit", *args)
+    assert code == 2 and out == "" and "Loading" not in err
+    assert len(err.strip().splitlines()) == 1 and reason in err, err
+
+
+def test_cli_debias_needs_a_clip_model(tmp_path):
+    code, out, err = run_cli("edit", "--debias", "doctor", "--attributes", "male; female", "--clip-model",
+                             tmp_path / "no-clip", "--max-iterations", "1")
+    assert code == 2 and out == "" and "--clip-model" in err and "Loading model" not in err
