@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
@@ -18,6 +17,7 @@ from diffusers.utils import logging
 from huggingface_hub import ModelCard, ModelCardData
 
 from .edits import ConceptEdit
+from .files import write_text_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -314,15 +314,6 @@ def save_model_card(card: ModelCard | str, save_directory: str | os.PathLike, *,
     if path.exists() and not overwrite:
         logger.warning(f"kept the existing {path}; pass overwrite=True to replace it with the generated model card")
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(str(card))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, str(card))
     logger.info(f"model card written to {path}")
     return True

@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 from . import __version__
 from .concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
 from .edits import TECHNIQUES, TOKEN_MODES, build_concept_edit
+from .files import write_text_atomic
 
 PROG = "diffusers-uce"
 DEMO_MODELS = {"demo": "sd1", "demo-sd2": "sd2"}
@@ -217,18 +218,8 @@ def _load_pipeline(model: str, dtype_name: str, device: str, seed: int):
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, so readers never see a partial file."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `data` as JSON through a temporary file in the same folder, so readers never see a partial file."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def _run_edit(args: argparse.Namespace) -> int:

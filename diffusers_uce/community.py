@@ -21,7 +21,6 @@ import inspect
 import os
 import re
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +28,18 @@ from typing import Sequence
 
 from diffusers.utils import logging
 
+from .files import write_text_atomic
+
 logger = logging.get_logger(__name__)
 
 PACKAGE = "diffusers_uce"
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "solve", "edits", "concepts", "prompts", "targets", "engine", "report", "processor", "io", "lora", "debias",
-    "mixin",
+    "solve", "files", "edits", "concepts", "prompts", "targets", "engine", "report", "processor", "io", "lora",
+    "debias", "mixin",
 )
-OPTIONAL_MODULES = frozenset({"debias"})  # included when the package has them
+OPTIONAL_MODULES = frozenset()  # modules included only when the package has them
 SHARED_NAMES = frozenset({"logger"})  # may be defined by several modules, if identically
 DROPPED_NAMES = frozenset({"__all__"})
 PIPELINE_BASE = "StableDiffusionPipeline"
@@ -374,16 +375,7 @@ def write_community_pipeline(path: str | os.PathLike = DEFAULT_OUTPUT, modules: 
     """
     source = build_community_pipeline(modules)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(source)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, source)
     logger.info(f"community pipeline written to {path}")
     return path
 

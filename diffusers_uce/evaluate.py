@@ -23,6 +23,7 @@ from diffusers.utils import logging
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .files import atomic_path
 from .eval_metrics import LABEL_COLUMNS, METRICS, check_metrics, format_summary, score_rows, summarise
 
 __all__ = ["METRICS", "PromptRow", "evaluate_edit", "format_summary", "load_prompts", "make_grid"]
@@ -344,12 +345,6 @@ def _write_csv(f, records) -> None:
 
 def _write_atomic(path: str, write, mode: str = "w", **kwargs) -> None:
     """Call `write(file)` on a temporary file next to `path`, then move it into place (readers never see half)."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"}), **kwargs) as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from importlib import metadata as importlib_metadata
 
 import safetensors
@@ -21,6 +20,7 @@ from diffusers.utils import logging
 
 from . import engine
 from .edits import ConceptEdit
+from .files import atomic_path
 from .solve import Correction
 from .targets import find_projections
 
@@ -75,27 +75,10 @@ def atomic_save_safetensors(
             raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it, or another weight_name")
 
     refuse_existing()
-    os.makedirs(save_directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = os.path.join(save_directory, f".{weight_name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         refuse_existing()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable (POSIX)
-        fd = os.open(save_directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
     return path
 
 
