@@ -191,20 +191,10 @@ def test_options_defaults():
 
 def test_clip_zero_shot_classifier_on_tiny_random_clip(tmp_path):
     from PIL import Image
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from diffusers_uce.demo import make_clip_tokenizer
+    from diffusers_uce.demo import make_demo_clip
 
-    tokenizer = make_clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
-                  patch_size=10)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path)
+    make_demo_clip(tmp_path)
 
     missing = clip_zero_shot_classifier(tmp_path / "missing")  # loaded on first use
     with pytest.raises(OSError, match="attribute_classifier="):

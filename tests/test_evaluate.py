@@ -14,11 +14,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 import diffusers_uce
 from diffusers_uce.cli import main
-from diffusers_uce.demo import make_clip_tokenizer, make_demo_pipeline
+from diffusers_uce.demo import make_demo_clip, make_demo_pipeline
 from diffusers_uce.evaluate import evaluate_edit, format_summary, load_prompts
 
 ROWS = [  # case_number, prompt, evaluation_seed, artist
@@ -66,20 +65,7 @@ def prompts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny random CLIP model + processor saved to a folder, as a real local CLIP checkpoint would be."""
-    tokenizer = make_clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
-    path = str(tmp_path_factory.mktemp("clip"))
-    model.save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    return make_demo_clip(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
