@@ -71,24 +71,27 @@ def encode_prompts(
     """
     distinct = list(dict.fromkeys(prompts))
     inputs = tokenize(tokenizer, distinct)
-    ids = inputs["input_ids"]
-    mask = inputs["attention_mask"]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
     last = mask.sum(-1) - 2
-    seq_len = int(last.max()) + 1 if causal_cut else ids.shape[-1]
-    ids, mask = ids[:, :seq_len], mask[:, :seq_len]
+    max_length = ids.shape[-1]
     device = device if device is not None else text_encoder.device
     use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-    batches = range(0, len(distinct), batch_size)
-    states = []
-    for start in tqdm(batches, desc=desc, disable=len(batches) < 4, leave=False):
-        part = slice(start, start + batch_size)
-        kwargs = {"attention_mask": mask[part].to(device)} if use_mask else {}
-        states.append(text_encoder(ids[part].to(device), **kwargs)[0])
+    # With a causal encoder, prompts sorted by length are batched and each batch is cut after its own largest k:
+    # the encoder sees about Σ (k + 1) tokens instead of len(prompts) · 77.
+    order = torch.argsort(last, stable=True) if causal_cut else torch.arange(len(distinct))
+    batches = [order[i : i + batch_size] for i in range(0, len(distinct), batch_size)]
+    states = None
+    for rows in tqdm(batches, desc=desc, disable=len(batches) < 4, leave=False):
+        length = int(last[rows].max()) + 1 if causal_cut else max_length
+        kwargs = {"attention_mask": mask[rows, :length].to(device)} if use_mask else {}
+        out = text_encoder(ids[rows, :length].to(device), **kwargs)[0]
+        if states is None:
+            width = int(last.max()) + 1 if causal_cut else max_length
+            states = out.new_zeros((len(distinct), width, out.shape[-1]))
+        states[rows.to(out.device), :length] = out
     return EncodedPrompts(
-        index={p: i for i, p in enumerate(distinct)},
-        states=torch.cat(states),
-        last=last.to(states[0].device),
-        max_length=inputs["input_ids"].shape[-1],
+        index={p: i for i, p in enumerate(distinct)}, states=states, last=last.to(states.device),
+        max_length=max_length,
     )
 
 

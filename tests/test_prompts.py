@@ -87,3 +87,17 @@ def test_long_prompt_warns(pipe, caplog):
     pipe.apply_concept_edits(long_prompt, guide="art")
     assert "longer than the tokenizer's limit of 77 tokens" in caplog.text
     assert "tail" in caplog.text and long_prompt[:20] in caplog.text
+
+
+def test_length_sorted_batches_cut_each_batch(pipe):
+    calls = []
+    pipe.text_encoder.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    prompts = ["a photo of a dog", "art", "van gogh", "a bowl of fruit on a table", "dog", "monet"]
+    one = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, causal_cut=True)
+    calls.clear()
+    split = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts, causal_cut=True, batch_size=2)
+    assert [c[0] for c in calls] == [2, 2, 2] and [c[1] for c in calls] == sorted(c[1] for c in calls)
+    assert sum(c[1] for c in calls) < 3 * one.states.shape[1]  # short prompts are not padded to the longest
+    for prompt, row in one.index.items():
+        k = int(one.last[row])
+        assert torch.allclose(split.states[split.index[prompt], : k + 1], one.states[row, : k + 1], atol=1e-5)
