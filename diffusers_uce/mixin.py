@@ -153,11 +153,9 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         state = self._uce_state
         earlier = state.records if state is not None else []
         preserve = resolve_concept_arg(preserve)
-        if moderate is not None or expand_prompts is not None or any(
-                isinstance(e, str) and e.startswith("@") for e in ([erase] if isinstance(erase, str) else erase or [])):
-            erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
-            if moderate is not None and preserve_scale is None:
-                preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
+        erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
+        if moderate is not None and preserve_scale is None:
+            preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
 
         def build(weights=debias_weights) -> ConceptEdit:
             return build_concept_edit(
