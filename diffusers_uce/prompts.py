@@ -55,7 +55,7 @@ def tokenize(tokenizer, prompts: list[str]):
 
 @torch.no_grad()
 def encode_prompts(
-    tokenizer, text_encoder, prompts: list[str], *, causal_cut: bool, device=None, batch_size: int = 128,
+    tokenizer, text_encoder, prompts: list[str], *, causal_cut: bool, device=None, batch_size: int = 32,
     desc: str = "Encoding prompts",
 ) -> EncodedPrompts:
     """Encode every distinct prompt once, in batches, with the pipeline's tokenizer and text encoder.
@@ -67,7 +67,8 @@ def encode_prompts(
         causal_cut (`bool`): cut the ids after the largest ``k`` (valid for causal encoders when only positions
             ``<= k`` are read).
         device: where to run the encoder (defaults to its own device).
-        batch_size (`int`, defaults to 128): prompts per encoder call.
+        batch_size (`int`, defaults to 32): prompts per encoder call. Batches of length-sorted prompts are cut at their
+            own longest prompt, so smaller batches waste less on padding; 32 short sequences still fill a GEMM.
     """
     distinct = list(dict.fromkeys(prompts))
     inputs = tokenize(tokenizer, distinct)
