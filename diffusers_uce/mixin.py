@@ -208,8 +208,13 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         if state is not None and state.fused:
             fused_weights = _fused(originals, weights, row_layer, solution, state.scale)
 
-        grams = (weights.T @ weights).double()[None] if solution.correction is None else grouped_grams(
-            list(weights.split([w.shape[0] for w in originals])))
+        num_report_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
+        if solution.correction is not None:
+            grams = grouped_grams(list(weights.split([w.shape[0] for w in originals])))
+        elif 2 * num_report_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
+            grams = weights
+        else:
+            grams = (weights.T @ weights).double()[None]
         held_tokens = None
         if held:
             rows = encoded.rows(held)

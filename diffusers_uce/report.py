@@ -98,7 +98,8 @@ def build_report(grams, solution, assembled, layers: int, held_out=None) -> Edit
     """Compute the report from the layers' Gram matrices ``W_ℓᵀ W_ℓ`` (summed to one when all layers share ``T``).
 
     Args:
-        grams (`torch.Tensor`): ``(L, d, d)`` float64 Gram matrices (``L = 1`` for a summed Gram).
+        grams (`torch.Tensor`): ``(L, d, d)`` float64 Gram matrices (``L = 1`` for a summed Gram), or the stacked
+            weights ``W_all`` when every layer shares the transform (see `solve.output_distances`).
         solution (`engine.Solution`): the solved edit at strength 1.
         assembled (`engine.AssembledTerms`): tokens and their concepts.
         layers (`int`): number of edited projections.

@@ -245,14 +245,22 @@ def output_distances(
     """``Σ_ℓ ‖W_ℓ T_ℓ x_k − W_ℓ y_k‖²`` for each row ``k`` of `x`/`y`, summed over the layers of `grams`.
 
     With ``G_ℓ = W_ℓᵀ W_ℓ`` this is ``Σ_ℓ u_ℓᵀ G_ℓ u_ℓ`` with ``u_ℓ = T_ℓ x − y``: no layer output is materialised.
-    Pass ``transform = 0`` and ``y = −x`` to get ``Σ_ℓ ‖W_ℓ x‖²``.
+    Pass ``transform = 0`` and ``y = −x`` to get ``Σ_ℓ ‖W_ℓ x‖²``. With a shared transform (no correction),
+    `grams` may instead be the stacked weights ``W_all`` (R×d): ``‖W_all u‖²`` is cheaper than forming the Gram
+    when there are fewer than ``d/2`` tokens.
     """
     x, y = x.to(torch.float64), y.to(torch.float64)
     out = []
-    summed = grams.sum(0)
+    direct = grams.dim() == 2
+    if direct and correction is not None:
+        raise ValueError("per-layer corrections need per-layer Gram matrices, not the stacked weights")
+    summed = None if direct else grams.sum(0)
     for start in range(0, x.shape[0], chunk_size):
         xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
         u = xs @ transform.T - ys
+        if direct:
+            out.append(((u.to(grams.dtype) @ grams.T) ** 2).sum(-1).to(torch.float64))
+            continue
         if correction is None:
             out.append(((u @ summed) * u).sum(-1))
             continue

@@ -285,14 +285,22 @@ def output_distances(
     """``Σ_ℓ ‖W_ℓ T_ℓ x_k − W_ℓ y_k‖²`` for each row ``k`` of `x`/`y`, summed over the layers of `grams`.
 
     With ``G_ℓ = W_ℓᵀ W_ℓ`` this is ``Σ_ℓ u_ℓᵀ G_ℓ u_ℓ`` with ``u_ℓ = T_ℓ x − y``: no layer output is materialised.
-    Pass ``transform = 0`` and ``y = −x`` to get ``Σ_ℓ ‖W_ℓ x‖²``.
+    Pass ``transform = 0`` and ``y = −x`` to get ``Σ_ℓ ‖W_ℓ x‖²``. With a shared transform (no correction),
+    `grams` may instead be the stacked weights ``W_all`` (R×d): ``‖W_all u‖²`` is cheaper than forming the Gram
+    when there are fewer than ``d/2`` tokens.
     """
     x, y = x.to(torch.float64), y.to(torch.float64)
     out = []
-    summed = grams.sum(0)
+    direct = grams.dim() == 2
+    if direct and correction is not None:
+        raise ValueError("per-layer corrections need per-layer Gram matrices, not the stacked weights")
+    summed = None if direct else grams.sum(0)
     for start in range(0, x.shape[0], chunk_size):
         xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
         u = xs @ transform.T - ys
+        if direct:
+            out.append(((u.to(grams.dtype) @ grams.T) ** 2).sum(-1).to(torch.float64))
+            continue
         if correction is None:
             out.append(((u @ summed) * u).sum(-1))
             continue
@@ -1416,7 +1424,8 @@ def build_report(grams, solution, assembled, layers: int, held_out=None) -> Edit
     """Compute the report from the layers' Gram matrices ``W_ℓᵀ W_ℓ`` (summed to one when all layers share ``T``).
 
     Args:
-        grams (`torch.Tensor`): ``(L, d, d)`` float64 Gram matrices (``L = 1`` for a summed Gram).
+        grams (`torch.Tensor`): ``(L, d, d)`` float64 Gram matrices (``L = 1`` for a summed Gram), or the stacked
+            weights ``W_all`` when every layer shares the transform (see `solve.output_distances`).
         solution (`engine.Solution`): the solved edit at strength 1.
         assembled (`engine.AssembledTerms`): tokens and their concepts.
         layers (`int`): number of edited projections.
@@ -2496,8 +2505,13 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         if state is not None and state.fused:
             fused_weights = _fused(originals, weights, row_layer, solution, state.scale)
 
-        grams = (weights.T @ weights).double()[None] if solution.correction is None else grouped_grams(
-            list(weights.split([w.shape[0] for w in originals])))
+        num_report_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
+        if solution.correction is not None:
+            grams = grouped_grams(list(weights.split([w.shape[0] for w in originals])))
+        elif 2 * num_report_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
+            grams = weights
+        else:
+            grams = (weights.T @ weights).double()[None]
         held_tokens = None
         if held:
             rows = encoded.rows(held)
