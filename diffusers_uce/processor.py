@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .solve import Correction, apply_to_inputs
+from .solve import apply_to_inputs
 
 
 class _InputTransform:
@@ -55,8 +55,7 @@ class ProjectionEdit:
         if scale == 0:
             return x
         delta, correction = self.state.device_terms(x.device)
-        correction = None if correction is None else Correction(correction.tokens, correction.solved,
-                                                               correction.coef * scale)
+        correction = None if correction is None else correction.times(scale)
         return apply_to_inputs(x, delta * scale, correction, self.layer)
 
 

@@ -62,6 +62,10 @@ class Correction:
     solved: torch.Tensor
     coef: torch.Tensor
 
+    def times(self, scale: float) -> "Correction":
+        """The correction at strength ``s`` (its coefficients times ``s``)."""
+        return Correction(self.tokens, self.solved, self.coef * scale)
+
 
 def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve for the shared transform ``T`` in float64.
@@ -181,7 +185,7 @@ def scaled(transform: torch.Tensor, correction: Correction | None, scale: float)
     eye = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
     transform = eye + scale * (transform - eye)
     if correction is not None:
-        correction = Correction(correction.tokens, correction.solved, correction.coef * scale)
+        correction = correction.times(scale)
     return transform, correction
 
 

@@ -102,6 +102,10 @@ class Correction:
     solved: torch.Tensor
     coef: torch.Tensor
 
+    def times(self, scale: float) -> "Correction":
+        """The correction at strength ``s`` (its coefficients times ``s``)."""
+        return Correction(self.tokens, self.solved, self.coef * scale)
+
 
 def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve for the shared transform ``T`` in float64.
@@ -221,7 +225,7 @@ def scaled(transform: torch.Tensor, correction: Correction | None, scale: float)
     eye = torch.eye(transform.shape[0], dtype=transform.dtype, device=transform.device)
     transform = eye + scale * (transform - eye)
     if correction is not None:
-        correction = Correction(correction.tokens, correction.solved, correction.coef * scale)
+        correction = correction.times(scale)
     return transform, correction
 
 
@@ -1511,8 +1515,7 @@ class ProjectionEdit:
         if scale == 0:
             return x
         delta, correction = self.state.device_terms(x.device)
-        correction = None if correction is None else Correction(correction.tokens, correction.solved,
-                                                               correction.coef * scale)
+        correction = None if correction is None else correction.times(scale)
         return apply_to_inputs(x, delta * scale, correction, self.layer)
 
 
