@@ -1,8 +1,9 @@
 # Copyright 2025 The diffusers-uce authors. Licensed under the MIT License.
-"""Tiny, offline, seeded Stable Diffusion pipelines for tests, docs and demos.
+"""Tiny, offline, seeded Stable Diffusion (1.x, 2.x, XL) and FLUX pipelines for tests, docs and demos.
 
 Everything is built in code: a byte-level BPE CLIP tokenizer learned from a built-in word list, and randomly
-initialised (but seeded) CLIP text encoder, UNet and VAE. Nothing is downloaded.
+initialised (but seeded) CLIP text encoder, UNet and VAE. Nothing is downloaded. The SDXL and FLUX builders (and the
+T5 tokenizer FLUX needs) live in [`diffusers_uce.demo_families`].
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from functools import lru_cache
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
 logger = logging.get_logger(__name__)
 
-DEMO_FAMILIES = ("sd1", "sd2")
+DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -183,18 +184,23 @@ def make_demo_pipeline(
     seed: int = 0,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
     r"""
-    Builds a tiny, randomly initialised [`~diffusers.StableDiffusionPipeline`] without downloading anything.
+    Builds a tiny, randomly initialised pipeline of one of the [`DEMO_FAMILIES`] without downloading anything.
 
-    Components: a 2-layer [`~transformers.CLIPTextModel`], a 2-level [`~diffusers.UNet2DConditionModel`] with 4
-    cross-attention (`attn2`) modules, a 2-level [`~diffusers.AutoencoderKL`] (latents are half the image size) and a
-    [`~diffusers.DDIMScheduler`] with Stable Diffusion's betas; no safety checker. The default image is 32x32.
+    For `"sd1"` and `"sd2"`, a [`~diffusers.StableDiffusionPipeline`]: a 2-layer [`~transformers.CLIPTextModel`], a
+    2-level [`~diffusers.UNet2DConditionModel`] with 4 cross-attention (`attn2`) modules, a 2-level
+    [`~diffusers.AutoencoderKL`] (latents are half the image size) and a [`~diffusers.DDIMScheduler`] with Stable
+    Diffusion's betas; no safety checker. `"sdxl"` and `"flux"` are built by
+    [`~diffusers_uce.demo_families.make_demo_sdxl_pipeline`] and
+    [`~diffusers_uce.demo_families.make_demo_flux_pipeline`]. The default image is 32x32.
 
     Args:
         family (`str`, *optional*, defaults to `"sd1"`):
-            `"sd1"` (text width 32, `"<|endoftext|>"` padding, epsilon prediction) or `"sd2"` (text width 48,
-            `"!"` padding, per-block attention heads with linear projections, v-prediction).
+            `"sd1"` (text width 32, `"<|endoftext|>"` padding, epsilon prediction), `"sd2"` (text width 48,
+            `"!"` padding, per-block attention heads with linear projections, v-prediction), `"sdxl"` (a
+            [`~diffusers.StableDiffusionXLPipeline`]: two CLIP text encoders of widths 32 and 48) or `"flux"` (a
+            [`~diffusers.FluxPipeline`]: CLIP and T5 text encoders, a flow-matching transformer).
         seed (`int`, *optional*, defaults to 0):
             Seed for the weights; the same seed gives identical weights. The global RNG state is left untouched.
         torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
@@ -203,10 +209,18 @@ def make_demo_pipeline(
             The device to move the pipeline to; it stays on the CPU if not given.
 
     Returns:
-        [`~diffusers.StableDiffusionPipeline`]: The pipeline.
+        [`~diffusers.DiffusionPipeline`]: The pipeline: a [`~diffusers.StableDiffusionPipeline`] (`"sd1"`, `"sd2"`),
+        [`~diffusers.StableDiffusionXLPipeline`] (`"sdxl"`) or [`~diffusers.FluxPipeline`] (`"flux"`).
     """
     if family not in DEMO_FAMILIES:
         raise ValueError(f"Unknown demo family {family!r}; expected one of {', '.join(DEMO_FAMILIES)}.")
+    if family in ("sdxl", "flux"):
+        from . import demo_families
+
+        build = demo_families.make_demo_sdxl_pipeline if family == "sdxl" else demo_families.make_demo_flux_pipeline
+        pipe = build(seed=seed, torch_dtype=torch_dtype, device=device)
+        logger.debug("Built %s demo pipeline (seed=%d).", family, seed)
+        return pipe
     sd2 = family == "sd2"
     tokenizer = make_clip_tokenizer(pad_token="!" if sd2 else EOS_TOKEN)
     hidden_size = 48 if sd2 else 32

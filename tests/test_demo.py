@@ -5,11 +5,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
+                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
+                          T5TokenizerFast)
 
 from diffusers_uce import demo
 from diffusers_uce.demo import DEMO_FAMILIES, make_clip_tokenizer, make_demo_pipeline
+from diffusers_uce.demo_families import make_t5_tokenizer
 
 
 KNOWN_WORDS = [
@@ -27,12 +31,20 @@ def _run(pipe, prompt="a dog", seed=0):
     return pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np", generator=generator).images
 
 
+def _modules(pipe):
+    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_clip_tokenizer()
 
 
-@pytest.fixture(scope="module", params=DEMO_FAMILIES)
+SD_FAMILIES = ("sd1", "sd2")
+NEW_FAMILIES = ("sdxl", "flux")
+
+
+@pytest.fixture(scope="module", params=SD_FAMILIES)
 def pipe(request):
     return make_demo_pipeline(request.param)
 
@@ -131,8 +143,9 @@ def test_tokenizer_is_deterministic(tokenizer):
 
 
 def test_unknown_family_raises():
-    with pytest.raises(ValueError, match="sd1.*sd2"):
-        make_demo_pipeline("sdxl")
+    assert DEMO_FAMILIES == SD_FAMILIES + NEW_FAMILIES
+    with pytest.raises(ValueError, match="sd1.*sd2.*sdxl.*flux"):
+        make_demo_pipeline("sd3")
 
 
 def test_components(pipe):
@@ -163,12 +176,14 @@ def test_components(pipe):
     assert sched.prediction_type == ("v_prediction" if sd2 else "epsilon")
 
 
-def test_seeded_weights_and_global_rng_untouched():
+@pytest.mark.parametrize("family", DEMO_FAMILIES)
+def test_seeded_weights_and_global_rng_untouched(family):
     state = torch.random.get_rng_state()
-    a, b, c = make_demo_pipeline(seed=0), make_demo_pipeline(seed=0), make_demo_pipeline(seed=1)
+    a, b, c = (make_demo_pipeline(family, seed=seed) for seed in (0, 0, 1))
     assert torch.equal(torch.random.get_rng_state(), state)
-    for name in ("text_encoder", "unet", "vae"):
-        sa, sb, sc = (getattr(p, name).state_dict() for p in (a, b, c))
+    assert len(_modules(a)) == (3 if family in SD_FAMILIES else 4)
+    for name, module in _modules(a).items():
+        sa, sb, sc = module.state_dict(), getattr(b, name).state_dict(), getattr(c, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point() and sa[k].numel() > 1)
 
@@ -191,17 +206,23 @@ def test_pipeline_save_pretrained_round_trip(pipe, tmp_path):
     assert np.array_equal(_run(loaded), _run(pipe))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_dtype_and_device(dtype):
-    pipe = make_demo_pipeline("sd2", torch_dtype=dtype, device="cpu")
-    ref = make_demo_pipeline("sd2")
+@pytest.mark.filterwarnings("ignore:`upcast_vae` is deprecated:FutureWarning")  # SDXL float16: VAE upcast
+@pytest.mark.parametrize("family, dtype", [("sd2", torch.float64), ("sd2", torch.bfloat16), ("sdxl", torch.float16),
+                                           ("sdxl", torch.bfloat16), ("flux", torch.float16),
+                                           ("flux", torch.bfloat16)])
+def test_dtype_and_device(family, dtype):
+    pipe = make_demo_pipeline(family, torch_dtype=dtype, device="cpu")
+    ref = make_demo_pipeline(family)
     assert pipe.device.type == "cpu" and pipe.dtype == dtype and ref.dtype == torch.float32
-    for name in ("text_encoder", "unet", "vae"):
-        model, ref_model = getattr(pipe, name), getattr(ref, name)
+    for name, model in _modules(pipe).items():
         assert model.dtype == dtype and model.device.type == "cpu"
         # Same float32-drawn weights, only rounded.
-        ref_state = ref_model.state_dict()
+        ref_state = getattr(ref, name).state_dict()
         assert all(torch.equal(v, ref_state[k].to(dtype)) for k, v in model.state_dict().items())
+    images = _run(pipe)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    if dtype.itemsize < 4:  # the same noise, only rounded (float64 latents draw other noise)
+        assert np.abs(images - _run(ref)).max() < 0.1
 
 
 @torch.no_grad()
@@ -226,3 +247,152 @@ def test_text_encoder_is_causal_and_prompt_sensitive(pipe):
         torch.testing.assert_close(prefix64, full64[:, : k + 1], atol=1e-6, rtol=0)
         prefix = text_encoder(ids[:, : k + 1]).last_hidden_state
         torch.testing.assert_close(prefix, full[:, : k + 1], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- T5 tokenizer (FLUX)
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    return make_t5_tokenizer()
+
+
+def test_t5_tokenizer_special_tokens_and_empty_text(t5_tokenizer):
+    tok = t5_tokenizer
+    assert isinstance(tok, T5TokenizerFast) and tok.model_max_length == 512
+    assert (tok.pad_token, tok.eos_token, tok.unk_token) == ("<pad>", "</s>", "<unk>")
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    enc = tok("")
+    assert enc.input_ids == [tok.eos_token_id] and enc.attention_mask == [1]
+
+
+@pytest.mark.parametrize("prompt", ["a photo of Van Gogh", "a photo of van gogh", "Claude Monet", "a dog"])
+def test_t5_tokenizer_one_id_per_word(t5_tokenizer, prompt):
+    tok = t5_tokenizer
+    ids = tok(prompt).input_ids
+    words = prompt.split()
+    assert len(ids) == len(words) + 1 and ids[-1] == tok.eos_token_id
+    assert tok.unk_token_id not in ids and tok.pad_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids[:-1]) == ["\u2581" + word for word in words]
+    assert ids[:-1] == [tok(w).input_ids[0] for w in words]
+    assert tok.decode(ids, skip_special_tokens=True) == prompt
+    enc = tok(prompt, padding="max_length", max_length=512, truncation=True)
+    assert len(enc.input_ids) == 512 and sum(enc.attention_mask) == len(words) + 1
+    assert enc.attention_mask[: len(words) + 1] == [1] * (len(words) + 1)
+    assert set(enc.input_ids[len(words) + 1 :]) == {tok.pad_token_id}
+
+
+def test_t5_tokenizer_is_case_sensitive_and_handles_any_text(t5_tokenizer):
+    tok = t5_tokenizer
+    assert tok("Van Gogh").input_ids != tok("van gogh").input_ids  # like T5, no lowercasing
+    for text in ODD_TEXTS:
+        ids = tok(text).input_ids
+        assert len(ids) > 1 and ids[-1] == tok.eos_token_id and all(0 <= i < len(tok) for i in ids)
+        if text.isascii():  # ASCII falls back to single characters, never to <unk>
+            assert tok.unk_token_id not in ids
+            assert tok.decode(ids, skip_special_tokens=True) == " ".join(text.split())
+    ids = tok("a painting of a dog " * 200, truncation=True).input_ids
+    assert len(ids) == 512 and ids[-1] == tok.eos_token_id
+
+
+def test_t5_tokenizer_save_pretrained_round_trip(tmp_path, t5_tokenizer):
+    make_t5_tokenizer(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    texts = ["", "a photo of Van Gogh", "a painting of a dog by picasso", *ODD_TEXTS]
+    for cls in (T5TokenizerFast, AutoTokenizer):
+        loaded = cls.from_pretrained(tmp_path)
+        assert loaded.model_max_length == 512 and len(loaded) == len(t5_tokenizer)
+        assert loaded.get_vocab() == t5_tokenizer.get_vocab()
+        for text in texts:
+            expected = t5_tokenizer(text, padding="max_length", max_length=512, truncation=True)
+            assert loaded(text, padding="max_length", max_length=512, truncation=True) == expected
+    assert make_t5_tokenizer().get_vocab() == t5_tokenizer.get_vocab()  # deterministic
+
+
+# --------------------------------------------------------------------------------------------- SDXL and FLUX
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def new_pipe(request):
+    return make_demo_pipeline(request.param)
+
+
+def test_sdxl_components():
+    pipe = make_demo_pipeline("sdxl")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert pipe.config.force_zeros_for_empty_prompt is True and pipe.watermark is None
+    cfg, cfg_2 = pipe.text_encoder.config, pipe.text_encoder_2.config
+    assert (cfg.hidden_size, cfg_2.hidden_size, cfg_2.projection_dim) == (32, 48, 16)
+    assert (cfg.hidden_act, cfg_2.hidden_act) == ("quick_gelu", "gelu")
+    assert (cfg.vocab_size, cfg_2.vocab_size) == (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    unet = pipe.unet.config
+    assert unet.cross_attention_dim == 80 and unet.addition_embed_type == "text_time"
+    assert unet.projection_class_embeddings_input_dim == 6 * unet.addition_time_embed_dim + cfg_2.projection_dim
+    assert max(unet.transformer_layers_per_block) > 1
+    attn2 = [m for name, m in pipe.unet.named_modules() if name.endswith("attn2")]
+    assert len(attn2) == 8 and all(m.to_k.in_features == m.to_v.in_features == 80 for m in attn2)
+    assert not any(m.training for m in _modules(pipe).values())
+
+
+def test_sdxl_tokenizers_agree_but_pad_differently():
+    pipe = make_demo_pipeline("sdxl")
+    tok, tok_2 = pipe.tokenizer, pipe.tokenizer_2
+    assert tok.pad_token == "<|endoftext|>" and tok_2.pad_token == "!" and tok_2.pad_token_id != tok_2.eos_token_id
+    for prompt in ["", "a dog", "a photo of Van Gogh", "a painting of a church by claude monet, trending", *ODD_TEXTS]:
+        enc = tok(prompt, padding="max_length", max_length=77, truncation=True)
+        enc_2 = tok_2(prompt, padding="max_length", max_length=77, truncation=True)
+        n = sum(enc.attention_mask)
+        assert sum(enc_2.attention_mask) == n and enc_2.input_ids[:n] == enc.input_ids[:n]
+        assert set(enc_2.input_ids[n:]) <= {tok_2.pad_token_id} and set(enc.input_ids[n:]) <= {tok.eos_token_id}
+    # force_zeros_for_empty_prompt: without a negative prompt, the unconditional embeddings are zeros.
+    with torch.no_grad():
+        _, negative, _, negative_pooled = pipe.encode_prompt("a dog", device="cpu", do_classifier_free_guidance=True)
+    assert negative.shape == (1, 77, 80) and not negative.any() and not negative_pooled.any()
+
+
+def test_flux_components():
+    pipe = make_demo_pipeline("flux")
+    assert isinstance(pipe, FluxPipeline) and isinstance(pipe.transformer, FluxTransformer2DModel)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.text_encoder_2, T5EncoderModel)
+    assert isinstance(pipe.tokenizer_2, T5TokenizerFast) and pipe.tokenizer_2.model_max_length == 512
+    clip, t5, transformer = pipe.text_encoder.config, pipe.text_encoder_2.config, pipe.transformer
+    assert (clip.hidden_size, t5.d_model, t5.vocab_size, t5.dropout_rate) == (48, 64, len(pipe.tokenizer_2), 0.0)
+    assert transformer.context_embedder.weight.shape == (32, 64)
+    assert transformer.time_text_embed.text_embedder.linear_1.weight.shape == (32, 48)
+    assert transformer.config.in_channels == 4 * pipe.vae.config.latent_channels == 64
+    assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+    assert not any(m.training for m in _modules(pipe).values())
+    with torch.no_grad():
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt("a photo of Van Gogh", prompt_2=None, device="cpu")
+    assert prompt_embeds.shape == (1, 512, 64) and pooled.shape == (1, 48) and text_ids.shape == (512, 3)
+
+
+def test_new_family_runs(new_pipe):
+    outputs = [_run(new_pipe) for _ in range(2)]
+    images = outputs[0]
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    assert np.array_equal(images, outputs[1])
+    assert np.abs(images - _run(new_pipe, "a painting by van gogh")).max() > 1e-3  # the prompt conditions the model
+    default = new_pipe("a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert default.images.shape == (1, 32, 32, 3)  # 32x32 by default
+
+
+def test_new_family_save_pretrained_round_trip(new_pipe, tmp_path):
+    new_pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is type(new_pipe)
+    for name, module in _modules(new_pipe).items():
+        state, loaded_state = module.state_dict(), getattr(loaded, name).state_dict()
+        assert loaded_state.keys() == state.keys() and all(torch.equal(loaded_state[k], state[k]) for k in state)
+    for name in ("tokenizer", "tokenizer_2"):
+        tok, loaded_tok = getattr(new_pipe, name), getattr(loaded, name)
+        assert type(loaded_tok) is type(tok) and loaded_tok.pad_token == tok.pad_token
+        for text in ["", "a photo of Van Gogh", *ODD_TEXTS]:
+            assert loaded_tok(text).input_ids == tok(text).input_ids
+    # Not bit-exact: weights loaded from safetensors are memory-mapped at unaligned addresses, and float32 GEMV
+    # kernels round differently there (~1e-7).
+    np.testing.assert_allclose(_run(loaded), _run(new_pipe), atol=1e-5, rtol=0)
