@@ -7,7 +7,7 @@ key/value projections; many concepts at once, in seconds, without training.
 from .edits import ConceptEdit, DebiasTarget
 from .hub import UCEHubMixin
 from .mixin import ConceptEditOutput, UCEMixin
-from .pipelines import UCEStableDiffusionPipeline, attach
+from .pipelines import UCEFluxPipeline, UCEStableDiffusionPipeline, UCEStableDiffusionXLPipeline, attach
 from .processor import UCEAttnProcessor
 from .report import EditReport
 
@@ -15,5 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConceptEdit", "ConceptEditOutput", "DebiasTarget", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",
-    "UCEStableDiffusionPipeline", "attach", "__version__",
+    "UCEFluxPipeline", "UCEStableDiffusionPipeline", "UCEStableDiffusionXLPipeline", "attach", "__version__",
 ]

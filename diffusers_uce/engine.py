@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .edits import ConceptEdit
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
-from .solve import Correction, EditTerms, combine, debias_correction, solve_transform, tensor_correction
+from .solve import (
+    Correction, EditTerms, bias_direction, combine, debias_correction, homogeneous, solve_transform, tensor_correction,
+    with_bias,
+)
 
 
 @dataclass
@@ -125,12 +128,16 @@ class Solution:
                                                                                move(c.coef)))
 
 
-def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int) -> Solution:
+def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int,
+          biased: bool = False) -> Solution:
     """One float64 solve shared by every layer, plus the per-layer "tensor" correction when a record asks for it.
 
     Args:
-        weights (`torch.Tensor`): ``W_all``, original weights of all layers stacked along rows (float32/64).
+        weights (`torch.Tensor`): ``W_all``, original weights of all layers stacked along rows (float32/64), without
+            the bias column.
         row_layer (`torch.Tensor`): layer index of each row of `weights`.
+        biased (`bool`, defaults to `False`): the layers keep a bias ``b``: return the homogeneous solution of
+            ``W' = W T_ℓ + b uᵀ`` (see `solve.with_bias`), for ``[W | b]``.
     """
     transform, factor = solve_transform(assembled.terms)
     correction = tensor_correction(weights, row_layer, num_layers, assembled.terms, factor)
@@ -139,4 +146,13 @@ def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Ten
         concepts = assembled.terms.erase[len(assembled.token_pair):]
         correction = combine(correction, debias_correction(weights, row_layer, num_layers, concepts, attributes,
                                                            concept_of, weight, factor))
+    if biased:
+        transform, correction = with_bias(transform, correction, bias_direction(assembled.terms, factor))
     return Solution(transform, correction)
+
+
+def homogeneous_terms(assembled: AssembledTerms) -> AssembledTerms:
+    """The same terms with every token as ``[c; 1]``: what the homogeneous solution of a biased group acts on."""
+    t = assembled.terms
+    return replace(assembled, terms=replace(t, erase=homogeneous(t.erase), guide=homogeneous(t.guide),
+                                            preserve=homogeneous(t.preserve)))

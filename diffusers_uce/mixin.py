@@ -14,13 +14,15 @@ from diffusers.utils import logging
 from . import engine
 from .concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
 from .edits import ConceptEdit, build_concept_edit
+from .families import STABLE_DIFFUSION, Family, TargetGroup
 from .io import UCEIOMixin
 from .lora import UCELoraMixin
-from .processor import ProjectionEdit, UCEAttnProcessor
-from .prompts import encode_prompts, preserve_positions
+from .processor import LinearEditHook, ProjectionEdit, UCEAttnProcessor
+from .prompts import EncodedPrompts, encode_prompts, preserve_positions
 from .report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
-from .solve import edited_weights, grouped_grams, scaled
-from .targets import LayerFilter, Projection, find_projections
+from .solve import grouped_grams, homogeneous
+from .state import EditState, GroupEdit
+from .targets import LayerFilter, find_linear_layers, find_projections
 
 logger = logging.get_logger(__name__)
 
@@ -41,51 +43,18 @@ class ConceptEditOutput:
         return str(self.report)
 
 
-class EditState:
-    """Everything an applied edit needs: records, target projections, the solution, strength and undo data."""
-
-    def __init__(self, projections: list[Projection], edit_keys: bool, layers: LayerFilter):
-        self.projections, self.edit_keys, self.layers = projections, edit_keys, layers
-        self.records: list[ConceptEdit] = []
-        self.solution: engine.Solution | None = None
-        self.scale = 1.0
-        self.fused = False
-        self.original_processors: dict[str, object] = {}
-        self.original_weights: list[torch.Tensor] | None = None
-        self.report: EditReport | None = None  # of the latest solve (None for an edit loaded from a file)
-        self._device_terms: dict = {}
-
-    def set_solution(self, solution: engine.Solution) -> None:
-        self.solution, self._device_terms = solution, {}
-
-    def device_terms(self, device):
-        """``Δ = T − I`` and the correction in float32 on `device` (cached), for the processors."""
-        if device not in self._device_terms:
-            s = self.solution.to(device=device, dtype=torch.float32)
-            eye = torch.eye(s.transform.shape[0], device=device)
-            self._device_terms[device] = (s.transform - eye, s.correction)
-        return self._device_terms[device]
-
-    @property
-    def active_scale(self) -> float:
-        """Strength the processors apply: 0 while the edit is fused into the weights."""
-        return 0.0 if self.fused else self.scale
-
-
 class UCEMixin(UCEIOMixin, UCELoraMixin):
     """Unified Concept Editing (Gandikota et al., WACV 2024) for a text-to-image pipeline.
 
-    Erases concepts toward guides while preserving others by rewriting, in closed form, every cross-attention key and
-    value projection: one float64 solve on the pipeline's device serves all layers. Edits act through
-    `UCEAttnProcessor` (weights untouched) until `fuse_concept_edits`; `unload_concept_edits` restores the pipeline bit
-    for bit. Which components hold the denoiser, text encoder and tokenizer is set by class attributes, so one mixin
-    serves every pipeline family.
+    Erases concepts toward guides while preserving others by rewriting, in closed form, the layers that read the text
+    embeddings: every cross-attention key and value projection (SD 1.x/2.x, SDXL), or FLUX's `context_embedder` and
+    pooled-text `linear_1`. One float64 solve on the pipeline's device serves all layers of a kind. Edits act through
+    `UCEAttnProcessor` (FLUX: forward hooks), weights untouched, until `fuse_concept_edits`; `unload_concept_edits`
+    restores the pipeline bit for bit. Which layers are edited and which text states feed them is set by one class attribute, `_uce_family`
+    (`diffusers_uce.families`), so one mixin serves every pipeline family.
     """
 
-    _uce_denoiser_name = "unet"
-    _uce_text_encoder_name = "text_encoder"
-    _uce_tokenizer_name = "tokenizer"
-    _uce_causal_text_encoder = True
+    _uce_family: Family = STABLE_DIFFUSION
     _uce_state: EditState | None = None
 
     @property
@@ -117,9 +86,10 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             token_mode (`str`, defaults to `"last"`): `"last"` (one token per concept) or `"paper"` (the paper's
                 token blocks; DESIGN.md §2).
             technique (`str`, defaults to `"replace"`): `"replace"` or `"tensor"`.
-            edit_keys (`bool`, defaults to `True`): edit `to_k` as well as `to_v`; the same for every edit.
-            layers (`list[str]` or `Callable[[str], bool]`, *optional*): only edit cross-attention modules whose
-                name contains one of these strings; the same for every edit.
+            edit_keys (`bool`, defaults to `True`): edit `to_k` as well as `to_v` (FLUX has neither: keep `True`); the
+                same for every edit.
+            layers (`list[str]` or `Callable[[str], bool]`, *optional*): only edit cross-attention modules (FLUX: the
+                layers) whose name contains one of these strings; the same for every edit.
             held_out (`list[str]`, *optional*): concepts to measure interference on (a built-in generic set by
                 default).
             debias (`dict`, *optional*): concepts to debias with their attribute set(s), e.g.
@@ -182,53 +152,87 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                    held_out: list[str] | None) -> ConceptEditOutput:
         """Solve `records` jointly from the original weights, report, and install the result (validated inputs)."""
         state = self._uce_state
-        text_encoder = getattr(self, self._uce_text_encoder_name)
-        projections = find_projections(
-            getattr(self, self._uce_denoiser_name), edit_keys=edit_keys, layers=layers,
-            context_dim=text_encoder.config.hidden_size,
-        )
+        groups = state.groups if state is not None else self._uce_groups(EditState(edit_keys, layers))
         device = self._execution_device
-        originals = state.original_weights if state is not None and state.fused else [p.module.weight for p in projections]
-        weights, row_layer = _stack(originals, device)
-
         named = {c for r in records for c in (*r.erase, *r.preserve)}
         held = [c for c in (DEFAULT_HOLDOUT_CONCEPTS if held_out is None else held_out) if c not in named]
-        causal_cut = self._uce_causal_text_encoder and all(r.token_mode == "last" for r in records)
-        encoded = encode_prompts(getattr(self, self._uce_tokenizer_name), text_encoder,
-                                 engine.prompts_of(records) + held, causal_cut=causal_cut, device=device)
+        prompts = engine.prompts_of(records) + held
+        solutions, parts = [], []
+        for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
+            weights, row_layer = group.stacked(device)
+            plain = weights[:, :-1] if group.biased else weights
+            encoded = self._uce_encode(group.group, prompts, all(r.token_mode == "last" for r in records), device)
+            assembled = engine.assemble_terms(records, encoded)
+            solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
+            if not solution.is_finite():
+                raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
+                                 "preserve_scale or raise lamb")
+            solutions.append(solution)
+            parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
+        report = build_report(parts, sum(len(g.projections) for g in groups))
+        fused = None
+        if state is not None and state.fused:
+            fused = [g.fused_weights(state.scale, device, s) for g, s in zip(groups, solutions)]
+
+        # Validated and solved: only now is the pipeline changed.
+        self._uce_set_edit(groups, records, solutions, fused).report = report
+        logger.info(f"Applied {len(records)} concept edit(s) to {report.layers} layers")
+        return ConceptEditOutput(edits=tuple(records), report=report)
+
+    def _uce_groups(self, state: EditState) -> list[GroupEdit]:
+        """The family's target groups with the layers `state.edit_keys`/`state.layers` select (checked)."""
+        family = self._uce_family
+        if not state.edit_keys and not family.has_keys:
+            raise ValueError(f"edit_keys=False needs key/value projections, and {family.name} pipelines edit "
+                             f"{', '.join(m for g in family.groups for m in g.modules)}: leave edit_keys=True")
+        groups = []
+        for group in family.groups:
+            component = getattr(self, group.component)
+            width = sum(int(getattr(self, name).config.hidden_size) for _, name in group.text.encoders)
+            if group.cross_attention:
+                found = find_projections(component, edit_keys=state.edit_keys, layers=state.layers, context_dim=width)
+            else:
+                found = find_linear_layers(component, group.modules, layers=state.layers, context_dim=width)
+            if found:
+                groups.append(GroupEdit(state, group, found))
+        if not groups:
+            raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
+                             f"{family.name} pipelines ({', '.join(m for g in family.groups for m in g.modules)})")
+        return groups
+
+    def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:
+        """Hidden states of `prompts` as `group`'s layers read them (one batched pass per text encoder)."""
+        text = group.text
+        encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
+        encoded = encode_prompts(encoders, prompts, causal_cut=text.causal and last_only, output=text.output,
+                                 max_length=text.max_length, device=device)
         if not bool(torch.isfinite(encoded.states).all()):
             raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
                              "Check the text encoder's weights and dtype (fp16 overflow?)")
-        assembled = engine.assemble_terms(records, encoded)
-        solution = engine.solve(assembled, weights, row_layer, len(projections))
-        if not solution.is_finite():
-            raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
-                             "preserve_scale or raise lamb")
-        fused_weights = None
-        if state is not None and state.fused:
-            fused_weights = _fused(originals, weights, row_layer, solution, state.scale)
+        return encoded
 
-        num_report_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
+    @staticmethod
+    def _uce_report_part(group: GroupEdit, weights, solution, assembled, encoded, held, records):
+        """What `build_report` needs from one group: its Gram matrices (or weights) and its tokens."""
+        num_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
         if solution.correction is not None:
-            grams = grouped_grams(list(weights.split([w.shape[0] for w in originals])))
-        elif 2 * num_report_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
+            grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
+        elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
             grams = weights
         else:
             grams = (weights.T @ weights).double()[None]
         held_tokens = None
         if held:
             rows = encoded.rows(held)
-            group, pos = preserve_positions(encoded.last[rows], records[-1].token_mode, encoded.max_length)
-            held_tokens = (held, encoded.states[rows[group], pos].double(), group)
-        report = build_report(grams, solution, assembled, len(projections), held_tokens)
-
-        # Validated and solved: only now is the pipeline changed.
-        self._uce_set_edit(projections, edit_keys, layers, records, solution, fused_weights).report = report
-        logger.info(f"Applied {len(records)} concept edit(s) to {len(projections)} projections")
-        return ConceptEditOutput(edits=tuple(records), report=report)
+            index, pos = preserve_positions(encoded.last[rows], records[-1].token_mode, encoded.max_length)
+            tokens = encoded.states[rows[index], pos].double()
+            held_tokens = (held, homogeneous(tokens) if group.biased else tokens, index)
+        if group.biased:
+            assembled = engine.homogeneous_terms(assembled)
+        return grams, solution, assembled, held_tokens
 
     def fuse_concept_edits(self) -> None:
-        """Write the applied edit (at its current strength) into the `to_k`/`to_v` weights: no inference overhead.
+        """Write the applied edit (at its current strength) into the edited weights: no inference overhead.
 
         `unfuse_concept_edits` undoes it exactly; after fusing, `save_pretrained` writes a plain pipeline that
         vanilla diffusers loads.
@@ -237,11 +241,12 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         if state.fused:
             logger.warning("concept edits are already fused; nothing to do")
             return
-        originals = [p.module.weight.detach().clone() for p in state.projections]
-        weights, row_layer = _stack(originals, self._execution_device)
-        new = _fused(originals, weights, row_layer, state.solution, state.scale)
-        _write(state.projections, new)
-        state.original_weights, state.fused = originals, True
+        device = self._execution_device
+        new = [g.fused_weights(state.scale, device) for g in state.groups]  # all computed before any is written
+        for group, weights in zip(state.groups, new):
+            group.original_weights = [p.module.weight.detach().clone() for p in group.projections]
+            group.write(weights)
+        state.fused = True
 
     def unfuse_concept_edits(self) -> None:
         """Restore the weights saved by `fuse_concept_edits` bit for bit; the edit keeps acting via the processors."""
@@ -249,8 +254,10 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         if not state.fused:
             logger.warning("concept edits are not fused; nothing to do")
             return
-        _write(state.projections, state.original_weights)
-        state.original_weights, state.fused = None, False
+        for group in state.groups:
+            group.write(group.original_weights)
+            group.original_weights = None
+        state.fused = False
 
     def set_concept_edit_scale(self, scale: float) -> None:
         """Set the strength of the applied edit: 0 off, 1 full, in between partial, above 1 stronger.
@@ -262,9 +269,9 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             raise TypeError(f"scale must be a finite number, got {scale!r}")
         state = self._uce_require_state("scale")
         if state.fused:
-            weights, row_layer = _stack(state.original_weights, self._execution_device)
-            new = _fused(state.original_weights, weights, row_layer, state.solution, float(scale))
-            _write(state.projections, new)
+            new = [g.fused_weights(float(scale), self._execution_device) for g in state.groups]
+            for group, weights in zip(state.groups, new):
+                group.write(weights)
         state.scale = float(scale)
 
     def unload_concept_edits(self) -> None:
@@ -273,11 +280,14 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         if state is None:
             logger.warning("no concept edits to unload")
             return
-        if state.fused:
-            _write(state.projections, state.original_weights)
-        denoiser = getattr(self, self._uce_denoiser_name)
-        for name, processor in state.original_processors.items():
-            denoiser.get_submodule(name).set_processor(processor)
+        for group in state.groups:
+            if state.fused:
+                group.write(group.original_weights)
+            component = getattr(self, group.group.component)
+            for name, processor in state.original_processors.get(group.group.name, {}).items():
+                component.get_submodule(name).set_processor(processor)
+        for handle in state.hooks:
+            handle.remove()
         self._uce_state = None
 
     def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False, **kwargs):
@@ -318,63 +328,46 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             raise ValueError(f"no concept edits to {action}: call apply_concept_edits() first")
         return self._uce_state
 
-    def _uce_set_edit(self, projections, edit_keys, layers, records, solution, fused_weights=None) -> EditState:
+    def _uce_set_edit(self, groups: list[GroupEdit], records: list[ConceptEdit], solutions: list[engine.Solution],
+                      fused_weights: list | None = None) -> EditState:
         """Install a validated, solved edit: the one place where applying or loading changes the pipeline.
 
         Args:
-            projections (`list[Projection]`): the edited projections, in solve order.
-            edit_keys (`bool`), layers: the options every later edit must share.
+            groups (`list[GroupEdit]`): the edited target groups, of the installed state or of a new one.
             records (`list[ConceptEdit]`): all edit records, now solved jointly.
-            solution (`engine.Solution`): their solution at strength 1.
-            fused_weights (`list[torch.Tensor]`, *optional*): new weights to write when the edit is fused.
+            solutions (`list[engine.Solution]`): their solution per group, at strength 1.
+            fused_weights (`list[list[torch.Tensor]]`, *optional*): new weights per group, when the edit is fused.
         """
-        state = self._uce_state
-        if state is None:
-            state = EditState(projections, edit_keys, layers)
-            self._uce_install_processors(state)
+        state = groups[0].state
+        if self._uce_state is None:
+            state.groups = list(groups)
+            self._uce_install(state)
             self._uce_state = state
         state.records = list(records)
-        state.set_solution(solution)
+        for group, solution in zip(state.groups, solutions):
+            group.set_solution(solution)
         state.report = None
         if fused_weights is not None:
-            _write(state.projections, fused_weights)
+            for group, weights in zip(state.groups, fused_weights):
+                group.write(weights)
         return state
 
-    def _uce_install_processors(self, state: EditState) -> None:
-        denoiser = getattr(self, self._uce_denoiser_name)
-        edits: dict[str, dict[str, ProjectionEdit]] = {}
-        for index, projection in enumerate(state.projections):
-            edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(state, index)
-        for name, kinds in edits.items():
-            attention = denoiser.get_submodule(name)
-            state.original_processors[name] = attention.processor
-            attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
-
-
-def _stack(weights: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W_all`` on `device` (float32, or float64 for float64 weights) and the layer index of each of its rows."""
-    dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
-    stacked = torch.cat([w.detach().to(device=device, dtype=dtype) for w in weights])
-    sizes = torch.tensor([w.shape[0] for w in weights], device=device)
-    return stacked, torch.repeat_interleave(torch.arange(len(weights), device=device), sizes)
-
-
-def _fused(originals, weights, row_layer, solution: engine.Solution, scale: float):
-    """Edited weights of every layer at strength `scale`, each in its own dtype/device; raises if not finite."""
-    s = solution.to(device=weights.device, dtype=weights.dtype)
-    transform, correction = scaled(s.transform, s.correction, scale)
-    new = edited_weights(weights, transform, correction, row_layer)
-    if not bool(torch.isfinite(new).all()):
-        raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
-                         "erase/preserve scales or the edit scale, or raise lamb")
-    return [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split([w.shape[0] for w in originals]),
-                                                                       originals)]
-
-
-@torch.no_grad()
-def _write(projections: list[Projection], weights: list[torch.Tensor]) -> None:
-    for projection, weight in zip(projections, weights):
-        projection.module.weight.copy_(weight)
+    def _uce_install(self, state: EditState) -> None:
+        """Processors on cross-attention groups, forward hooks on other layers: the edit acts, weights untouched."""
+        for group in state.groups:
+            component = getattr(self, group.group.component)
+            if not group.group.cross_attention:
+                state.hooks += [p.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, i)))
+                                for i, p in enumerate(group.projections)]
+                continue
+            edits: dict[str, dict[str, ProjectionEdit]] = {}
+            for index, projection in enumerate(group.projections):
+                edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(group, index)
+            originals = state.original_processors.setdefault(group.group.name, {})
+            for name, kinds in edits.items():
+                attention = component.get_submodule(name)
+                originals[name] = attention.processor
+                attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
 
 
 def base_pipeline_class(cls: type) -> type:

@@ -4,13 +4,19 @@ Because ``W' c = W (T c)``, an edited ``to_k``/``to_v`` is the original projecti
 wraps whatever processor the attention module had and hands it a thin view of the module whose ``to_k``/``to_v``
 transform their input first, so every detail of the wrapped processor (masks, norms, SDPA, IP-adapters...) stays as
 it was. The strength ``s`` scales ``T − I``.
+
+Layers that are not cross-attention projections (FLUX's ``context_embedder`` and pooled-text ``linear_1``) get a
+forward hook instead (`LinearEditHook`). They have a bias, and their edit is ``W' = W T + b uᵀ``: in homogeneous form
+``[W | b] T̃ [c; 1]`` (`solve.with_bias`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .solve import apply_to_inputs
+import torch.nn.functional as F
+
+from .solve import apply_to_inputs, homogeneous
 
 
 class _InputTransform:
@@ -42,21 +48,49 @@ class ProjectionEdit:
     """The input transform of one projection: ``x ↦ x + s·(x Δᵀ + correction)`` with ``Δ = T − I``.
 
     Args:
-        state (`EditState`-like): holds ``delta``, ``correction`` and ``scale``, shared by every projection so that a
-            new solve or strength reaches all processors at once.
-        layer (`int`): index of this projection in the solve (selects its correction coefficients).
+        group (`GroupEdit`-like): holds the solution (``device_terms``) and, through ``group.state``, the strength,
+            shared by every projection so that a new solve or strength reaches all processors at once.
+        layer (`int`): index of this projection in its group's solve (selects its correction coefficients).
     """
 
-    def __init__(self, state, layer: int):
-        self.state, self.layer = state, layer
+    def __init__(self, group, layer: int):
+        self.group, self.layer = group, layer
+
+    @property
+    def scale(self) -> float:
+        return self.group.state.active_scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.state.active_scale
+        """The transformed input; ``[x; 1]`` transformed (one more feature) for a biased group."""
+        scale = self.scale
+        if self.group.biased:
+            x = homogeneous(x)
         if scale == 0:
             return x
-        delta, correction = self.state.device_terms(x.device)
+        delta, correction = self.group.device_terms(x.device)
         correction = None if correction is None else correction.times(scale)
         return apply_to_inputs(x, delta * scale, correction, self.layer)
+
+
+class LinearEditHook:
+    """Forward hook applying a concept edit to a linear layer ``y = W c (+ b)`` without touching its weights.
+
+    Args:
+        edit (`ProjectionEdit`): the layer's input transform.
+    """
+
+    def __init__(self, edit: ProjectionEdit):
+        self.edit = edit
+
+    def __call__(self, module: torch.nn.Linear, args, output):
+        if self.edit.scale == 0:
+            return output
+        x = self.edit(args[0])
+        if not self.edit.group.biased:
+            return F.linear(x, module.weight)
+        d = module.in_features
+        bias = module.bias if module.bias is not None else 0
+        return F.linear(x[..., :d], module.weight) + x[..., d:] * bias
 
 
 class UCEAttnProcessor:

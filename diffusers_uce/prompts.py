@@ -1,9 +1,11 @@
 """Prompt encoding and token selection (DESIGN.md §2).
 
-Every distinct prompt of an edit is tokenised once (padded to the tokenizer's ``model_max_length``) and encoded in
-batches, one pass of the pipeline's own text encoder. ``k(x)`` is the index of the last real token of prompt ``x``
-(attention-mask ones − 2; ``k("") = 0``, the start token). The CLIP tower is causal, so when only positions up to
-``max k`` are needed ("last" mode) the ids are cut there: the states are the same and most of the cost goes away.
+Every distinct prompt of an edit is tokenised once (padded to the tokenizer's ``model_max_length``, or the family's
+sequence length: 512 for FLUX's T5) and encoded in batches, one pass per text encoder of the pipeline. ``k(x)`` is the
+index of the last real token of prompt ``x`` (attention-mask ones − 2; ``k("") = 0``: CLIP's start token, T5's end
+token), from the first tokenizer when several encoders' states are concatenated (SDXL). The CLIP tower is causal, so
+when only positions up to ``max k`` are needed ("last" mode) the ids are cut there: the states are the same and most
+of the cost goes away. T5 is bidirectional and a pooled embedding reads the end token: those are never cut.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class EncodedPrompts:
         states (`torch.Tensor`): hidden states, ``(num_prompts, seq_len, d)``; `seq_len` may be cut below the
             tokenizer's maximum when the encoder is causal and no later position is needed.
         last (`torch.Tensor`): ``k`` of each prompt, ``(num_prompts,)``, long, on the states' device.
-        max_length (`int`): the tokenizer's padded length (77 for CLIP).
+        max_length (`int`): the padded length (77 for CLIP, 512 for FLUX's T5, 1 for a pooled embedding).
     """
 
     index: dict[str, int]
@@ -38,9 +40,10 @@ class EncodedPrompts:
         return torch.tensor([self.index[p] for p in prompts], dtype=torch.long, device=self.states.device)
 
 
-def tokenize(tokenizer, prompts: list[str]):
-    """Tokenise with padding to ``model_max_length``, warning about every prompt that had to be cut."""
-    max_length = tokenizer.model_max_length
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None):
+    """Tokenise with padding to `max_length` (the tokenizer's ``model_max_length`` by default), warning about every
+    prompt that had to be cut."""
+    max_length = max_length or tokenizer.model_max_length
     inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
     for prompt, ids in zip(prompts, full):
@@ -53,46 +56,83 @@ def tokenize(tokenizer, prompts: list[str]):
     return inputs
 
 
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``k`` of each padded prompt: attention-mask ones − 2, the last real token (0 for ``""``, with or without a start
+    token: CLIP's ``""`` is start + end, T5's is the end token alone)."""
+    return (mask.sum(-1) - 2).clamp(min=0)
+
+
+def _states(text_encoder, ids, mask, output: str, use_mask: bool) -> torch.Tensor:
+    kwargs = {"attention_mask": mask} if use_mask else {}
+    if output == "penultimate":
+        return text_encoder(ids, output_hidden_states=True, **kwargs).hidden_states[-2]
+    out = text_encoder(ids, **kwargs)
+    return out.pooler_output[:, None] if output == "pooled" else out[0]
+
+
 @torch.no_grad()
 def encode_prompts(
-    tokenizer, text_encoder, prompts: list[str], *, causal_cut: bool, device=None, batch_size: int = 32,
-    desc: str = "Encoding prompts",
+    encoders, prompts: list[str], *, causal_cut: bool, output: str = "last", max_length: int | None = None,
+    device=None, batch_size: int = 32, desc: str = "Encoding prompts",
 ) -> EncodedPrompts:
-    """Encode every distinct prompt once, in batches, with the pipeline's tokenizer and text encoder.
+    """Encode every distinct prompt once, in batches, with the pipeline's tokenizer(s) and text encoder(s).
 
     Args:
-        tokenizer: the pipeline's tokenizer.
-        text_encoder: the pipeline's text encoder; ``text_encoder(ids)[0]`` is what the pipeline conditions on.
+        encoders (`list[tuple]`): ``(tokenizer, text_encoder)`` pairs; their states are concatenated along the feature
+            axis (SDXL's two CLIP towers). ``k`` comes from the first tokenizer; a warning names the prompts where
+            another tokenizer disagrees.
         prompts (`list[str]`): prompts, duplicates allowed (each is encoded once).
         causal_cut (`bool`): cut the ids after the largest ``k`` (valid for causal encoders when only positions
             ``<= k`` are read).
-        device: where to run the encoder (defaults to its own device).
+        output (`str`, defaults to `"last"`): `"last"` (``text_encoder(ids)[0]``), `"penultimate"`
+            (``hidden_states[-2]``) or `"pooled"` (``pooler_output``, returned as a sequence of one token with
+            ``k = 0``).
+        max_length (`int`, *optional*): padded length (each tokenizer's ``model_max_length`` by default).
+        device: where to run the encoders (defaults to the first one's device).
         batch_size (`int`, defaults to 32): prompts per encoder call. Batches of length-sorted prompts are cut at their
             own longest prompt, so smaller batches waste less on padding; 32 short sequences still fill a GEMM.
+
+    Returns:
+        [`EncodedPrompts`]: the states of each distinct prompt (concatenated over `encoders`) and its ``k``.
     """
     distinct = list(dict.fromkeys(prompts))
-    inputs = tokenize(tokenizer, distinct)
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    last = mask.sum(-1) - 2
-    max_length = ids.shape[-1]
-    device = device if device is not None else text_encoder.device
-    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    inputs = [tokenize(tokenizer, distinct, max_length) for tokenizer, _ in encoders]
+    lasts = [last_positions(i["attention_mask"]) for i in inputs]
+    last = lasts[0]
+    for number, ((tokenizer, _), other) in enumerate(zip(encoders[1:], lasts[1:]), start=2):
+        differ = [p for p, a, b in zip(distinct, last.tolist(), other.tolist()) if a != b]
+        if differ:
+            logger.warning(
+                f"the tokenizers disagree on the last token of {differ[:3]} ({len(differ)} prompt(s)): positions "
+                f"follow the first tokenizer, so tokenizer {number} ({type(tokenizer).__name__}) contributes the "
+                "states of other tokens there. Rephrase these concepts if both encoders should read the same word."
+            )
+    cut_at = torch.stack(lasts).amax(0)  # the largest k over tokenizers: every state read is computed
+    device = device if device is not None else encoders[0][1].device
+    pooled = output == "pooled"
+    causal_cut = causal_cut and not pooled
     # With a causal encoder, prompts sorted by length are batched and each batch is cut after its own largest k:
     # the encoder sees about Σ (k + 1) tokens instead of len(prompts) · 77.
-    order = torch.argsort(last, stable=True) if causal_cut else torch.arange(len(distinct))
+    order = torch.argsort(cut_at, stable=True) if causal_cut else torch.arange(len(distinct))
     batches = [order[i : i + batch_size] for i in range(0, len(distinct), batch_size)]
     states = None
     for rows in tqdm(batches, desc=desc, disable=len(batches) < 4, leave=False):
-        length = int(last[rows].max()) + 1 if causal_cut else max_length
-        kwargs = {"attention_mask": mask[rows, :length].to(device)} if use_mask else {}
-        out = text_encoder(ids[rows, :length].to(device), **kwargs)[0]
+        parts = []
+        for (_, text_encoder), tokens in zip(encoders, inputs):
+            ids, mask = tokens["input_ids"][rows], tokens["attention_mask"][rows]
+            length = int(cut_at[rows].max()) + 1 if causal_cut else ids.shape[-1]
+            use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+            parts.append(_states(text_encoder, ids[:, :length].to(device), mask[:, :length].to(device), output,
+                                 use_mask))
+        out = torch.cat([p.to(parts[0].device) for p in parts], dim=-1)
         if states is None:
-            width = int(last.max()) + 1 if causal_cut else max_length
+            width = 1 if pooled else int(cut_at.max()) + 1 if causal_cut else out.shape[1]
             states = out.new_zeros((len(distinct), width, out.shape[-1]))
-        states[rows.to(out.device), :length] = out
+        states[rows.to(out.device), : out.shape[1]] = out
     return EncodedPrompts(
-        index={p: i for i, p in enumerate(distinct)}, states=states, last=last.to(states.device),
-        max_length=max_length,
+        index={p: i for i, p in enumerate(distinct)}, states=states,
+        last=(torch.zeros_like(last) if pooled else last).to(states.device),
+        max_length=1 if pooled else int(inputs[0]["input_ids"].shape[-1]),
     )
 
 

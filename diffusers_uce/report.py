@@ -87,46 +87,63 @@ def _per_group(values: torch.Tensor, group: torch.Tensor, count: int) -> torch.T
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(0, group, values)
 
 
-def relative_change(grams, transform, correction, tokens, group, count) -> list[float]:
-    """``‖W' P − W P‖ / ‖W P‖`` per group of tokens (a concept's tokens), summed over layers."""
-    change = _per_group(output_distances(grams, transform, correction, tokens, tokens), group, count)
-    base = _per_group(output_distances(grams, torch.zeros_like(transform), None, tokens, -tokens), group, count)
-    return (change / base).sqrt().tolist()
+def _changes(grams, transform, correction, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Σ_ℓ ‖W'_ℓ p − W_ℓ p‖²`` and ``Σ_ℓ ‖W_ℓ p‖²`` per token."""
+    return (output_distances(grams, transform, correction, tokens, tokens),
+            output_distances(grams, torch.zeros_like(transform), None, tokens, -tokens))
 
 
-def build_report(grams, solution, assembled, layers: int, held_out=None) -> EditReport:
+def build_report(parts, layers: int) -> EditReport:
     """Compute the report from the layers' Gram matrices ``W_ℓᵀ W_ℓ`` (summed to one when all layers share ``T``).
 
+    Squared distances are summed over the layers of every target group before the ratios are taken, so a family
+    with several groups (FLUX) gets one number per concept.
+
     Args:
-        grams (`torch.Tensor`): ``(L, d, d)`` float64 Gram matrices (``L = 1`` for a summed Gram), or the stacked
-            weights ``W_all`` when every layer shares the transform (see `solve.output_distances`).
-        solution (`engine.Solution`): the solved edit at strength 1.
-        assembled (`engine.AssembledTerms`): tokens and their concepts.
-        layers (`int`): number of edited projections.
-        held_out (`tuple[list[str], torch.Tensor, torch.Tensor]`, *optional*): held-out concept names, their tokens
-            and the concept index of each token.
+        parts (`list[tuple]`): one ``(grams, solution, assembled, held_out)`` per target group:
+            grams (`torch.Tensor`): ``(L, d, d)`` float64 Gram matrices (``L = 1`` for a summed Gram), or the stacked
+            weights ``W_all`` when every layer shares the transform (see `solve.output_distances`);
+            solution (`engine.Solution`): the solved edit at strength 1;
+            assembled (`engine.AssembledTerms`): tokens and their concepts (the same concepts in every group);
+            held_out (`tuple[list[str], torch.Tensor, torch.Tensor]` or `None`): held-out concept names, their
+            tokens and the concept index of each token.
+        layers (`int`): number of edited layers.
     """
-    t, c, terms = solution.transform, solution.correction, assembled.terms
-    eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
-    num_pairs, n = len(assembled.pairs), len(assembled.token_pair)  # debiased concepts' tokens follow the pairs'
-    erased, guides = terms.erase[:n], terms.guide[:n]
-    moved = _per_group(output_distances(grams, t, c, erased, guides), assembled.token_pair, num_pairs)
-    gap = _per_group(output_distances(grams, eye, None, erased, guides), assembled.token_pair, num_pairs)
-    efficacy = (1 - (moved / gap).sqrt()).tolist()
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(key, values, group, count):
+        total = _per_group(values, group, count)
+        sums[key] = sums[key] + total if key in sums else total
+
+    for grams, solution, assembled, held_out in parts:
+        t, c, terms = solution.transform, solution.correction, assembled.terms
+        eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+        num_pairs, n = len(assembled.pairs), len(assembled.token_pair)  # debiased concepts' tokens follow the pairs'
+        erased, guides = terms.erase[:n], terms.guide[:n]
+        add("moved", output_distances(grams, t, c, erased, guides), assembled.token_pair, num_pairs)
+        add("gap", output_distances(grams, eye, None, erased, guides), assembled.token_pair, num_pairs)
+        debiased = terms.erase[n:]
+        groups = [("debiased", debiased, torch.arange(len(debiased), device=t.device), len(debiased)),
+                  ("preserved", terms.preserve, assembled.token_preserved, len(assembled.preserved))]
+        if held_out is not None and held_out[0]:
+            groups.append(("held_out", held_out[1], held_out[2], len(held_out[0])))
+        for key, tokens, group, count in groups:
+            if count:
+                change, base = _changes(grams, t, c, tokens)
+                add(key, change, group, count)
+                add(key + "_base", base, group, count)
+
+    assembled, held_out = parts[0][2], parts[0][3]
+    ratio = lambda key: (sums[key] / sums[key + "_base"]).sqrt().tolist()  # noqa: E731
     report = EditReport(
-        erased=[{"concept": e, "guide": g, "efficacy": v} for (e, g), v in zip(assembled.pairs, efficacy)],
+        erased=[{"concept": e, "guide": g, "efficacy": v}
+                for (e, g), v in zip(assembled.pairs, (1 - (sums["moved"] / sums["gap"]).sqrt()).tolist())],
         layers=layers,
     )
-    debiased = terms.erase[n:]
-    if len(debiased):
-        values = relative_change(grams, t, c, debiased, torch.arange(len(debiased), device=debiased.device),
-                                 len(debiased))
-        report.debiased = [{"concept": p, "shift": v} for p, v in zip(assembled.debiased_concepts, values)]
-    if assembled.preserved:
-        values = relative_change(grams, t, c, terms.preserve, assembled.token_preserved, len(assembled.preserved))
-        report.preserved = [{"concept": p, "interference": v} for p, v in zip(assembled.preserved, values)]
-    if held_out is not None and held_out[0]:
-        names, tokens, group = held_out
-        values = relative_change(grams, t, c, tokens, group, len(names))
-        report.held_out = [{"concept": p, "interference": v} for p, v in zip(names, values)]
+    if "debiased" in sums:
+        report.debiased = [{"concept": p, "shift": v} for p, v in zip(assembled.debiased_concepts, ratio("debiased"))]
+    if "preserved" in sums:
+        report.preserved = [{"concept": p, "interference": v} for p, v in zip(assembled.preserved, ratio("preserved"))]
+    if "held_out" in sums:
+        report.held_out = [{"concept": p, "interference": v} for p, v in zip(held_out[0], ratio("held_out"))]
     return report

@@ -91,7 +91,8 @@ def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
     factor, info = torch.linalg.cholesky_ex(b)
     if int(info) != 0:
         raise ValueError(
-            "the UCE system is not positive definite; use lamb > 0 and non-negative erase/preserve scales"
+            "the UCE system is not positive definite (or overflows to non-finite values); nothing was changed: use "
+            "lamb > 0 and non-negative, moderate erase/preserve scales"
         )
     transform = torch.cholesky_solve(numerator.T.contiguous(), factor).T  # T = M B⁻¹, B symmetric
     return transform, factor
@@ -178,6 +179,41 @@ def combine(*corrections: Correction | None) -> Correction | None:
         return parts[0] if parts else None
     return Correction(tokens=torch.cat([c.tokens for c in parts]), solved=torch.cat([c.solved for c in parts]),
                       coef=torch.cat([c.coef for c in parts], dim=1))
+
+
+def bias_direction(terms: EditTerms, factor: torch.Tensor) -> torch.Tensor:
+    """``u = B⁻¹ (Σ_i w_i c_i + Σ_j w_pj p_j)``: the edit of a layer with a kept bias ``b``.
+
+    The reference scripts keep ``b`` and put it in every target (``v*_i + b``, ``W p_j + b``), which gives
+    ``W' = W T_ℓ + b uᵀ`` (DESIGN.md §1), whatever the technique.
+    """
+    erase, preserve = terms.erase.to(torch.float64), terms.preserve.to(torch.float64)
+    total = terms.erase_weight.to(erase) @ erase + terms.preserve_weight.to(erase) @ preserve
+    return torch.cholesky_solve(total[:, None], factor)[:, 0]
+
+
+def with_bias(transform: torch.Tensor, correction: Correction | None, u: torch.Tensor):
+    """The homogeneous form of a biased edit, so biased layers need no special case anywhere else.
+
+    A layer ``y = W c + b`` is ``[W | b] [c; 1]``; its edit ``W' = W T_ℓ + b uᵀ`` (bias kept) is
+    ``[W | b] T̃_ℓ`` with ``T̃ = [[T, 0], [uᵀ, 1]]`` and the correction padded with a zero column. Strength,
+    fusing, LoRA factors and the report then work unchanged on ``[W | b]`` and tokens ``[c; 1]``.
+
+    Returns:
+        `tuple[torch.Tensor, Correction | None]`: ``T̃`` ((d+1)×(d+1)) and the padded correction.
+    """
+    d = transform.shape[0]
+    out = torch.zeros(d + 1, d + 1, dtype=transform.dtype, device=transform.device)
+    out[:d, :d], out[d, :d], out[d, d] = transform, u.to(transform), 1
+    if correction is not None:
+        correction = Correction(homogeneous(correction.tokens, 0.0), homogeneous(correction.solved, 0.0),
+                                correction.coef)
+    return out, correction
+
+
+def homogeneous(x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+    """Append a constant feature to every token: ``[x, value]`` (``[c; 1]`` for a biased layer)."""
+    return torch.nn.functional.pad(x, (0, 1), value=value)
 
 
 def scaled(transform: torch.Tensor, correction: Correction | None, scale: float):
@@ -307,7 +343,8 @@ def numerical_rank(singular_values: torch.Tensor, rtol: float = 1e-9) -> int:
 def shared_low_rank(
     weights: torch.Tensor, sizes: list[int], delta: torch.Tensor, rank: int | None = None, rtol: float = 1e-9
 ) -> LowRankFactors:
-    """LoRA factors of ``ΔW_ℓ = W_ℓ Δ`` for a transform shared by every layer (``Δ = T_s − I``, rank ≤ edit tokens).
+    """LoRA factors of ``ΔW_ℓ = W_ℓ Δ`` for a transform shared by every layer (``Δ = T_s − I``, rank ≤ edit tokens;
+    ``Δ`` may have fewer columns than rows: a biased layer's ``[W | b]`` times the first d columns of ``T̃ − I``).
 
     One float64 SVD ``Δ = U S Vᵀ`` of the d×d matrix serves all layers: ``down = (S Vᵀ)[:r]`` is shared and
     ``up_ℓ = W_ℓ U[:, :r]`` comes from one matmul over the stacked weights. ``r`` is the numerical rank of ``Δ`` or
@@ -323,7 +360,7 @@ def shared_low_rank(
     """
     delta = delta.to(torch.float64)
     w = weights.to(device=delta.device, dtype=torch.float64)
-    u, s, vh = torch.linalg.svd(delta)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     exact = numerical_rank(s, rtol)
     r = exact if rank is None else min(rank, exact)
     down = s[:r, None] * vh[:r]

@@ -1,4 +1,5 @@
-"""Finding the layers UCE edits: every cross-attention (``attn2``) ``to_k``/``to_v`` of the denoiser."""
+"""Finding the layers UCE edits: every cross-attention (``attn2``) ``to_k``/``to_v`` of the denoiser, or the named
+linear layers of a family's target group (FLUX)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import torch
 
 @dataclass
 class Projection:
-    """One edited linear map ``y = W c``: the ``to_k`` or ``to_v`` of a cross-attention module.
+    """One edited linear map ``y = W c (+ b)``: the ``to_k``/``to_v`` of a cross-attention module, or a named layer.
 
     Args:
-        attention (`str`): name of the attention module inside the denoiser (e.g. ``"mid_block.attentions.0...attn2"``).
-        kind (`str`): ``"to_k"`` or ``"to_v"``.
+        attention (`str`): name of the attention module inside the denoiser (e.g. ``"mid_block.attentions.0...attn2"``),
+            or of the layer itself when `kind` is empty.
+        kind (`str`): ``"to_k"``, ``"to_v"``, or ``""`` for a named linear layer.
         module (`torch.nn.Linear`): the projection.
     """
 
@@ -24,10 +26,16 @@ class Projection:
 
     @property
     def name(self) -> str:
-        return f"{self.attention}.{self.kind}"
+        return f"{self.attention}.{self.kind}" if self.kind else self.attention
 
 
 LayerFilter = Sequence[str] | Callable[[str], bool] | None
+
+
+def check_layer_filter(layers: LayerFilter) -> None:
+    if layers is not None and not callable(layers):
+        if isinstance(layers, str) or not all(isinstance(p, str) for p in layers):
+            raise TypeError("layers must be a list of name substrings or a callable taking a module name")
 
 
 def _selected(name: str, layers: LayerFilter) -> bool:
@@ -53,9 +61,7 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
         ValueError: no cross-attention, projections fused with ``fuse_qkv_projections()``, a filter that matches
             nothing, or a text hidden size that does not match.
     """
-    if layers is not None and not callable(layers):
-        if isinstance(layers, str) or not all(isinstance(p, str) for p in layers):
-            raise TypeError("layers must be a list of name substrings or a callable taking a module name")
+    check_layer_filter(layers)
     attentions = [
         (name, module) for name, module in denoiser.named_modules()
         if name.endswith("attn2") and getattr(module, "is_cross_attention", False)
@@ -87,3 +93,28 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
                 f"{context_dim}-dim states: this pipeline's denoiser and text encoder do not match"
             )
     return projections
+
+
+def find_linear_layers(component: torch.nn.Module, names: tuple[str, ...], *, layers: LayerFilter = None,
+                       context_dim: int | None = None) -> list[Projection]:
+    """The named linear layers of a target group (e.g. FLUX's ``context_embedder``), filtered by `layers`.
+
+    Raises:
+        ValueError: a layer is missing or not a `torch.nn.Linear`, or takes inputs of another width than `context_dim`.
+    """
+    check_layer_filter(layers)
+    found = []
+    for name in names:
+        try:
+            module = component.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{type(component).__name__} has no linear layer {name!r} to edit: this is not the "
+                             "model the pipeline family expects")
+        if context_dim is not None and module.in_features != context_dim:
+            raise ValueError(f"{name} takes {module.in_features}-dim inputs but its text encoder gives {context_dim}-dim "
+                             "states: this pipeline's denoiser and text encoder do not match")
+        if _selected(name, layers):
+            found.append(Projection(name, "", module))
+    return found

@@ -77,7 +77,10 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-@pytest.fixture(params=["sd1", "sd2"])
+FAMILIES = ["sd1", "sd2", "sdxl", "flux"]
+
+
+@pytest.fixture(params=FAMILIES)
 def family(request):
     """Every test taking `family` (or `pipe`) runs on each pipeline family."""
     return request.param

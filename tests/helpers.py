@@ -1,14 +1,30 @@
-"""Shared test helpers: a UNet output to compare edits by, a relative error, the edited weights."""
+"""Shared test helpers: a denoiser output to compare edits by, a relative error, the edited weights (any family)."""
 
 import torch
 
+from reference import denoiser, family_of, groups
+
 
 def unet_output(pipe, prompt="a painting by van gogh"):
-    """One UNet call on fixed latents, conditioned on `prompt` through the pipeline's own `encode_prompt`."""
-    emb = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.unet.dtype)
-    with torch.no_grad():
-        return pipe.unet(latents, 10, encoder_hidden_states=emb).sample.double()
+    """The denoiser's output for `prompt` on fixed noise, conditioned through the pipeline's own prompt encoding.
+
+    SD 1.x/2.x and SDXL: one UNet call on `encode_prompt`; FLUX: the pipeline itself, one step (from pure noise to
+    the prediction), latents out.
+    """
+    family = family_of(pipe)
+    if family in ("sd1", "sd2", "sdxl"):
+        kwargs = dict(device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        encoded = pipe.encode_prompt(prompt, **kwargs)
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(pipe.device, pipe.unet.dtype)
+        extra = {}
+        if family == "sdxl":  # pooled text embedding and size conditioning
+            time_ids = torch.tensor([[32, 32, 0, 0, 32, 32]], device=pipe.device, dtype=pipe.unet.dtype)
+            extra["added_cond_kwargs"] = {"text_embeds": encoded[2], "time_ids": time_ids}
+        with torch.no_grad():
+            return pipe.unet(latents, 10, encoder_hidden_states=encoded[0], **extra).sample.double()
+    out = pipe(prompt, num_inference_steps=1, height=32, width=32, output_type="latent", guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(0))
+    return out.images.double()
 
 
 def rel(a, b):
@@ -17,7 +33,12 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def target_layers(pipe):
+    """``[(name, module)]`` of every layer concept editing changes in `pipe`'s family."""
+    model = denoiser(pipe)
+    return [(n, model.get_submodule(n)) for names, _ in groups(pipe) for n in names]
+
+
 def weights(pipe):
-    """Clones of every cross-attention to_k/to_v weight, by module name."""
-    names = ("attn2.to_k", "attn2.to_v")
-    return {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules() if n.endswith(names)}
+    """Clones of every edited layer's weight, by module name."""
+    return {n: m.weight.detach().clone() for n, m in target_layers(pipe)}

@@ -1,31 +1,91 @@
 """A float64 transcription of UCE (DESIGN.md §1–2), written as plainly as possible: the oracle for the tests.
 
-Nothing here is shared with the package's math: tokens are selected with Python loops from full-length encodings,
-and every layer is solved on its own with an explicit inverse.
+Nothing here is shared with the package's math or its family descriptions: each family's target layers and the
+states that feed them are spelt out below, tokens are selected with Python loops from full-length encodings, one
+prompt at a time, and every layer is solved on its own with an explicit inverse.
 """
 
 import torch
 
-
-def full_states(pipe, prompts):
-    """``text_encoder(ids)[0]`` at full padded length, float64, and ``k`` per prompt."""
-    tok = pipe.tokenizer
-    out = {}
-    for p in prompts:
-        inputs = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            states = pipe.text_encoder(inputs.input_ids.to(pipe.text_encoder.device))[0][0]
-        out[p] = (states.double().cpu(), int(inputs.attention_mask.sum()) - 2)
-    return out
+# For each demo family: target groups as (layer names inside the denoiser, how to encode one prompt).
+# An encoder returns (states (L, d) float64, k) for one prompt at the full padded length.
 
 
-def select_tokens(pipe, erase, guides, preserve, mode):
+def _clip(pipe, prompt, tokenizer, encoder, output):
+    inputs = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = encoder(inputs.input_ids.to(encoder.device), output_hidden_states=True)
+    states = {"last": out[0], "penultimate": out.hidden_states[-2], "pooled": getattr(out, "pooler_output", None)}
+    return states[output], int(inputs.attention_mask.sum()) - 2
+
+
+def _sd(pipe, prompt):
+    states, k = _clip(pipe, prompt, pipe.tokenizer, pipe.text_encoder, "last")
+    return states[0].double().cpu(), k
+
+
+def _sdxl(pipe, prompt):
+    a, k = _clip(pipe, prompt, pipe.tokenizer, pipe.text_encoder, "penultimate")
+    b, _ = _clip(pipe, prompt, pipe.tokenizer_2, pipe.text_encoder_2, "penultimate")
+    return torch.cat([a[0], b[0]], dim=-1).double().cpu(), k
+
+
+def _t5(pipe, prompt):
+    inputs = pipe.tokenizer_2(prompt, padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        states = pipe.text_encoder_2(inputs.input_ids.to(pipe.text_encoder_2.device))[0][0]
+    return states.double().cpu(), max(int(inputs.attention_mask.sum()) - 2, 0)  # T5: no start token, "" is </s>
+
+
+def _pooled(pipe, prompt):
+    pooled, _ = _clip(pipe, prompt, pipe.tokenizer, pipe.text_encoder, "pooled")
+    return pooled.double().cpu(), 0  # one token per prompt
+
+
+def _attn2(pipe):
+    return [n for n, _ in pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
+GROUPS = {
+    "sd1": lambda pipe: [(_attn2(pipe), _sd)],
+    "sd2": lambda pipe: [(_attn2(pipe), _sd)],
+    "sdxl": lambda pipe: [(_attn2(pipe), _sdxl)],
+    "flux": lambda pipe: [(["context_embedder"], _t5), (["time_text_embed.text_embedder.linear_1"], _pooled)],
+}
+
+
+def family_of(pipe) -> str:
+    names = {c.__name__ for c in type(pipe).__mro__}
+    if "FluxPipeline" in names:
+        return "flux"
+    if "StableDiffusionXLPipeline" in names:
+        return "sdxl"
+    return "sd2" if pipe.tokenizer.pad_token == "!" else "sd1"
+
+
+def denoiser(pipe):
+    return pipe.transformer if family_of(pipe) == "flux" else pipe.unet
+
+
+def groups(pipe):
+    """``[(layer names, encode)]`` of `pipe`'s family."""
+    return GROUPS[family_of(pipe)](pipe)
+
+
+def full_states(pipe, prompts, encode=None):
+    """Full-length float64 states and ``k`` per prompt (with `encode`, or the family's first group's encoder)."""
+    encode = encode or groups(pipe)[0][1]
+    return {p: encode(pipe, p) for p in prompts}
+
+
+def select_tokens(pipe, erase, guides, preserve, mode, encode=None):
     """Token lists per DESIGN.md §2: (pairs as lists of (c, c*) per concept, preserved tokens)."""
     if mode == "paper":
         guides = [g if g else " " for g in guides]
         preserve = list(preserve) + ([""] if "" not in preserve else [])
-    states = full_states(pipe, list(erase) + list(guides) + list(preserve))
-    length = pipe.tokenizer.model_max_length
+    states = full_states(pipe, list(erase) + list(guides) + list(preserve), encode)
+    length = next(iter(states.values()))[0].shape[0]
     pairs = []
     for e, g in zip(erase, guides):
         (se, ke), (sg, kg) = states[e], states[g]
@@ -44,12 +104,14 @@ def select_tokens(pipe, erase, guides, preserve, mode):
     return pairs, kept
 
 
-def reference_layer(weight, pairs, preserved, erase_scale, preserve_scale, lamb, technique, debiased=()):
+def reference_layer(weight, pairs, preserved, erase_scale, preserve_scale, lamb, technique, debiased=(), bias=None):
     """``W' = (λW + s_e Σ v* cᵀ + s_p Σ W p pᵀ) B⁻¹`` for one layer, float64.
 
-    `debiased` lists ``(c, [(c_a, w_a), ...])``: target ``W c + Σ_a w_a (‖W c‖ / ‖W c_a‖) W c_a``.
+    `debiased` lists ``(c, [(c_a, w_a), ...])``: target ``W c + Σ_a w_a (‖W c‖ / ‖W c_a‖) W c_a``. With a `bias`
+    ``b`` the layer keeps it and every target includes it (``v* + b``, ``W p + b``), as the authors' FLUX script does.
     """
     w = weight.double()
+    b_vec = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
     d = w.shape[1]
     b = lamb * torch.eye(d, dtype=torch.float64)
     num = lamb * w
@@ -57,7 +119,7 @@ def reference_layer(weight, pairs, preserved, erase_scale, preserve_scale, lamb,
         target = w @ c
         for c_a, w_a in attributes:
             target = target + w_a * (w @ c).norm() / (w @ c_a).norm() * (w @ c_a)
-        num = num + erase_scale * torch.outer(target, c)
+        num = num + erase_scale * torch.outer(target + b_vec, c)
         b = b + erase_scale * torch.outer(c, c)
     for block in pairs:
         alpha = 0.0
@@ -67,9 +129,21 @@ def reference_layer(weight, pairs, preserved, erase_scale, preserve_scale, lamb,
             alpha = float((wc * wg).sum() / (wc * wc).sum())
         for c, g in block:
             target = w @ g - alpha * (w @ c)
-            num = num + erase_scale * torch.outer(target, c)
+            num = num + erase_scale * torch.outer(target + b_vec, c)
             b = b + erase_scale * torch.outer(c, c)
     for p in preserved:
-        num = num + preserve_scale * torch.outer(w @ p, p)
+        num = num + preserve_scale * torch.outer(w @ p + b_vec, p)
         b = b + preserve_scale * torch.outer(p, p)
     return num @ torch.linalg.inv(b)
+
+
+def reference_weights(pipe, originals, erase, guides, preserve, mode, erase_scale, preserve_scale, lamb, technique):
+    """Reference edited weight of every target layer of `pipe` (by name), from its `originals` (name → weight)."""
+    out = {}
+    for names, encode in groups(pipe):
+        pairs, kept = select_tokens(pipe, erase, guides, preserve, mode, encode)
+        for name in names:
+            module = denoiser(pipe).get_submodule(name)
+            out[name] = reference_layer(originals[name], pairs, kept, erase_scale, preserve_scale, lamb, technique,
+                                        bias=module.bias)
+    return out

@@ -5,24 +5,24 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import diffusers_uce
-from diffusers_uce.demo import make_demo_pipeline
+from helpers import target_layers
+from reference import denoiser, family_of
 
-
-@pytest.fixture
-def pipe():
-    return diffusers_uce.attach(make_demo_pipeline("sd1"))
+# Every test here runs on every family through the `pipe` fixture of conftest.py.
 
 
 def snapshot(pipe):
-    return ({n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "attn2" in n},
-            dict(pipe.unet.attn_processors), pipe.concept_edits)
+    params = {f"{n}.{k}": p.detach().clone() for n, m in target_layers(pipe) for k, p in m.named_parameters()}
+    hooks = {n: dict(m._forward_hooks) for n, m in target_layers(pipe)}
+    return params, dict(denoiser(pipe).attn_processors), hooks, pipe.concept_edits
 
 
 def assert_unchanged(pipe, before):
-    weights, processors, edits = before
-    assert all(torch.equal(p, weights[n]) for n, p in pipe.unet.named_parameters() if "attn2" in n)
-    assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
-    assert pipe.concept_edits == edits
+    params, processors, hooks, edits = before
+    now, now_processors, now_hooks, now_edits = snapshot(pipe)
+    assert params.keys() == now.keys() and all(torch.equal(p, now[n]) for n, p in params.items())
+    assert now_processors.keys() == processors.keys() and all(now_processors[k] is v for k, v in processors.items())
+    assert now_hooks == hooks and now_edits == edits
 
 
 BAD_CALLS = [
@@ -65,7 +65,8 @@ def test_conflicts_with_earlier_edits(pipe):
 
 def test_layer_filter_matching_nothing(pipe):
     before = snapshot(pipe)
-    with pytest.raises(ValueError, match=r"matches none of the \d+ cross-attention modules"):
+    message = "selects none of the layers" if family_of(pipe) == "flux" else r"matches none of the \d+ cross-attention"
+    with pytest.raises(ValueError, match=message):
         pipe.apply_concept_edits("van gogh", layers=["no_such_block"])
     with pytest.raises(TypeError, match="layers must be a list of name substrings"):
         pipe.apply_concept_edits("van gogh", layers="up_blocks")
@@ -74,14 +75,18 @@ def test_layer_filter_matching_nothing(pipe):
 
 def test_non_finite_text_states_are_refused(pipe):
     before = snapshot(pipe)
-    with torch.no_grad():
-        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm.weight.fill_(float("inf"))
+    with torch.no_grad():  # every text encoder the family reads
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).get_input_embeddings().weight.fill_(float("inf"))
     with pytest.raises(ValueError, match="non-finite hidden states; nothing was changed"):
         pipe.apply_concept_edits("van gogh")
     assert_unchanged(pipe, before)
 
 
 def test_pipeline_without_cross_attention(pipe):
+    if family_of(pipe) == "flux":
+        pytest.skip("FLUX edits named linear layers, not cross-attention (see test_flux_without_its_layers)")
     pipe.register_modules(unet=UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None, norm_num_groups=4, cross_attention_dim=32))
@@ -90,7 +95,21 @@ def test_pipeline_without_cross_attention(pipe):
     assert pipe.concept_edits == ()
 
 
+def test_flux_without_its_layers(family):
+    if family != "flux":
+        pytest.skip("FLUX only")
+    from diffusers_uce.demo import make_demo_pipeline
+
+    pipe = diffusers_uce.attach(make_demo_pipeline("flux"))
+    pipe.transformer.context_embedder = torch.nn.Identity()
+    with pytest.raises(ValueError, match="has no linear layer 'context_embedder'"):
+        pipe.apply_concept_edits("van gogh")
+    assert pipe.concept_edits == ()
+
+
 def test_fused_qkv_projections_are_refused(pipe):
+    if family_of(pipe) == "flux":
+        pytest.skip("FLUX edits context_embedder/text_embedder, which fuse_qkv_projections() leaves alone")
     pipe.unet.fuse_qkv_projections()
     before = snapshot(pipe)
     with pytest.raises(ValueError, match=r"unfuse_qkv_projections\(\)"):
@@ -123,5 +142,5 @@ def test_repeated_actions_warn(pipe, caplog):
 
 
 def test_attach_refuses_other_objects():
-    with pytest.raises(TypeError, match="attach\\(\\) supports StableDiffusionPipeline"):
+    with pytest.raises(TypeError, match="supports StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline"):
         diffusers_uce.attach(torch.nn.Linear(2, 2))

@@ -1,0 +1,111 @@
+"""The state of an applied concept edit: per target group, its layers, solution and undo data."""
+
+from __future__ import annotations
+
+import torch
+
+from . import engine
+from .edits import ConceptEdit
+from .families import TargetGroup
+from .report import EditReport
+from .solve import edited_weights, scaled
+from .targets import LayerFilter, Projection
+
+
+class GroupEdit:
+    """One target group's part of an applied edit: ``W'_ℓ = W_ℓ T_ℓ`` for its layers.
+
+    A group whose layers have a bias is handled in homogeneous form (`solve.with_bias`): its weights are
+    ``[W | b]`` and its solution ``(d+1)×(d+1)``; only ``W`` is ever written, the bias stays as it is.
+
+    Args:
+        state (`EditState`): the edit this group belongs to (holds the strength).
+        group (`TargetGroup`): which layers and tokens.
+        projections (`list[Projection]`): the edited layers, in solve order.
+    """
+
+    def __init__(self, state: "EditState", group: TargetGroup, projections: list[Projection]):
+        self.state, self.group, self.projections = state, group, projections
+        self.biased = any(p.module.bias is not None for p in projections)
+        self.solution: engine.Solution | None = None
+        self.original_weights: list[torch.Tensor] | None = None  # saved while fused
+        self._device_terms: dict = {}
+
+    def set_solution(self, solution: engine.Solution) -> None:
+        self.solution, self._device_terms = solution, {}
+
+    def device_terms(self, device):
+        """``Δ = T − I`` and the correction in float32 on `device` (cached), for the processors and hooks."""
+        if device not in self._device_terms:
+            s = self.solution.to(device=device, dtype=torch.float32)
+            eye = torch.eye(s.transform.shape[0], device=device)
+            self._device_terms[device] = (s.transform - eye, s.correction)
+        return self._device_terms[device]
+
+    def originals(self) -> list[torch.Tensor]:
+        """The unedited weights (``W`` only), whether or not the edit is fused."""
+        if self.state.fused:
+            return self.original_weights
+        return [p.module.weight for p in self.projections]
+
+    def stacked(self, device, weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_all`` (or ``[W | b]`` stacked, for a biased group) on `device`, and the layer of each row."""
+        return stack(self.originals() if weights is None else weights, self.projections, self.biased, device)
+
+    def fused_weights(self, scale: float, device, solution: engine.Solution | None = None) -> list[torch.Tensor]:
+        """New ``W`` of every layer at strength `scale` (of `solution`, the installed one by default), each in its own
+        dtype/device; raises if not finite."""
+        originals = self.originals()
+        weights, row_layer = self.stacked(device)
+        s = (solution or self.solution).to(device=weights.device, dtype=weights.dtype)
+        transform, correction = scaled(s.transform, s.correction, scale)
+        new = edited_weights(weights, transform, correction, row_layer)[:, : originals[0].shape[1]]
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
+                             "erase/preserve scales or the edit scale, or raise lamb")
+        sizes = [w.shape[0] for w in originals]
+        return [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
+
+    @torch.no_grad()
+    def write(self, weights: list[torch.Tensor]) -> None:
+        for projection, weight in zip(self.projections, weights):
+            projection.module.weight.copy_(weight)
+
+
+class EditState:
+    """Everything an applied edit needs: records, target groups, strength, undo data and the latest report."""
+
+    def __init__(self, edit_keys: bool, layers: LayerFilter):
+        self.edit_keys, self.layers = edit_keys, layers
+        self.groups: list[GroupEdit] = []
+        self.records: list[ConceptEdit] = []
+        self.scale = 1.0
+        self.fused = False
+        self.original_processors: dict[str, object] = {}
+        self.hooks: list = []
+        self.report: EditReport | None = None  # of the latest solve (None for an edit loaded from a file)
+
+    @property
+    def projections(self) -> list[Projection]:
+        """Every edited layer, group after group."""
+        return [p for g in self.groups for p in g.projections]
+
+    @property
+    def active_scale(self) -> float:
+        """Strength the processors and hooks apply: 0 while the edit is fused into the weights."""
+        return 0.0 if self.fused else self.scale
+
+
+def stack(weights: list[torch.Tensor], projections: list[Projection], biased: bool, device):
+    """Stack layer weights along rows in float32 (float64 for float64 weights), with the bias column when `biased`.
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ``W_all`` (or ``[W | b]``) and the layer index of each of its rows.
+    """
+    dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    parts = [w.detach().to(device=device, dtype=dtype) for w in weights]
+    if biased:
+        parts = [torch.cat([w, (p.module.bias.detach().to(w)[:, None] if p.module.bias is not None
+                                else w.new_zeros(w.shape[0], 1))], dim=1) for w, p in zip(parts, projections)]
+    sizes = torch.tensor([w.shape[0] for w in weights], device=device)
+    return torch.cat(parts), torch.repeat_interleave(torch.arange(len(weights), device=device), sizes)
