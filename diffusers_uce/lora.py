@@ -1,10 +1,14 @@
 """LoRA export: write an applied concept edit as a diffusers-format LoRA that plain diffusers (with PEFT) loads.
 
-A UCE edit changes each edited projection by ``ΔW_ℓ = W_ℓ (T_ℓ − I)``, which is low rank (≤ the number of edit
-tokens), so it is an exact LoRA. The factors come from `solve.shared_low_rank` (one SVD of ``T − I`` for all layers)
-or `solve.per_layer_low_rank` ("tensor" technique). Keys follow diffusers' PEFT format for the UNet,
-``unet.<module path>.lora_A.weight`` (r×d) and ``unet.<module path>.lora_B.weight`` (out×r), and the header holds the
-`LoraConfig` (``lora_adapter_metadata``) with ``lora_alpha = r`` for every module: the LoRA scale is 1.
+A UCE edit changes each edited layer by ``ΔW_ℓ = W_ℓ (T_ℓ − I)``, which is low rank (≤ the number of edit tokens),
+so it is an exact LoRA. A layer with a bias (FLUX's ``context_embedder`` and pooled-text ``linear_1``) keeps its bias
+and changes by ``ΔW = W (T − I) + b uᵀ`` (one rank more): the ``[W | b] (T̃ − I)`` of the homogeneous form, first d
+columns. The factors come from `solve.shared_low_rank` (one SVD of ``T − I`` per target group) or
+`solve.per_layer_low_rank` ("tensor" technique). Keys follow diffusers' PEFT format, prefixed by the component the
+family's loader expects: ``unet.<module>.lora_A.weight`` (r×d) / ``lora_B.weight`` (out×r) for SD 1.x/2.x and SDXL,
+``transformer.<module>...`` for FLUX; the header holds the `LoraConfig` (``lora_adapter_metadata``) with
+``lora_alpha = r`` for every module: the LoRA scale is 1. `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and
+`FluxPipeline`'s `load_lora_weights` load it as is (PEFT wraps any `nn.Linear`, ``context_embedder`` included).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import torch
 from diffusers.utils import logging
 
-from .io import atomic_save_safetensors, check_weight_name, library_versions
+from .edit_files import atomic_save_safetensors, check_weight_name, library_versions
 from .solve import Correction, LowRankFactors, edited_weights, per_layer_low_rank, shared_low_rank
 
 logger = logging.get_logger(__name__)
@@ -69,12 +73,13 @@ class UCELoraMixin:
         self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str = LORA_WEIGHT_NAME,
         overwrite: bool = False,
     ) -> float:
-        r"""Write the applied concept edit, at its current strength, as a LoRA for the denoiser.
+        r"""Write the applied concept edit, at its current strength, as a LoRA for the denoiser (UNet or transformer).
 
         The edit is exactly low rank, so at the default (exact) rank the LoRA reproduces the fused edit up to float
-        error; a smaller `rank` keeps the best approximation of ``T − I`` (one SVD shared by every layer) or, for the
-        "tensor" technique, of each layer's change. Load it without this plugin, with PEFT installed:
-        `StableDiffusionPipeline.from_pretrained(...).load_lora_weights(save_directory)`.
+        error; a smaller `rank` keeps the best approximation of ``T − I`` (one SVD per target group, shared by its layers) or, for the
+        "tensor" technique, of each layer's change. Load it without this plugin, with PEFT installed, into the
+        pipeline class of the same family: `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `FluxPipeline`
+        `.from_pretrained(...).load_lora_weights(save_directory)`.
 
         Args:
             save_directory (`str` or `os.PathLike`): folder to write into (created if needed).
@@ -102,35 +107,66 @@ class UCELoraMixin:
         if state.scale == 0:
             raise ValueError("the concept edit strength is 0, so the edit changes nothing: there is no LoRA to export; "
                              "call set_concept_edit_scale() with a non-zero strength first")
-        originals = state.original_weights if state.fused else [p.module.weight for p in state.projections]
-        device = self._execution_device
-        weights = torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in originals])
-        sizes = [w.shape[0] for w in originals]
-        solution = state.solution.to(device=device, dtype=torch.float64)
-        eye = torch.eye(solution.transform.shape[0], dtype=torch.float64, device=device)
-        delta = state.scale * (solution.transform - eye)
-        if solution.correction is None:
-            factors = shared_low_rank(weights, sizes, delta, rank)
-        else:
-            c = solution.correction
-            row_layer = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                                torch.tensor(sizes, device=device))
-            changes = edited_weights(weights, delta, Correction(c.tokens, c.solved, c.coef * state.scale), row_layer)
-            factors = per_layer_low_rank(list(changes.split(sizes)), rank)
-        if max(factors.exact_rank) == 0:
+        tensors, modules, exact, total, dropped = {}, {}, [], 0.0, 0.0
+        for group, factors in zip(state.groups, lora_factors(state, rank, self._execution_device)):
+            component = group.group.component
+            part, _ = lora_state_dict(component, [p.name for p in group.projections], factors)
+            tensors.update(part)
+            modules.setdefault(component, []).extend((p.name, r) for p, r in zip(group.projections, factors.rank) if r)
+            exact += factors.exact_rank
+            # the kept part is orthogonal to the dropped one: ‖ΔW‖² = ‖kept‖² / (1 − error²)
+            kept = sum(float(((u.T @ u) * (d @ d.T)).sum()) for u, d in zip(factors.up, factors.down))
+            group_total = kept / max(1 - factors.relative_error ** 2, 1e-300)
+            total, dropped = total + group_total, dropped + group_total * factors.relative_error ** 2
+        if max(exact) == 0:
             raise ValueError("the concept edit changes no weight: there is no LoRA to export")
-        names = [p.name for p in state.projections]
-        tensors, header = lora_state_dict(self._uce_denoiser_name, names, factors)
+        relative_error = (dropped / total) ** 0.5 if total > 0 else 0.0
+        config = {f"{component}.{k}": v for component, kept in modules.items()
+                  for k, v in lora_config([n for n, _ in kept], [r for _, r in kept]).items()}
+        header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
         header["diffusers_uce"] = json.dumps({
             "edits": [r.to_dict() for r in state.records], "scale": state.scale, "rank": rank,
-            "relative_error": factors.relative_error, "versions": library_versions(),
+            "relative_error": relative_error, "versions": library_versions(),
         })
         path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
-        ranks = sorted(set(factors.rank))
+        ranks = sorted({r for kept in modules.values() for _, r in kept})
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "
-                    f"(exact rank {max(factors.exact_rank)}) on {len(tensors) // 2} modules to {path}; relative "
-                    f"error {factors.relative_error:.3g}")
+                    f"(exact rank {max(exact)}) on {len(tensors) // 2} modules to {path}; relative "
+                    f"error {relative_error:.3g}")
         if importlib.util.find_spec("peft") is None:
             logger.warning("loading this LoRA with load_lora_weights() needs PEFT: pip install 'diffusers-uce[lora]' "
                            "(or pip install peft)")
-        return factors.relative_error
+        return relative_error
+
+
+def lora_factors(state, rank: int | None = None, device="cpu") -> list[LowRankFactors]:
+    """LoRA factors of each target group's weight change at the edit's current strength, in float64.
+
+    Args:
+        state (`EditState`): an applied edit (fused or not).
+        rank (`int`, *optional*): the largest rank per layer; the exact rank by default.
+        device (`str` or `torch.device`, defaults to `"cpu"`): where to compute.
+
+    Returns:
+        `list[LowRankFactors]`: one per group of ``state.groups``: ``ΔW_ℓ ≈ up[ℓ] @ down[ℓ]``.
+    """
+    return [_group_factors(group, state.scale, rank, device) for group in state.groups]
+
+
+def _group_factors(group, scale: float, rank: int | None, device) -> LowRankFactors:
+    """LoRA factors of one target group's change at strength `scale` (a biased group's bias column dropped: the
+    LoRA changes ``W`` only, and ``W' − W = [W | b] (T̃ − I)`` restricted to the first d columns)."""
+    weights, row_layer = group.stacked(device)
+    weights = weights.to(torch.float64)
+    sizes = [p.module.weight.shape[0] for p in group.projections]
+    solution = group.solution.to(device=device, dtype=torch.float64)
+    eye = torch.eye(solution.transform.shape[0], dtype=torch.float64, device=device)
+    delta = scale * (solution.transform - eye)
+    d = weights.shape[1] - group.biased
+    if solution.correction is None:
+        factors = shared_low_rank(weights, sizes, delta[:, :d], rank)
+    else:
+        c = solution.correction
+        changes = edited_weights(weights, delta, Correction(c.tokens, c.solved, c.coef * scale), row_layer)
+        factors = per_layer_low_rank(list(changes[:, :d].split(sizes)), rank)
+    return factors
