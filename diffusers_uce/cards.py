@@ -17,6 +17,7 @@ from diffusers.utils import logging
 from huggingface_hub import ModelCard, ModelCardData
 
 from .edits import ConceptEdit
+from .families import FAMILIES, Family, family_of
 from .files import write_text_atomic
 
 logger = logging.get_logger(__name__)
@@ -34,6 +35,8 @@ KNOWN_BASE_LICENSES: dict[str, dict[str, str]] = {
     "CompVis/stable-diffusion-v1-4": _OPENRAIL_M,
     "runwayml/stable-diffusion-v1-5": _OPENRAIL_M,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": _OPENRAIL_M,
+    "stabilityai/stable-diffusion-2": _OPENRAIL_PP,
+    "stabilityai/stable-diffusion-2-base": _OPENRAIL_PP,
     "stabilityai/stable-diffusion-2-1": _OPENRAIL_PP,
     "stabilityai/stable-diffusion-2-1-base": _OPENRAIL_PP,
     "stabilityai/stable-diffusion-xl-base-1.0": _OPENRAIL_PP,
@@ -45,9 +48,8 @@ KNOWN_BASE_LICENSES: dict[str, dict[str, str]] = {
     "black-forest-labs/FLUX.1-schnell": {"license": "apache-2.0"},
 }
 
-# Pipeline class name prefix -> family tag (first match wins, so longer prefixes come first).
-_FAMILY_OF_CLASS = (("StableDiffusionXL", "stable-diffusion-xl"), ("StableDiffusion3", "stable-diffusion-3"),
-                    ("Flux", "flux"), ("StableDiffusion", "stable-diffusion"))
+# dtype of the card's loading snippets, by family name: FLUX in bfloat16, as diffusers' FLUX examples load it.
+SNIPPET_DTYPES = {"flux": "bfloat16"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _HUB_CACHE_DIR = re.compile(r"models--([\w.-]+?)--([\w.-]+)")
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|])")
@@ -96,12 +98,23 @@ def hub_model_id(name_or_path: str | os.PathLike | None) -> str | None:
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-def family_of_pipeline(pipe_or_class: Any) -> str:
-    """The family tag (`"stable-diffusion"`, `"stable-diffusion-xl"`, `"flux"`...) of a pipeline or pipeline class."""
-    cls = pipe_or_class if isinstance(pipe_or_class, type) else type(pipe_or_class)
-    base = next((c for c in cls.__mro__ if not c.__name__.startswith("UCE")), cls)  # skip UCE subclasses
-    families = (family for prefix, family in _FAMILY_OF_CLASS if base.__name__.startswith(prefix))
-    return next(families, "stable-diffusion")
+def _family(family: str | Family) -> Family:
+    """A `Family` from its name (`"stable-diffusion"`, `"stable-diffusion-xl"`, `"flux"`), or the family itself
+    (also a community pipeline's own copy of the class)."""
+    if not isinstance(family, str):
+        return family
+    found = next((f for f in FAMILIES if f.name == family), None)
+    if found is None:
+        raise ValueError(f"unknown pipeline family {family!r}; use one of {', '.join(f.name for f in FAMILIES)}")
+    return found
+
+
+def _edited_layers(family: Family) -> str:
+    """What an edit of `family` rewrites, for the card's description."""
+    if family.has_keys:
+        return "the cross-attention key/value projections"
+    names = ", ".join(f"`{g.component}.{m}`" for g in family.groups for m in g.modules)
+    return f"the projections of the text embeddings ({names})"
 
 
 def _md(value: Any) -> str:
@@ -173,7 +186,8 @@ def _erased(edits: list[dict]) -> list[str]:
     return out
 
 
-def _texts(base_model: str | None, hub_id: str | None, kind: str, edits: list[dict]) -> tuple[str, str]:
+def _texts(base_model: str | None, hub_id: str | None, kind: str, edits: list[dict],
+           family: Family) -> tuple[str, str]:
     """The card's title and description paragraph."""
     erased = _erased(edits)
     preserves = any(e.get("preserve") for e in edits)
@@ -182,7 +196,7 @@ def _texts(base_model: str | None, hub_id: str | None, kind: str, edits: list[di
     title = title.rstrip(": ") or "Concept edit made with UCE"
     base = f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else (f"`{base_model}`" if base_model else None)
     uce = f"Unified Concept Editing (UCE; [Gandikota et al., WACV 2024]({PAPER_URL}))"
-    change = "a closed-form rewrite of the cross-attention key/value projections"
+    change = f"a closed-form rewrite of {_edited_layers(family)}"
     what = (f" that erases {len(erased)} concept{'s' * (len(erased) != 1)} ({_names(erased, 5)}) toward "
             f"{'its guide' if len(erased) == 1 else 'their guides'}" if erased else "")
     what += ", preserving the concepts listed below" if preserves else ""
@@ -190,7 +204,7 @@ def _texts(base_model: str | None, hub_id: str | None, kind: str, edits: list[di
         text = (f"{base or 'A text-to-image model'} with a concept edit fused into its weights: {change} made with "
                 f"{uce}{what}. It loads as a plain diffusers pipeline.")
     else:
-        text = (f"A concept edit for {base or 'a Stable Diffusion model'} made with {uce}: {change}{what}. This "
+        text = (f"A concept edit for {base or 'a text-to-image model'} made with {uce}: {change}{what}. This "
                 "repository holds the edit, not a full model: apply it to the base model, where it can be scaled, "
                 "fused or unloaded.")
     return title, text
@@ -198,7 +212,7 @@ def _texts(base_model: str | None, hub_id: str | None, kind: str, edits: list[di
 
 def render_model_card(
     *, edits: Iterable[ConceptEdit | Mapping], base_model: str | None, kind: Literal["adapter", "finetune"],
-    report: Mapping | Any | None = None, license: str | None = None, family: str = "stable-diffusion",
+    report: Mapping | Any | None = None, license: str | None = None, family: str | Family = "stable-diffusion",
     repo_id: str | None = None, weight_name: str | None = None, extra_tags: Iterable[str] = (),
     lora_weight_name: str | None = None, edit_options: str | None = None, template: str = DEFAULT_TEMPLATE,
 ) -> ModelCard:
@@ -211,8 +225,9 @@ def render_model_card(
             with the edit fused in; it is the metadata's `base_model_relation`.
         report (`dict`, *optional*): the edit report (`EditReport.to_dict()`; an `EditReport` works too).
         license (`str`, *optional*): the licence id; defaults to the base model's when it is a well-known model.
-        family (`str`, defaults to `"stable-diffusion"`): the pipeline family tag (`"stable-diffusion-xl"`,
-            `"flux"`...).
+        family (`str` or `Family`, defaults to `"stable-diffusion"`): the pipeline family (`"stable-diffusion-xl"`,
+            `"flux"`, or a `diffusers_uce.families.Family`): its Hub tags go in the metadata, its edited layers in the
+            description.
         repo_id (`str`, *optional*): the repository the card is for, used in the loading snippets.
         weight_name (`str`, *optional*): the edit file's name, when not the default one.
         extra_tags (`Iterable[str]`, defaults to `()`): more metadata tags.
@@ -239,15 +254,13 @@ def render_model_card(
     if base_model and not hub_id:
         logger.info(f"base model {base_model!r} is not a Hub model id: it is left out of the card's metadata")
     licence = {"license": license} if license else dict(KNOWN_BASE_LICENSES.get(hub_id or "", {}))
-    family = family or "stable-diffusion"
-    tags = ["diffusers", "text-to-image", "uce", "concept-editing"]
-    tags += ["stable-diffusion"] if family.startswith("stable-diffusion") else []
-    tags = list(dict.fromkeys([*tags, family, *extra_tags]))
+    family = _family(family or "stable-diffusion")
+    tags = list(dict.fromkeys(["diffusers", "text-to-image", "uce", "concept-editing", *family.tags, *extra_tags]))
     card_data = ModelCardData(
         library_name="diffusers", pipeline_tag="text-to-image", base_model=hub_id,
         base_model_relation=kind if hub_id else None, tags=tags, **licence,
     )
-    title, description = _texts(base_model, hub_id, kind, edits)
+    title, description = _texts(base_model, hub_id, kind, edits, family)
     if licence and not license:
         link = f" ([licence]({licence['license_link']}))" if licence.get("license_link") else ""
         license_note = (f"This {'edit' if kind == 'adapter' else 'model'} is derived from `{hub_id}` and carries its "
@@ -261,7 +274,7 @@ def render_model_card(
             card_data, template_path=str(path), title=title, description=description, kind=kind, edits=rows,
             report=_report_view(report), base_model=hub_id or base_model, repo_id=repo_id, weight_name=weight_name,
             lora_weight_name=lora_weight_name, edit_options=edit_options, license_note=license_note,
-            package_version=__version__,
+            package_version=__version__, torch_dtype=SNIPPET_DTYPES.get(family.name, "float16"),
         )
 
 
@@ -281,22 +294,33 @@ def card_for_pipeline(
 
     Returns:
         [`huggingface_hub.ModelCard`]: the card. The base model is `pipe.name_or_path` (the config's `_name_or_path`)
-        when it is a Hub id or a Hub cache snapshot folder, and the family tag comes from the pipeline class.
+        when it is a Hub id or a Hub cache snapshot folder; the family (tags, edited layers) is the pipeline's
+        `_uce_family`.
     """
     config = getattr(pipe, "config", None) or {}
     base = getattr(pipe, "name_or_path", None) or (config.get("_name_or_path") if hasattr(config, "get") else None)
     state = getattr(pipe, "_uce_state", None)
     if state is not None and "edit_options" not in kwargs:
+        kwargs["edit_options"] = _edit_options(state)
+    family = kwargs.pop("family", None) or getattr(pipe, "_uce_family", None) or family_of(type(pipe))
+    return render_model_card(
+        edits=tuple(getattr(pipe, "concept_edits", ()) or ()), base_model=base if isinstance(base, str) else None,
+        kind=kind, report=report, family=family, repo_id=repo_id, weight_name=weight_name, **kwargs,
+    )
+
+
+def _edit_options(state: Any) -> str:
+    """The card's line on the edited layers and the strength of an applied edit (`EditState`)."""
+    parts = []
+    for group in (edit.group for edit in state.groups):
+        if group.modules:
+            parts += [f"`{group.component}.{module}`" for module in group.modules]
+            continue
         layers = state.layers
         scope = ("every cross-attention layer" if layers is None else "the cross-attention layers chosen by a filter"
                  if callable(layers) else "the cross-attention layers matching " + ", ".join(map(str, layers)))
-        kwargs["edit_options"] = (f"Edited projections: {'`to_k` and `to_v`' if state.edit_keys else '`to_v`'} of "
-                                  f"{_md(scope)}; strength {state.scale:g}.")
-    return render_model_card(
-        edits=tuple(getattr(pipe, "concept_edits", ()) or ()), base_model=base if isinstance(base, str) else None,
-        kind=kind, report=report, family=kwargs.pop("family", None) or family_of_pipeline(pipe), repo_id=repo_id,
-        weight_name=weight_name, **kwargs,
-    )
+        parts.append(f"{'`to_k` and `to_v`' if state.edit_keys else '`to_v`'} of {_md(scope)}")
+    return f"Edited projections: {'; '.join(parts)}; strength {state.scale:g}."
 
 
 def save_model_card(card: ModelCard | str, save_directory: str | os.PathLike, *, overwrite: bool = False) -> bool:

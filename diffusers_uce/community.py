@@ -4,11 +4,9 @@
 (relative imports are not allowed in it) and takes the only `DiffusionPipeline` subclass defined there. This module
 builds that file by concatenating the package modules in dependency order, dropping their intra-package imports,
 hoisting and merging the other imports, and appending one pipeline class; nothing is copied by hand, so the file
-cannot drift from the package (a test regenerates it and compares). Regenerate with:
-
-    python -m diffusers_uce.community examples/community/pipeline_uce.py
-
-A Hub repository serves the file to `custom_pipeline="user/repo"` only under the name `pipeline.py`
+cannot drift from the package (a test regenerates it and compares). The file's class extends the pipeline it is
+loaded with, so there is one file per family (`COMMUNITY_FILES`); `python -m diffusers_uce.community` regenerates them
+all. A Hub repository serves the file to `custom_pipeline="user/repo"` only under the name `pipeline.py`
 (`HUB_PIPELINE_FILENAME`).
 """
 
@@ -16,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib.util
-import inspect
 import os
 import re
 import sys
@@ -36,15 +34,22 @@ PACKAGE = "diffusers_uce"
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "solve", "files", "edits", "concepts", "prompts", "targets", "engine", "report", "processor", "io", "lora",
-    "debias", "mixin",
+    "solve", "files", "edits", "concepts", "prompts", "families", "targets", "engine", "report", "processor", "state",
+    "edit_files", "io", "lora", "debias", "mixin",
 )
 OPTIONAL_MODULES = frozenset()  # modules included only when the package has them
 SHARED_NAMES = frozenset({"logger"})  # may be defined by several modules, if identically
 DROPPED_NAMES = frozenset({"__all__"})
 PIPELINE_BASE = "StableDiffusionPipeline"
+# The committed file of each family (by pipeline class), and the checkpoint its docstring's example loads.
+COMMUNITY_FILES = {"StableDiffusionPipeline": "examples/community/pipeline_uce.py",
+                   "StableDiffusionXLPipeline": "examples/community/pipeline_uce_sdxl.py",
+                   "FluxPipeline": "examples/community/pipeline_uce_flux.py"}
+_EXAMPLE_CHECKPOINTS = {"StableDiffusionPipeline": "CompVis/stable-diffusion-v1-4",
+                        "StableDiffusionXLPipeline": "stabilityai/stable-diffusion-xl-base-1.0",
+                        "FluxPipeline": "black-forest-labs/FLUX.1-dev"}
 HUB_PIPELINE_FILENAME = "pipeline.py"  # what diffusers fetches for `custom_pipeline="user/repo"`
-DEFAULT_OUTPUT = "examples/community/pipeline_uce.py"
+DEFAULT_OUTPUT = COMMUNITY_FILES[PIPELINE_BASE]
 CITATION = ('R. Gandikota, H. Orgad, Y. Belinkov, J. Materzyńska, D. Bau, "Unified Concept Editing in Diffusion '
             'Models", WACV 2024, arXiv:2308.14761')
 _WIDTH = 119
@@ -116,10 +121,7 @@ def _bound_names(node: ast.stmt) -> list[str]:
         return [node.name]
     targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) \
         else []
-    names = []
-    for target in targets:
-        names += [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
-    return names
+    return [n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)]
 
 
 def parse_module(name: str, source: str) -> _Module:
@@ -127,11 +129,9 @@ def parse_module(name: str, source: str) -> _Module:
     tree = ast.parse(source)
     module = _Module(name=name, lines=source.splitlines())
     body = list(tree.body)
-    if body:
-        module.first_line = body[0].lineno - 1
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(
-            body[0].value.value, str):
-        module.docstring = inspect.cleandoc(body[0].value.value)
+    module.first_line = body[0].lineno - 1 if body else 0
+    if (docstring := ast.get_docstring(tree, clean=True)) is not None:
+        module.docstring = docstring
         module.drop.update(_statement_lines(module, body.pop(0)))
     top = {id(node) for node in body}
     for node in ast.walk(tree):
@@ -177,8 +177,7 @@ def _order(modules: dict[str, _Module], preferred: Sequence[str]) -> list[str]:
         missing = sorted((module.deps | {m for m, _ in module.uses} | module.namespaces) - set(modules))
         if missing:
             raise ValueError(f"{PACKAGE}/{module.name}.py imports {', '.join('.' + m for m in missing)}, which the "
-                             "community pipeline does not include: add it to "
-                             "diffusers_uce.community.COMMUNITY_MODULES")
+                             f"community pipeline does not include: add it to {PACKAGE}.community.COMMUNITY_MODULES")
     placed: list[str] = []
     while len(placed) < len(modules):
         ready = [m for m in preferred if m not in placed and modules[m].deps <= set(placed)]
@@ -200,10 +199,7 @@ def _check_names(modules: list[_Module], extra: list[tuple[str, str, str | None,
         if len(targets) > 1:
             raise ValueError(f"name clash in the community pipeline: {bound!r} is imported as "
                              f"{' and '.join(sorted(targets))} by different modules; import one under another name")
-    owners: dict[str, list[_Module]] = {}
-    for module in modules:
-        for name in module.defs:
-            owners.setdefault(name, []).append(module)
+    owners = {name: [m for m in modules if name in m.defs] for module in modules for name in module.defs}
     namespaces = {n for m in modules for n in m.namespaces}
     for name, where in owners.items():
         dumps = {m.defs[name][0] for m in where}
@@ -249,16 +245,14 @@ def _format_imports(entries: list[tuple[str, str, str | None, str | None]]) -> s
 
 
 def _namespace(name: str, module: _Module) -> str:
-    items = [f"{n}={n}" for n in module.defs if not n.startswith("__")]
-    text, line = f"{name} = types.SimpleNamespace(\n", "   "
-    for item in items:
-        if len(line) + len(item) + 2 > _WIDTH:
-            text, line = text + line.rstrip() + "\n", "   "
-        line += f" {item},"
-    return f"# `from . import {name}` in the package: {name}.py's names as one object\n{text}{line}\n)"
+    items = textwrap.fill(" ".join(f"{n}={n}," for n in module.defs if not n.startswith("__")), _WIDTH,
+                          initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+    return (f"# `from . import {name}` in the package: {name}.py's names as one object\n"
+            f"{name} = types.SimpleNamespace(\n{items}\n)")
 
 
-def _section(module: _Module) -> str:
+def _section(module: _Module, namespace: bool = False) -> str:
+    """A module's code in the file, with its names gathered into a namespace object too when `namespace`."""
     out = [f"# {'-' * 116}", f"# {PACKAGE}/{module.name}.py", f"# {'-' * 116}"]
     out += [f"# {line}".rstrip() for line in (module.docstring or "").splitlines()]
     out.append("")
@@ -267,16 +261,8 @@ def _section(module: _Module) -> str:
             out.append(module.replace[index])
         elif index not in module.drop:
             out.append(module.lines[index].rstrip())
-    return re.sub(r"\n{4,}", "\n\n\n", "\n".join(out)).strip("\n")
-
-
-def available_modules(modules: Sequence[str] = COMMUNITY_MODULES) -> list[str]:
-    """The modules of `modules` the installed package has (optional ones may be missing)."""
-    found = [m for m in modules if importlib.util.find_spec(f"{PACKAGE}.{m}") is not None]
-    missing = sorted(set(modules) - set(found) - OPTIONAL_MODULES)
-    if missing:
-        raise ValueError(f"{PACKAGE} has no module(s) {', '.join(missing)}")
-    return found
+    text = re.sub(r"\n{4,}", "\n\n\n", "\n".join(out)).strip("\n")
+    return text + ("\n\n\n" + _namespace(module.name, module) if namespace else "")
 
 
 def build_community_pipeline(modules: Sequence[str] | None = None, *, pipeline_base: str = PIPELINE_BASE) -> str:
@@ -294,9 +280,18 @@ def build_community_pipeline(modules: Sequence[str] | None = None, *, pipeline_b
         `ValueError`: when two modules bind one name differently, a module imports a package module that is not
         included, or an intra-package import cannot be rewritten.
     """
-    names = available_modules(COMMUNITY_MODULES if modules is None else modules)
-    sources = {n: Path(importlib.util.find_spec(f"{PACKAGE}.{n}").origin).read_text(encoding="utf-8") for n in names}
-    return build_from_sources(sources, pipeline_base=pipeline_base)
+    wanted = COMMUNITY_MODULES if modules is None else modules
+    names = [m for m in wanted if importlib.util.find_spec(f"{PACKAGE}.{m}") is not None]
+    missing = sorted(set(wanted) - set(names) - OPTIONAL_MODULES)
+    if missing:
+        raise ValueError(f"{PACKAGE} has no module(s) {', '.join(missing)}")
+    paths = [Path(importlib.util.find_spec(f"{PACKAGE}.{n}").origin) for n in names]
+    return _build(tuple((n, p.read_text(encoding="utf-8")) for n, p in zip(names, paths)), pipeline_base)
+
+
+@functools.lru_cache(maxsize=8)  # each push writes the file: the same sources give the same file
+def _build(sources: tuple[tuple[str, str], ...], pipeline_base: str) -> str:
+    return build_from_sources(dict(sources), pipeline_base=pipeline_base)
 
 
 def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = PIPELINE_BASE) -> str:
@@ -322,12 +317,10 @@ def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = P
 
     future = sorted(set().union(*(m.future for m in ordered)))
     namespaces = {n for m in ordered for n in m.namespaces}
-    sections = []
-    for module in ordered:
-        sections.append(_section(module))
-        if module.name in namespaces:
-            sections.append(_namespace(module.name, module))
+    sections = [_section(module, module.name in namespaces) for module in ordered]
     title = f": `{class_name}`" if class_name else ""
+    base = pipeline_base or PIPELINE_BASE
+    checkpoint, file = _EXAMPLE_CHECKPOINTS.get(base, "<checkpoint>"), Path(COMMUNITY_FILES.get(base, DEFAULT_OUTPUT))
     header = "\n".join([
         f"# Generated by `python -m diffusers_uce.community` from diffusers-uce {__version__}. DO NOT EDIT:",
         "# change the package and regenerate this file. Modules, in order:",
@@ -337,12 +330,12 @@ def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = P
                        subsequent_indent="#     "),
         f'"""Unified Concept Editing (UCE) for diffusers, as a single-file community pipeline{title}.',
         "",
-        f"Loads any checkpoint of `{pipeline_base or 'StableDiffusionPipeline'}` and adds `apply_concept_edits`,",
+        f"Loads any checkpoint of `{base}` and adds `apply_concept_edits`,",
         "`fuse_concept_edits`, `unfuse_concept_edits`, `set_concept_edit_scale`, `unload_concept_edits` and the",
         "edit-file methods, without installing diffusers-uce:",
         "",
-        "    pipe = DiffusionPipeline.from_pretrained(",
-        '        "CompVis/stable-diffusion-v1-4", custom_pipeline="path/to/pipeline_uce.py", trust_remote_code=True)',
+        f'    pipe = DiffusionPipeline.from_pretrained("{checkpoint}",',
+        f'        custom_pipeline="path/to/{file.name}", trust_remote_code=True)',
         '    pipe.apply_concept_edits(erase=["Van Gogh"], guide="art", preserve=["Monet"])',
         "",
         f"In a Hub repository, store it as `{HUB_PIPELINE_FILENAME}` and pass `custom_pipeline=\"user/repo\"`. Saved",
@@ -357,42 +350,47 @@ def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = P
             f"\n\n# {'-' * 116}\n# The community pipeline\n# {'-' * 116}\n\n\n"
             f"class {class_name}(UCEMixin, {pipeline_base}):\n"
             f'    r"""`{pipeline_base}` with Unified Concept Editing (Gandikota et al., WACV 2024): see `UCEMixin`.'
-            '"""\n'
+            '"""\n\n'
+            f"    _uce_family = family_of({pipeline_base})\n"
         )
     return text
 
 
-def write_community_pipeline(path: str | os.PathLike = DEFAULT_OUTPUT, modules: Sequence[str] | None = None) -> Path:
+def write_community_pipeline(path: str | os.PathLike = DEFAULT_OUTPUT, modules: Sequence[str] | None = None, *,
+                             pipeline_base: str = PIPELINE_BASE) -> Path:
     r"""Generate the community pipeline and write it to `path` atomically (see `build_community_pipeline`).
 
     Args:
         path (`str` or `os.PathLike`, defaults to `"examples/community/pipeline_uce.py"`): the file to write; name it
             `pipeline.py` in a Hub repository for `custom_pipeline="user/repo"`.
         modules (`Sequence[str]`, *optional*): package modules to include.
+        pipeline_base (`str`, defaults to `"StableDiffusionPipeline"`): the diffusers class the pipeline extends
+            (`"StableDiffusionXLPipeline"`, `"FluxPipeline"`).
 
     Returns:
         `Path`: the written file.
     """
-    source = build_community_pipeline(modules)
     path = Path(path)
-    write_text_atomic(path, source)
+    write_text_atomic(path, build_community_pipeline(modules, pipeline_base=pipeline_base))
     logger.info(f"community pipeline written to {path}")
     return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffusers_uce.community", description=__doc__.splitlines()[0])
-    parser.add_argument("path", nargs="?", default=DEFAULT_OUTPUT, help=f"output file (default: {DEFAULT_OUTPUT})")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date; write nothing")
+    parser.add_argument("path", nargs="?", help="output file (default: every family's file of COMMUNITY_FILES)")
+    parser.add_argument("--pipeline-base", default=PIPELINE_BASE, choices=sorted(COMMUNITY_FILES),
+                        help="the diffusers pipeline class to extend, with PATH")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is not up to date; write nothing")
     args = parser.parse_args(argv)
-    if args.check:
-        path = Path(args.path)
-        current = path.read_text(encoding="utf-8") if path.is_file() else None
-        if current != build_community_pipeline():
-            logger.error(f"{path} is out of date: run `python -m diffusers_uce.community {path}`")
+    targets = {args.path: args.pipeline_base} if args.path else {p: b for b, p in COMMUNITY_FILES.items()}
+    for path, base in targets.items():
+        if not args.check:
+            write_community_pipeline(path, pipeline_base=base)
+        elif (Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None) != build_community_pipeline(
+                pipeline_base=base):
+            logger.error(f"{path} is out of date: run `python -m diffusers_uce.community`")
             return 1
-        return 0
-    write_community_pipeline(args.path)
     return 0
 
 

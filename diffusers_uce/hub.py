@@ -14,9 +14,9 @@ from diffusers.utils import logging
 from huggingface_hub import HfApi
 
 from .cards import card_for_pipeline, save_model_card
-from .community import HUB_PIPELINE_FILENAME, write_community_pipeline
 from .io import EDIT_WEIGHT_NAME
 from .lora import LORA_WEIGHT_NAME
+from .mixin import base_pipeline_class
 
 logger = logging.get_logger(__name__)
 
@@ -93,7 +93,8 @@ class UCEHubMixin:
         commit_message: str | None = None, create_pr: bool = False, weight_name: str = EDIT_WEIGHT_NAME,
     ):
         r"""Push the applied edit to the Hub in one commit: the edit file, its model card and the single-file
-        community pipeline (`pipeline.py`, so `custom_pipeline=repo_id` works without the plugin).
+        community pipeline of the pipeline's family (`pipeline.py`, so `custom_pipeline=repo_id` works without the
+        plugin).
 
         Args:
             repo_id (`str`): the repository (`"user/name"`), created if needed.
@@ -113,12 +114,15 @@ class UCEHubMixin:
         >>> fresh.load_concept_edits("me/sd14-no-van-gogh")
         ```
         """
+        from .community import HUB_PIPELINE_FILENAME, write_community_pipeline  # here: `python -m` runs community
+
         state = self._uce_require_state("push")
         with tempfile.TemporaryDirectory(prefix="uce-push-") as folder:
             self.save_concept_edits(folder, weight_name=weight_name, write_model_card=False)
             card = card_for_pipeline(self, "adapter", report=state.report, repo_id=repo_id, weight_name=weight_name)
             save_model_card(card, folder)
-            write_community_pipeline(Path(folder) / HUB_PIPELINE_FILENAME)
+            write_community_pipeline(Path(folder) / HUB_PIPELINE_FILENAME,
+                                     pipeline_base=base_pipeline_class(type(self)).__name__)
             api = HfApi(token=token)
             stage = "creating the repository"
             try:

@@ -1,4 +1,5 @@
-"""Model cards: Hub metadata for both kinds, the edit table and report, partial data, README kept, template shipped."""
+"""Model cards: Hub metadata for both kinds and every family, the edit table and report, partial data, README kept,
+template shipped."""
 
 import configparser
 import importlib.resources
@@ -19,6 +20,7 @@ from diffusers_uce.cards import (
     template_path,
 )
 from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.families import FLUX
 
 REPO = Path(__file__).resolve().parent.parent
 SD14 = "CompVis/stable-diffusion-v1-4"
@@ -36,6 +38,13 @@ REPORT = {
     "held_out": [{"concept": "a cat", "interference": 0.002}],
     "layers": 32,
 }
+# Per demo family: a real base model of the family, its licence, and the family's Hub tags.
+BASES = {"sd1": (SD14, "creativeml-openrail-m"), "sd2": ("stabilityai/stable-diffusion-2-1-base", "openrail++"),
+         "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "openrail++"),
+         "flux": ("black-forest-labs/FLUX.1-dev", "other")}
+FAMILY_TAGS = {"sd1": {"stable-diffusion", "stable-diffusion-diffusers"},
+               "sd2": {"stable-diffusion", "stable-diffusion-diffusers"},
+               "sdxl": {"stable-diffusion-xl", "stable-diffusion-xl-diffusers"}, "flux": {"flux", "flux-diffusers"}}
 BIBTEX = """@inproceedings{gandikota2024unified,
   title={Unified Concept Editing in Diffusion Models},
   author={Gandikota, Rohit and Orgad, Hadas and Belinkov, Yonatan and Materzy{\\'n}ska, Joanna and Bau, David},
@@ -83,7 +92,8 @@ class TestMetadata:
         data = card.data
         assert data.base_model == "stabilityai/stable-diffusion-xl-base-1.0"
         assert data.base_model_relation == "finetune" and data.license == "openrail++"
-        assert {"uce", "concept-editing", "stable-diffusion", "stable-diffusion-xl", "art"} <= set(data.tags)
+        assert {"uce", "concept-editing", "stable-diffusion-xl", "stable-diffusion-xl-diffusers", "art"} <= set(
+            data.tags) and "stable-diffusion" not in data.tags
         assert 'DiffusionPipeline.from_pretrained("me/sdxl-uce"' in card.text
         assert "custom_pipeline" not in card.text and BIBTEX in card.text
 
@@ -99,9 +109,16 @@ class TestMetadata:
         data = render_model_card(edits=EDITS, base_model=base, kind="adapter", family=family).data
         assert {k: getattr(data, k, None) for k in expected} == expected
         if family == "flux":
-            assert "flux" in data.tags and "stable-diffusion" not in data.tags
+            assert {"flux", "flux-diffusers"} <= set(data.tags) and "stable-diffusion" not in data.tags
         if expected["license"] == "other":
             assert data.license_link.startswith("https://huggingface.co/black-forest-labs/FLUX.1-dev")
+
+    def test_family_by_name_or_object(self):
+        by_name = render_model_card(edits=EDITS, base_model=None, kind="adapter", family="flux")
+        assert by_name.text == render_model_card(edits=EDITS, base_model=None, kind="adapter", family=FLUX).text
+        assert "`transformer.context_embedder`" in by_name.text and "torch_dtype=torch.bfloat16" in by_name.text
+        with pytest.raises(ValueError, match="unknown pipeline family 'kandinsky'.*stable-diffusion-xl, flux"):
+            render_model_card(edits=EDITS, base_model=None, kind="adapter", family="kandinsky")
 
     def test_explicit_licence_wins(self):
         assert render_model_card(edits=[], base_model=SD14, kind="adapter", license="mit").data.license == "mit"
@@ -170,6 +187,34 @@ class TestBody:
         assert table_rows(card.text, "| Role | Concept |")[0][:2] == ["erased", "van gogh"]
         assert "`to_k` and `to_v` of the cross-attention layers matching up\\_blocks" in card.text
         assert render_model_card(edits=pipe.concept_edits, base_model=None, kind="finetune").data.base_model is None
+
+
+class TestEveryFamily:
+    """`card_for_pipeline` on an edited pipeline of each family: its base model, licence, tags and edited layers."""
+
+    @pytest.mark.parametrize("kind", ["adapter", "finetune"])
+    def test_card_for_pipeline(self, pipe, family, kind, tmp_path):
+        base, licence = BASES[family]
+        pipe.register_to_config(_name_or_path=base)  # as `from_pretrained(base)` records it
+        out = pipe.apply_concept_edits(erase=["van gogh"], guide="art", preserve=["monet"], held_out=[])
+        card = saved(card_for_pipeline(pipe, kind, report=out.report, repo_id="me/edited"), tmp_path)
+        data = card.data
+        assert (data.base_model, data.base_model_relation, data.license) == (base, kind, licence)
+        assert data.library_name == "diffusers" and data.pipeline_tag == "text-to-image"
+        others = set().union(*FAMILY_TAGS.values()) - FAMILY_TAGS[family]
+        assert FAMILY_TAGS[family] | {"diffusers", "text-to-image", "uce", "concept-editing"} <= set(data.tags)
+        assert not others & set(data.tags)
+        assert table_rows(card.text, "| # | Erased → guide")[0][:3] == ["1", "van gogh → art", "monet"]
+        options = next(line for line in card.text.splitlines() if line.startswith("Edited projections:"))
+        if family == "flux":
+            assert options == ("Edited projections: `transformer.context_embedder`; "
+                               "`transformer.time_text_embed.text_embedder.linear_1`; strength 1.")
+            assert "cross-attention" not in card.text.split("## How to use")[0]
+        else:
+            assert options == "Edited projections: `to_k` and `to_v` of every cross-attention layer; strength 1."
+        dtype = "bfloat16" if family == "flux" else "float16"
+        assert f"torch_dtype=torch.{dtype})" in card.text
+        assert (f'from_pretrained("{base}"' in card.text) == (kind == "adapter")
 
 
 class TestSave:

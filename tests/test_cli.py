@@ -1,26 +1,43 @@
-"""The `diffusers-uce` command line, end to end on the tiny offline demo pipelines (in-process, plus one subprocess)."""
+"""The `diffusers-uce` command line, end to end on the tiny offline demo pipelines of every family (in-process, plus
+one subprocess)."""
 
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import (
+    DiffusionPipeline, FluxImg2ImgPipeline, FluxPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+)
+from huggingface_hub import ModelCard
+from safetensors import safe_open
 
+import diffusers_uce
 from diffusers_uce.cli import main
+from diffusers_uce.cli_common import DEMO_MODELS
 from diffusers_uce.demo import make_demo_pipeline
+from helpers import rel, target_layers, weights
 
 EDIT_OPTIONS = [
     "--model", "--erase", "--guide", "--preserve", "--erase-scale", "--preserve-scale", "--lamb", "--token-mode",
     "--technique", "--no-edit-keys", "--held-out", "--output", "--overwrite", "--device", "--dtype", "--seed",
     "--save-edits", "--lora", "--rank", "--push-to-hub", "--private", "--token", "--create-pr", "--commit-message",
 ]
+
+
+DEMO_NAME = {family: name for name, family in DEMO_MODELS.items()}
+BASE_CLASSES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
+                "flux": FluxPipeline}
+FAMILY_TAG = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux"}
 
 
 def run_cli(*argv):
@@ -36,7 +53,15 @@ def edited_names(name):
 
 
 def state_dicts(pipe):
-    return {f"{c}.{k}": v for c in ("unet", "text_encoder", "vae") for k, v in getattr(pipe, c).state_dict().items()}
+    """Every tensor of every model of the pipeline, by ``<component>.<name>``."""
+    return {f"{c}.{k}": v for c, model in pipe.components.items() if isinstance(model, torch.nn.Module)
+            for k, v in model.state_dict().items()}
+
+
+def edited_tensors(pipe):
+    """The ``<component>.<layer>.weight`` names of the layers concept editing changes in `pipe`'s family."""
+    component = "transformer" if isinstance(pipe, FluxPipeline) else "unet"
+    return {f"{component}.{name}.weight" for name, _ in target_layers(pipe)}
 
 
 @pytest.fixture(scope="module")
@@ -85,30 +110,93 @@ def test_report_json(saved):
     assert not [p for p in os.listdir(out_dir) if p.endswith(".tmp")]
 
 
-def test_local_folder_model(saved):
-    out_dir, _ = saved
-    code, out, err = run_cli("edit", "--model", out_dir, "--erase", "monet", "--guide", "art", "--held-out", "")
-    assert code == 0, err
-    assert "monet" in out and "Loading model" in err
-
-
-def test_unsupported_pipeline_class_is_a_one_line_error(tmp_path):
-    StableDiffusionImg2ImgPipeline(**make_demo_pipeline().components).save_pretrained(tmp_path / "img2img")
-    code, out, err = run_cli("edit", "--model", tmp_path / "img2img", "--erase", "van gogh")
+@pytest.mark.parametrize("family, cls", [("sd1", StableDiffusionImg2ImgPipeline),
+                                         ("sdxl", StableDiffusionXLImg2ImgPipeline), ("flux", FluxImg2ImgPipeline)])
+def test_unsupported_pipeline_class_is_a_one_line_error(family, cls, tmp_path):
+    folder = tmp_path / "img2img"
+    cls(**make_demo_pipeline(family).components).save_pretrained(folder)
+    shutil.rmtree(folder / ("transformer" if family == "flux" else "unet"))  # refused before any weights are read
+    code, out, err = run_cli("edit", "--model", folder, "--erase", "van gogh")
     assert code == 2 and out == ""
     (line,) = [line for line in err.splitlines() if "error:" in line]
-    assert line.startswith("diffusers-uce: error:") and "StableDiffusionImg2ImgPipeline" in line
-    assert "Traceback" not in err
+    assert line.startswith("diffusers-uce: error:") and f"is a {cls.__name__}, which diffusers-uce cannot edit" in line
+    assert "StableDiffusionXLPipeline, FluxPipeline" in line and "Traceback" not in err
 
 
-def test_demo_sd2(tmp_path):
-    code, out, err = run_cli("edit", "--model", "demo-sd2", "--erase", "van gogh", "--guide", "art",
-                             "--output", tmp_path / "sd2")
+def test_every_family_end_to_end(family, tmp_path):
+    """`edit --model demo-<family> --output DIR` saves the family's plain diffusers pipeline, different from the demo
+    in exactly the edited layers, which hold the plugin's fused edit; DIR then works as `--model` (a local folder)."""
+    name, base, out_dir = DEMO_NAME[family], BASE_CLASSES[family], tmp_path / "edited"
+    code, out, err = run_cli("edit", "--model", name, "--erase", "van gogh", "--guide", "art", "--preserve", "monet",
+                             "--device", "cpu", "--output", out_dir)
     assert code == 0, err
-    assert "van gogh" in out
-    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd2")
-    assert loaded.text_encoder.config.hidden_size == 48 and loaded.scheduler.config.prediction_type == "v_prediction"
-    assert json.loads((tmp_path / "sd2" / "uce_report.json").read_text())["model"] == "demo-sd2"
+    assert "van gogh" in out and "→ art" in out and f"Loading model {name} (float32, cpu)" in err
+    assert json.loads((out_dir / "model_index.json").read_text())["_class_name"] == base.__name__
+    assert json.loads((out_dir / "uce_report.json").read_text())["model"] == name
+    card = ModelCard.load(out_dir / "README.md").data
+    assert FAMILY_TAG[family] in card.tags and card.base_model is None  # a demo has no Hub id
+    loaded = DiffusionPipeline.from_pretrained(out_dir)
+    assert type(loaded) is base
+
+    plugin = diffusers_uce.attach(make_demo_pipeline(family))
+    plugin.apply_concept_edits("van gogh", guide="art", preserve=["monet"], held_out=[])
+    plugin.fuse_concept_edits()
+    saved, fresh, expected = state_dicts(loaded), state_dicts(make_demo_pipeline(family)), state_dicts(plugin)
+    changed = edited_tensors(loaded)
+    assert saved.keys() == fresh.keys() and changed and changed <= saved.keys()
+    for tensor in saved:
+        assert torch.equal(saved[tensor], fresh[tensor]) != (tensor in changed), tensor
+    # (the held-out concepts are encoded in the same batches as the edit's, which moves float rounding only)
+    assert max(rel(saved[tensor], expected[tensor]) for tensor in changed) < 1e-5
+
+    code, out, err = run_cli("edit", "--model", out_dir, "--erase", "monet", "--guide", "art", "--held-out", "",
+                             "--save-edits", tmp_path / "again")
+    assert code == 0, err
+    assert FAMILY_TAG[family] in ModelCard.load(tmp_path / "again" / "README.md").data.tags
+
+
+def test_hub_model_id(family, hub_server, hub_token, tmp_path):
+    """`--model user/repo` loads any family from the Hub; the edit's card names that repo as its base model."""
+    from huggingface_hub import HfApi
+
+    repo_id = f"user/tiny-{family}-{uuid.uuid4().hex[:8]}"
+    make_demo_pipeline(family).save_pretrained(tmp_path / "base")
+    api = HfApi(token=hub_token)
+    api.create_repo(repo_id)
+    api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "base")
+    code, out, err = run_cli("edit", "--model", repo_id, "--erase", "van gogh", "--guide", "art", "--held-out", "",
+                             "--save-edits", tmp_path / "edit")
+    assert code == 0, err
+    card = ModelCard.load(tmp_path / "edit" / "README.md").data
+    assert (card.base_model, card.base_model_relation) == (repo_id, "adapter") and FAMILY_TAG[family] in card.tags
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_dtype_and_device(family, tmp_path):
+    """--dtype: the model is loaded, edited and saved in it; --device: an unusable CUDA device is one error line."""
+    code, _, err = run_cli("edit", "--model", DEMO_NAME[family], "--erase", "van gogh", "--guide", "art",
+                           "--held-out", "", "--dtype", "bfloat16", "--device", "cpu", "--output", tmp_path)
+    assert code == 0, err
+    assert "(bfloat16, cpu)" in err
+    denoiser = "transformer" if family == "flux" else "unet"
+    with safe_open(tmp_path / denoiser / "diffusion_pytorch_model.safetensors", "pt") as stored:
+        assert {stored.get_slice(k).get_dtype() for k in stored.keys()} == {"BF16"}
+    plugin = diffusers_uce.attach(make_demo_pipeline(family, torch_dtype=torch.bfloat16))
+    plugin.apply_concept_edits("van gogh", guide="art", held_out=[])
+    plugin.fuse_concept_edits()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(torch.equal(w, weights(plugin)[n]) for n, w in weights(loaded).items())
+
+    code, out, err = run_cli("edit", "--erase", "van gogh", "--device", "cuda:99")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert re.search(r"--device cuda:99: (CUDA is not available here|only \d+ CUDA device)", err)
+    assert "Loading" not in err
+
+
+def test_no_edit_keys_needs_key_projections():
+    code, out, err = run_cli("edit", "--model", "demo-flux", "--erase", "van gogh", "--no-edit-keys")
+    assert code == 2 and out == ""
+    assert "--no-edit-keys: demo-flux is a flux pipeline" in err and "drop the flag" in err
 
 
 def test_paper_tensor_and_no_edit_keys(tmp_path):
@@ -166,6 +254,11 @@ def test_help_mentions_every_option():
     for option in EDIT_OPTIONS:
         assert option in out, option
     assert "(default: 0.5)" in out and "(default: demo)" in out and "examples:" in out
+    flat = " ".join(out.split())
+    assert "'demo-sdxl' (sdxl), 'demo-flux' (flux)" in flat and "StableDiffusionXLPipeline, FluxPipeline" in flat
+    assert "--model demo-flux" in out
+    code, out, _ = run_cli("eval", "--help")
+    assert code == 0 and "demo-flux" in out and "FluxPipeline" in " ".join(out.split())
     code, out, _ = run_cli("--help")
     assert code == 0 and "edit" in out and "diffusers-uce edit --erase" in out
     assert run_cli()[0] == 2

@@ -1,4 +1,5 @@
-"""The single-file community pipeline: generated from the package, up to date, loadable without the plugin."""
+"""The single-file community pipelines (one per family): generated from the package, up to date, loadable without
+the plugin."""
 
 import ast
 import json
@@ -9,37 +10,67 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
 
 import diffusers_uce
+from diffusers_uce import community
 from diffusers_uce.cards import card_for_pipeline
 from diffusers_uce.community import (
-    COMMUNITY_MODULES, DEFAULT_OUTPUT, HUB_PIPELINE_FILENAME, build_community_pipeline, build_from_sources,
-    write_community_pipeline,
+    COMMUNITY_FILES, COMMUNITY_MODULES, DEFAULT_OUTPUT, HUB_PIPELINE_FILENAME, build_community_pipeline,
+    build_from_sources, write_community_pipeline,
 )
 from diffusers_uce.demo import make_demo_pipeline
+from helpers import weights as edited_weights
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / DEFAULT_OUTPUT
-EDIT = dict(erase=["van gogh", "picasso"], guide=["art", ""], preserve=["monet", "a photo of a dog"], lamb=0.7)
+EDIT = dict(erase=["van gogh", "picasso"], guide=["art", ""], preserve=["monet", "a photo of a dog"], lamb=0.7,
+            held_out=[])
+BASE_CLASSES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
+                "flux": FluxPipeline}
+PIPELINE_BASES = sorted(COMMUNITY_FILES)  # one generated file per family, by the class it extends
 
 
 @pytest.fixture(scope="module")
-def source():
-    return build_community_pipeline()
+def sources():
+    """`get(pipeline_base)`: the freshly generated community pipeline extending that class (built once)."""
+    built = {}
+
+    def get(base=community.PIPELINE_BASE):
+        if base not in built:
+            built[base] = build_community_pipeline(pipeline_base=base)
+        return built[base]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sd1_base")
-    make_demo_pipeline("sd1").save_pretrained(path)
-    return path
+def source(sources):
+    return sources()
 
 
-def edited_weights(pipe):
-    return {n: m.weight.detach().clone() for n, m in pipe.unet.named_modules()
-            if n.endswith(("attn2.to_k", "attn2.to_v"))}
+@pytest.fixture(scope="module")
+def base_dirs(tmp_path_factory):
+    """`get(family)`: a folder holding the family's tiny pipeline, saved once."""
+    saved = {}
+
+    def get(family):
+        if family not in saved:
+            saved[family] = tmp_path_factory.mktemp(f"{family}_base")
+            make_demo_pipeline(family).save_pretrained(saved[family])
+        return saved[family]
+
+    return get
+
+
+@pytest.fixture
+def base_dir(base_dirs):
+    return base_dirs("sd1")
+
+
+def committed_file(family):
+    return REPO / COMMUNITY_FILES[BASE_CLASSES[family].__name__]
 
 
 def package_imports(tree):
@@ -50,14 +81,17 @@ def package_imports(tree):
 
 
 class TestGeneratedFile:
-    def test_committed_file_is_up_to_date(self, source):
-        assert COMMITTED.is_file(), f"run `python -m diffusers_uce.community {DEFAULT_OUTPUT}`"
-        assert COMMITTED.read_text(encoding="utf-8") == source, (
-            f"{DEFAULT_OUTPUT} is out of date with the package: run "
-            f"`python -m diffusers_uce.community {DEFAULT_OUTPUT}`"
+    @pytest.mark.parametrize("base", PIPELINE_BASES)
+    def test_committed_file_is_up_to_date(self, sources, base):
+        path = REPO / COMMUNITY_FILES[base]
+        assert path.is_file(), "run `python -m diffusers_uce.community`"
+        assert path.read_text(encoding="utf-8") == sources(base), (
+            f"{COMMUNITY_FILES[base]} is out of date with the package: run `python -m diffusers_uce.community`"
         )
 
-    def test_compiles_without_package_or_relative_imports(self, source, tmp_path):
+    @pytest.mark.parametrize("base", PIPELINE_BASES)
+    def test_compiles_without_package_or_relative_imports(self, sources, base, tmp_path):
+        source = sources(base)
         tree = ast.parse(source)
         compile(source, "pipeline_uce.py", "exec")
         assert package_imports(tree) == []
@@ -65,28 +99,50 @@ class TestGeneratedFile:
         path.write_text(source)
         assert get_relative_imports(str(path)) == []  # what diffusers would try to copy next to the file
         assert source.count("from __future__ import") == 1
-        classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
-        assert len(classes) == len(set(classes))
-        assert classes[-1] == "UCEStableDiffusionPipeline"
-        header = source.split('"""', 1)[0]
+        classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+        assert len(classes) == len({c.name for c in classes})
+        assert classes[-1].name == f"UCE{base}" and [ast.unparse(b) for b in classes[-1].bases] == ["UCEMixin", base]
+        header, docstring = source.split('"""', 2)[:2]
         assert "DO NOT EDIT" in header and "MIT" in header and "arXiv:2308.14761" in header
         assert diffusers_uce.__version__ in header
+        assert f"checkpoint of `{base}`" in docstring and Path(COMMUNITY_FILES[base]).name in docstring
 
     def test_includes_every_module_the_mixin_needs(self, source):
         included = source.split("Modules, in order:\n# ", 1)[1].split(".\n", 1)[0].split(", ")
         assert included[-1] == "mixin" and set(included) <= set(COMMUNITY_MODULES)
         assert {"solve", "edits", "engine", "processor"} <= set(included)
 
-    def test_write_is_atomic_and_cli_regenerates(self, source, tmp_path):
+    def test_write_is_atomic_and_cli_regenerates(self, source, tmp_path, monkeypatch):
         out = write_community_pipeline(tmp_path / "sub" / "pipeline_uce.py")
         assert out.read_text(encoding="utf-8") == source
         assert sorted(p.name for p in out.parent.iterdir()) == ["pipeline_uce.py"]
         from diffusers_uce.community import main
 
+        # main() below compares and writes what the builder gives; that build is the one just checked.
+        monkeypatch.setattr(community, "build_community_pipeline", lambda modules=None, *, pipeline_base: source)
+
         assert main(["--check", str(out)]) == 0
         out.write_text(source + "# edited by hand\n")
         assert main(["--check", str(out)]) == 1
         assert main([str(out)]) == 0 and out.read_text(encoding="utf-8") == source
+
+    def test_cli_regenerates_every_family(self, sources, tmp_path, monkeypatch):
+        from diffusers_uce.community import main
+
+        monkeypatch.chdir(tmp_path)  # COMMUNITY_FILES are relative to the current folder (the repository's root)
+        built = []  # the builds are the test above's; this one checks which file gets which class
+        build = lambda modules=None, *, pipeline_base: built.append(pipeline_base) or sources(pipeline_base)  # noqa
+        monkeypatch.setattr(community, "build_community_pipeline", build)
+        assert main(["--check"]) == 1  # no files yet
+        built.clear()
+        assert main([]) == 0 and sorted(built) == PIPELINE_BASES
+        for base, path in COMMUNITY_FILES.items():
+            assert (tmp_path / path).read_text(encoding="utf-8") == sources(base)
+        assert main(["--check"]) == 0
+        (tmp_path / COMMUNITY_FILES["FluxPipeline"]).write_text(sources("StableDiffusionPipeline"))
+        assert main(["--check"]) == 1
+        assert main(["--pipeline-base", "FluxPipeline", str(tmp_path / "flux.py")]) == 0
+        assert (tmp_path / "flux.py").read_text(encoding="utf-8") == sources("FluxPipeline")
 
 
 class TestBuilder:
@@ -160,15 +216,17 @@ class TestCustomPipeline:
     def load(self, base_dir, path=COMMITTED):
         return DiffusionPipeline.from_pretrained(base_dir, custom_pipeline=str(path), trust_remote_code=True)
 
-    def test_loads_without_the_plugin_and_edits_like_it(self, base_dir, tmp_path):
-        pipe = self.load(base_dir)
-        cls = type(pipe)
-        assert cls.__name__ == "UCEStableDiffusionPipeline" and isinstance(pipe, StableDiffusionPipeline)
+    def test_loads_without_the_plugin_and_edits_like_it(self, family, base_dirs, tmp_path):
+        """The committed file of each family, loaded onto a saved pipeline of the family, edits like the plugin."""
+        pipe = self.load(base_dirs(family), committed_file(family))
+        cls, base = type(pipe), BASE_CLASSES[family]
+        assert cls.__name__ == f"UCE{base.__name__}" and isinstance(pipe, base)
         assert not cls.__module__.startswith("diffusers_uce") and cls.__module__.startswith("diffusers_modules")
         assert not isinstance(pipe, diffusers_uce.UCEMixin)  # its own copy of the code, not the package's
         assert all(not c.__module__.startswith("diffusers_uce") for c in cls.__mro__)
 
-        plugin = diffusers_uce.attach(make_demo_pipeline("sd1"))
+        plugin = diffusers_uce.attach(make_demo_pipeline(family))
+        assert cls._uce_family.name == plugin._uce_family.name
         before = edited_weights(pipe)
         assert all(torch.equal(before[n], w) for n, w in edited_weights(plugin).items())
         ours, theirs = pipe.apply_concept_edits(**EDIT), plugin.apply_concept_edits(**EDIT)
@@ -184,9 +242,9 @@ class TestCustomPipeline:
 
         pipe.save_pretrained(tmp_path / "fused")
         index = json.loads((tmp_path / "fused" / "model_index.json").read_text())
-        assert index["_class_name"] == "StableDiffusionPipeline"
+        assert index["_class_name"] == base.__name__
         reloaded = DiffusionPipeline.from_pretrained(tmp_path / "fused")
-        assert type(reloaded) is StableDiffusionPipeline
+        assert type(reloaded) is base
         assert all(torch.equal(w, expected[n]) for n, w in edited_weights(reloaded).items())
 
         pipe.unload_concept_edits()
@@ -199,15 +257,17 @@ class TestCustomPipeline:
         pipe.fuse_concept_edits()
         assert all(torch.equal(w, expected[n]) for n, w in edited_weights(pipe).items())
 
-    def test_runs_where_the_package_cannot_be_imported(self, base_dir, monkeypatch):
+    @pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])  # one per file
+    def test_runs_where_the_package_cannot_be_imported(self, family, base_dirs, monkeypatch):
+        folder = base_dirs(family)  # (built with the package, before it goes)
         # As on a machine without the plugin: any `import diffusers_uce[.x]` now raises (restored after the test).
         for name in [m for m in sys.modules if m == "diffusers_uce" or m.startswith("diffusers_uce.")]:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, "diffusers_uce", None)
         with pytest.raises(ImportError):
             import diffusers_uce.edits  # noqa: F401
-        pipe = self.load(base_dir)
-        out = pipe.apply_concept_edits(erase=["van gogh"], guide="art", preserve=["monet"])
+        pipe = self.load(folder, committed_file(family))
+        out = pipe.apply_concept_edits(erase=["van gogh"], guide="art", preserve=["monet"], held_out=[])
         pipe.fuse_concept_edits()
         pipe.set_concept_edit_scale(0.5)
         pipe.unload_concept_edits()
@@ -224,5 +284,5 @@ class TestCustomPipeline:
         pipe = DiffusionPipeline.from_pretrained(base_dir, custom_pipeline=repo_id, trust_remote_code=True)
         assert type(pipe).__name__ == "UCEStableDiffusionPipeline"
         assert repo_id.replace("/", "--") in type(pipe).__module__
-        out = pipe.apply_concept_edits(erase="van gogh", guide="art")
+        out = pipe.apply_concept_edits(erase="van gogh", guide="art", held_out=[])
         assert out.report.erased[0]["efficacy"] > 0.5

@@ -1,0 +1,121 @@
+"""Shared pieces of the `diffusers-uce` command line: argument types, progress output, and turning `--model`, `--dtype`
+and `--device` into a pipeline with concept editing attached, of whichever supported family the model is."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+
+# Built-in tiny offline pipelines (random weights), by --model name: their family in `demo.make_demo_pipeline`.
+DEMO_MODELS = {"demo": "sd1", "demo-sd2": "sd2", "demo-sdxl": "sdxl", "demo-flux": "flux"}
+SUPPORTED = ("a Stable Diffusion 1.x/2.x, SDXL or FLUX pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, "
+             "FluxPipeline or a subclass)")
+DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def device_arg(text: str) -> str:
+    """argparse type of `--device`: auto, cpu, cuda or cuda:N."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (>= 1)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
+def progress(message: str) -> None:
+    """Report progress on stderr (stdout carries the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_device(text: str) -> str:
+    """The torch device of a `--device` value (auto: cuda if available, else cpu); raises if it is not here."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu (or auto)")
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return text
+
+
+def demo_names() -> str:
+    """The `--model` demo names with their family, for help texts."""
+    return ", ".join(f"'{name}' ({family})" for name, family in DEMO_MODELS.items())
+
+
+def check_model(model: str) -> None:
+    """Raise unless `model` is a demo name, an existing folder or looks like a Hub repo id (nothing is loaded)."""
+    if model not in DEMO_MODELS and not os.path.isdir(model) and not _REPO_ID.fullmatch(model):
+        raise FileNotFoundError(f"--model {model}: no such folder, not a Hub repo id (org/name), and not one of the "
+                                f"demo pipelines {', '.join(DEMO_MODELS)}")
+
+
+def _unsupported(model: str, class_name: str) -> TypeError:
+    return TypeError(f"--model {model} is a {class_name}, which diffusers-uce cannot edit: give {SUPPORTED}")
+
+
+def _check_pipeline_class(model: str) -> None:
+    """Fail before loading any weights when the model_index.json of `model` names a pipeline that cannot be edited."""
+    import diffusers
+
+    from .families import family_of
+
+    name = diffusers.DiffusionPipeline.load_config(model).get("_class_name")
+    cls = getattr(diffusers, name or "", None)  # a custom pipeline class is only known once loaded
+    if isinstance(cls, type):
+        try:
+            family_of(cls)
+        except TypeError:
+            raise _unsupported(model, name) from None
+
+
+def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
+    """Load `model` with concept editing attached.
+
+    Args:
+        model (`str`): a name of `DEMO_MODELS`, or the Hub repo id or local folder of a supported pipeline, loaded with
+            `DiffusionPipeline.from_pretrained`; `attach` picks its family (which layers are edited, which text states
+            feed them) from its class.
+        dtype_name (`str`): one of `DTYPES`.
+        device (`str`): a resolved torch device (`resolve_device`).
+        seed (`int`): seed of a demo pipeline's random weights.
+
+    Raises:
+        `TypeError`: the model is a pipeline diffusers-uce cannot edit (found from its model_index.json before its
+        weights are loaded, where the class is a diffusers one).
+    """
+    import torch
+
+    from .pipelines import attach
+
+    dtype = getattr(torch, dtype_name)
+    if model in DEMO_MODELS:
+        from .demo import make_demo_pipeline
+
+        return attach(make_demo_pipeline(DEMO_MODELS[model], seed=seed, torch_dtype=dtype, device=device))
+    from diffusers import DiffusionPipeline
+
+    _check_pipeline_class(model)
+    # Recent diffusers deprecate torch_dtype for dtype, older ones only know torch_dtype: pass it, hide the warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*torch_dtype.*deprecated", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    try:
+        attach(pipe)
+    except TypeError:
+        raise _unsupported(model, type(pipe).__name__) from None
+    return pipe.to(device)
