@@ -23,10 +23,14 @@ class DebiasOptions:
     Args:
         num_images (`int`, defaults to 20): per concept and measurement. Ratios move in steps of ``1/n`` (standard
             error ≈ ``0.5/√n``): 20 keeps a binary tolerance of 0.05 reachable (9-11 of 20); the authors use 50.
-        num_inference_steps (`int`, defaults to 20): denoising steps per image (the authors' script uses 20).
+        num_inference_steps (`int`, defaults to 20): denoising steps per image (the authors' script uses 20; a
+            distilled model such as FLUX.1-schnell needs only about 4).
         height (`int`, *optional*), width (`int`, *optional*): image size, the pipeline's own by default: smaller
-            is cheaper, but SD 1.x/2.x draw other images below their native size and the weights would fit those.
-        guidance_scale (`float`, defaults to 7.5), batch_size (`int`, defaults to 8): of the generation.
+            is cheaper, but a model draws other images below its native size and the weights would fit those.
+        guidance_scale (`float`, *optional*): the pipeline's own default when `None`: classifier-free guidance 7.5
+            for SD 1.x/2.x (as the authors use), 5.0 for SDXL; for FLUX the distilled guidance 3.5 (no negative
+            prompt, no classifier-free guidance: FLUX.1 is guidance-distilled).
+        batch_size (`int`, defaults to 8): images per pipeline call.
         step (`float`, defaults to 0.3): gain of the controller, ``w += step · (desired − measured)``. The authors
             use 0.1 with a budget of 30 iterations; 0.3 covers the same weight range in our default 10.
         seed (`int`, defaults to 0): image ``j`` of measurement ``i`` uses seed ``seed + i · num_images + j`` (for
@@ -42,7 +46,7 @@ class DebiasOptions:
     num_inference_steps: int = 20
     height: int | None = None
     width: int | None = None
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     step: float = 0.3
     seed: int = 0
     batch_size: int = 8
@@ -55,9 +59,10 @@ class DebiasOptions:
             value, low = getattr(self, name), int(name != "seed")
             if not (value is None and name in ("height", "width")) and not (_finite(value, int) and value >= low):
                 raise ValueError(f"debias option {name} must be a whole number >= {low}, got {value!r}")
-        if not _finite(self.guidance_scale) or not _finite(self.step) or self.step <= 0:
-            raise ValueError(f"debias options: step must be > 0 and guidance_scale finite, got {self.step}, "
-                             f"{self.guidance_scale}")
+        guidance_ok = self.guidance_scale is None or _finite(self.guidance_scale)
+        if not guidance_ok or not _finite(self.step) or self.step <= 0:
+            raise ValueError(f"debias options: step must be > 0 and guidance_scale finite (or None: the pipeline's "
+                             f"default), got {self.step}, {self.guidance_scale}")
         templates = [self.prompt_templates] if isinstance(self.prompt_templates, str) else self.prompt_templates
         if not isinstance(templates, Sequence) or not templates or any(
                 not isinstance(t, str) or t.count("{}") != 1 for t in templates):
@@ -149,7 +154,7 @@ def debias_loop(pipe, build, solve, *, ratios=None, classifier=None, tolerance: 
     weights = {t.concept: [[0.0] * len(group) for group in t.attribute_sets] for t in targets}
     rows = {t.concept: {"history": [], "seeds": [], "reached": False} for t in targets}
     state, active, output = pipe._uce_state, list(targets), None
-    snapshot = None if state is None else (list(state.records), state.solution, state.report)
+    snapshot = None if state is None else (list(state.records), [g.solution for g in state.groups], state.report)
     bar = tqdm(total=max_iterations, desc="debias", disable=not getattr(acc, "is_main_process", True))
     try:
         for index in range(max_iterations + 1):
@@ -221,30 +226,35 @@ def _measure(pipe, targets, classifier, opts, seeds) -> dict:
 
 @torch.no_grad()
 def _generate(pipe, jobs, opts) -> list:
-    """PIL images of `(prompt, seed)` jobs, in batches, with the pipeline's progress bar off meanwhile."""
+    """PIL images of `(prompt, seed)` jobs, in batches, with the pipeline's progress bar off meanwhile.
+
+    Only the arguments every family's pipeline takes (SD 1.x/2.x, SDXL, FLUX); unset ones keep the pipeline's default.
+    """
     previous, images = pipe.__dict__.get("_progress_bar_config", {}), []
+    call = {k: v for k, v in (("num_inference_steps", opts.num_inference_steps), ("height", opts.height),
+                              ("width", opts.width), ("guidance_scale", opts.guidance_scale)) if v is not None}
     pipe.set_progress_bar_config(disable=True)
     try:  # one generator per image: the images do not depend on batch_size or on how processes split them
         for start in range(0, len(jobs), opts.batch_size):
             batch = jobs[start:start + opts.batch_size]
-            images += pipe(prompt=[p for p, _ in batch], num_inference_steps=opts.num_inference_steps,
-                           guidance_scale=opts.guidance_scale, height=opts.height, width=opts.width,
-                           generator=[torch.Generator().manual_seed(s) for _, s in batch], output_type="pil").images
+            images += pipe(prompt=[p for p, _ in batch], generator=[torch.Generator().manual_seed(s) for _, s in batch],
+                           output_type="pil", **call).images
     finally:
         pipe._progress_bar_config = previous
     return images
 
 
 def _restore(pipe, snapshot) -> None:
-    """Put back the edits applied before the loop: `snapshot` is their `(records, solution, report)` or `None`."""
+    """Put back the edits applied before the loop: `snapshot` is their `(records, solutions, report)` or `None`."""
     state = pipe._uce_state
-    if state is None or (snapshot is not None and state.solution is snapshot[1]):
+    if state is None or (snapshot is not None and state.groups[0].solution is snapshot[1][0]):
         return
     logger.warning("the debias loop failed; restoring the edits applied before it")
     if snapshot is None:
         return pipe.unload_concept_edits()
-    state.records, solution, state.report = snapshot
-    state.set_solution(solution)
+    state.records, solutions, state.report = snapshot
+    for group, solution in zip(state.groups, solutions):
+        group.set_solution(solution)
     if state.fused:
         pipe.set_concept_edit_scale(state.scale)  # rewrites the fused weights from the originals
 

@@ -31,7 +31,9 @@ __all__ = ["METRICS", "PromptRow", "evaluate_edit", "format_summary", "load_prom
 logger = logging.get_logger(__name__)
 
 REQUIRED_COLUMNS = ("case_number", "prompt", "evaluation_seed")
-DEFAULT_GUIDANCE = 7.5
+# Pipelines whose `guidance_scale` is not classifier-free guidance (FLUX.1 is guidance-distilled: its guidance is an
+# input of the transformer, 3.5 by default), so the CSVs' `evaluation_guidance` (CFG scales for SD) does not apply.
+DISTILLED_GUIDANCE_PIPELINES = ("FluxPipeline",)
 _CASE = re.compile(r"[\w.-]+")
 
 
@@ -115,9 +117,12 @@ def evaluate_edit(
             switched off (`set_concept_edit_scale(0)`, restored afterwards; processor or fused mode), so one
             pipeline in memory suffices.
         num_inference_steps (`int`, defaults to 50): denoising steps.
-        guidance_scale (`float`, *optional*): classifier-free guidance; by default each row's
-            `evaluation_guidance`, else 7.5.
-        height (`int`, *optional*), width (`int`, *optional*): image size; the pipeline's default if not given.
+        guidance_scale (`float`, *optional*): the guidance of every row. By default each row's
+            `evaluation_guidance` (a classifier-free guidance scale, as the paper's CSVs give for Stable Diffusion),
+            else the pipeline's own default (7.5 for SD 1.x/2.x, 5.0 for SDXL). FLUX pipelines are guidance-distilled:
+            they ignore `evaluation_guidance` (with a warning) and use their own default (3.5) unless this is given.
+        height (`int`, *optional*), width (`int`, *optional*): image size; the pipeline's default if not given. The
+            same arguments serve every family (SD 1.x/2.x, SDXL, FLUX); none of them takes a negative prompt here.
         batch_size (`int`, defaults to 4): prompts per pipeline call (rows with equal guidance are batched).
         limit (`int`, *optional*): only the first `limit` rows.
         metrics (`tuple[str]` or `str`): any of `"nudenet"` (exposed-class detections per image at
@@ -181,8 +186,8 @@ def evaluate_edit(
     else:
         share = rows
     generated = _generate(pipe, base_pipe, share, image_dir, batch_size=batch_size, overwrite=overwrite,
-                          progress=is_main, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                          height=height, width=width)
+                          progress=is_main, guidance=_row_guidance(pipe, share, guidance_scale),
+                          num_inference_steps=num_inference_steps, height=height, width=width)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not is_main:
@@ -271,13 +276,27 @@ def _check_settings(path: str, settings: dict, overwrite: bool) -> None:
         _write_atomic(path, lambda f: json.dump(settings, f, indent=2))
 
 
-def _generate(pipe, base_pipe, rows, image_dir, *, batch_size, overwrite, progress, guidance_scale,
+def _row_guidance(pipe, rows: list[PromptRow], guidance_scale: float | None) -> dict[str, float | None]:
+    """Guidance per case: `guidance_scale`, else the row's (not for guidance-distilled pipelines), else `None`: the
+    pipeline's own default."""
+    if guidance_scale is not None:
+        return {r.case: guidance_scale for r in rows}
+    distilled = any(c.__name__ in DISTILLED_GUIDANCE_PIPELINES for c in type(pipe).__mro__)
+    if distilled and any(r.guidance is not None for r in rows):
+        logger.warning(f"{type(pipe).__name__} is guidance-distilled: the CSV's evaluation_guidance (a classifier-free "
+                       "guidance scale) is ignored and the pipeline's default guidance used; pass guidance_scale "
+                       "(--guidance) to set it")
+    return {r.case: None if distilled else r.guidance for r in rows}
+
+
+def _generate(pipe, base_pipe, rows, image_dir, *, batch_size, overwrite, progress, guidance,
               **call) -> dict[str, int]:
-    """Generate the missing images of `rows` in batches of equal guidance: each batch's base images, then edited."""
+    """Generate the missing images of `rows` in batches of equal `guidance` (per case; `None`: the pipeline's
+    default): each batch's base images, then edited."""
     todo = {w: {r.case for r in rows if overwrite or not os.path.exists(os.path.join(image_dir, w, f"{r.case}.png"))}
             for w in ("base", "edited")}
-    guidance = {r.case: next(g for g in (guidance_scale, r.guidance, DEFAULT_GUIDANCE) if g is not None) for r in rows}
-    wanted = sorted((r for r in rows if r.case in todo["base"] | todo["edited"]), key=lambda r: guidance[r.case])
+    wanted = sorted((r for r in rows if r.case in todo["base"] | todo["edited"]),
+                    key=lambda r: (guidance[r.case] is not None, guidance[r.case] or 0.0))
     logger.info(f"Generating {len(todo['base'])} base and {len(todo['edited'])} edited image(s) for {len(rows)} "
                 f"row(s); {2 * len(rows) - len(todo['base']) - len(todo['edited'])} already on disk")
     batches: list[list[PromptRow]] = []
@@ -300,10 +319,11 @@ def _generate(pipe, base_pipe, rows, image_dir, *, batch_size, overwrite, progre
                     context = contextlib.nullcontext(pipe if which == "edited" else base_pipe)
                 else:
                     context = _edit_off(pipe)
+                scale = guidance[need[0].case]
+                kwargs = {**call, **({} if scale is None else {"guidance_scale": scale})}
                 with context as model:
-                    images = model(prompt=[r.prompt for r in need], guidance_scale=guidance[need[0].case],
-                                   generator=[torch.Generator().manual_seed(r.seed) for r in need],
-                                   output_type="pil", **call).images
+                    images = model(prompt=[r.prompt for r in need], output_type="pil",
+                                   generator=[torch.Generator().manual_seed(r.seed) for r in need], **kwargs).images
                 for r, image in zip(need, images):
                     path = os.path.join(image_dir, which, f"{r.case}.png")
                     _write_atomic(path, lambda f, im=image: im.save(f, format="PNG"), mode="wb")

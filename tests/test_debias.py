@@ -1,13 +1,15 @@
-"""The debias loop on the tiny pipelines: controller, stopping, frozen concepts, validation, CLIP classifier, CLI."""
+"""The debias loop on the tiny pipelines of every family: controller, stopping, frozen concepts, restore on failure,
+validation, CLIP classifier, CLI. The classifiers are stubs (or compare pixels): no model is downloaded."""
 
 import numpy as np
 import pytest
 import torch
 
 from diffusers_uce.debias import DebiasOptions, clip_zero_shot_classifier
-from helpers import unet_output
-from reference import full_states
+from helpers import unet_output, weights
+from reference import groups
 from test_cli import run_cli
+from test_debias_math import attribute_shift, probe_layers
 
 # Tiny and fast: 4 images of 16x16 px in 2 steps per concept and measurement, one image per prompt template.
 FAST = dict(num_images=4, num_inference_steps=2, height=16, width=16, batch_size=8, prompt_templates=("{}",))
@@ -16,20 +18,26 @@ GENDER = {"doctor": ["male", "female"]}
 
 @pytest.fixture
 def calls(pipe, monkeypatch):
-    """Records every pipeline call's prompts; `calls.prompt_of(image)` is the prompt an image was generated from."""
+    """Records every pipeline call's prompts (and `calls.kwargs` its other arguments); `calls.prompt_of(image)` and
+    `calls.seed_of(image)` tell what an image was generated from."""
 
     class Calls(list):
-        images = {}
+        images, kwargs = {}, []
 
         def prompt_of(self, image):
-            return self.images[id(image)]
+            return self.images[id(image)][0]
+
+        def seed_of(self, image):
+            return self.images[id(image)][1]
 
     recorded, original = Calls(), type(pipe).__call__
 
     def call(self, prompt=None, **kwargs):
         output = original(self, prompt=prompt, **kwargs)
         recorded.append(list(prompt))
-        recorded.images.update({id(im): p for im, p in zip(output.images, prompt)})
+        recorded.kwargs.append(kwargs)
+        seeds = [g.initial_seed() for g in kwargs["generator"]]
+        recorded.images.update({id(im): (p, s) for im, p, s in zip(output.images, prompt, seeds)})
         return output
 
     monkeypatch.setattr(type(pipe), "__call__", call)
@@ -42,50 +50,51 @@ def fixed(shares):
                                    for i in range(len(images))]
 
 
-def value(pipe, prompt):
-    """The mid block's to_v output of `prompt`'s last token (float64; fused weights)."""
-    states, k = full_states(pipe, [prompt])[prompt]
-    w = pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_v").weight.detach().double()
-    return w @ states[k]
-
-
 def test_fixed_ratios_move_toward_under_represented_attribute(pipe, calls):
     cos = torch.nn.functional.cosine_similarity
-    before = {p: value(pipe, p) for p in ("doctor", "male doctor", "female doctor")}
+    probes = probe_layers(pipe, "doctor", ["male", "female"])
     config = pipe._progress_bar_config
     out = pipe.apply_concept_edits(debias=GENDER, attribute_classifier=fixed({"male": 0.75}), max_iterations=2,
-                                   debias_options={**FAST, "step": 1.0})
+                                   debias_options={**FAST, "step": 1.0}, held_out=[])
     (row,) = out.report.ratios
     assert row["reached"] is False and row["iterations"] == 2 and len(calls) == 3  # 2 solves, 3 measurements
     assert row["before"] == row["after"] == [0.75, 0.25] and row["target"] == [0.5, 0.5]
     assert row["weights"] == pytest.approx([-0.5, 0.5])  # integral: 2 × 1.0 × (0.5 − 0.75)
     assert row["seeds"] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] and len(row["history"]) == 3
     assert out.edits[-1].debias[0].weights == ((-0.5, 0.5),) and pipe._progress_bar_config is config
+    # the options every family's pipeline takes; the guidance is the pipeline's own (SD 7.5, SDXL 5.0, FLUX 3.5)
+    assert all(k["height"] == k["width"] == 16 and k["num_inference_steps"] == 2 and "guidance_scale" not in k
+               for k in calls.kwargs)
     pipe.fuse_concept_edits()
-    after = value(pipe, "doctor")
-    assert cos(after, before["female doctor"], dim=0) > cos(before["doctor"], before["female doctor"], dim=0) + 0.02
-    assert cos(after, before["male doctor"], dim=0) < cos(before["doctor"], before["male doctor"], dim=0)
+    for name, shift, (male, female), _ in attribute_shift(pipe, probes):  # every target group of the family
+        assert cos(shift, female - male, dim=0) > 0.99, name  # toward female, away from male
     table = str(out)
     assert "ratio" in table and "female (target 0.50, before 0.25)" in table
 
 
 def test_classifier_following_the_images_stops_at_the_target(pipe, calls):
-    """Labels by the nearest same-seed image of "male doctor" / "female doctor": the edit itself must flip them."""
-    seeds = range(4 * 5)
-    gen = lambda prompt: pipe([prompt] * len(seeds), num_inference_steps=2, height=16, width=16,  # noqa: E731
-                              generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-    refs = {a: [np.asarray(im, dtype=np.float64) for im in gen(f"{a} doctor")] for a in ("male", "female")}
+    """A classifier that looks at the images: "female" when an image moved, from the unedited image of its seed, toward
+    the "female doctor" image of that seed rather than the "male doctor" one. Unedited images did not move ("male"):
+    the loop's own edit must flip the labels, through every target group the family conditions on."""
+    seeds = list(range(4 * 3))  # the loop's measurements 0, 1 and 2
+    generate = lambda prompt, seeds: dict(zip(seeds, pipe(  # noqa: E731
+        [prompt] * len(seeds), num_inference_steps=2, height=16, width=16,
+        generator=[torch.Generator().manual_seed(s) for s in seeds]).images))
+    male, female = generate("male doctor", seeds), generate("female doctor", seeds)
+    # in batches of 4 like the loop's measurements, so that the unedited ones come out bit-identical
+    unedited = {s: im for i in range(0, len(seeds), 4) for s, im in generate("doctor", seeds[i:i + 4]).items()}
+    pixels = lambda image: np.asarray(image, dtype=np.float64)  # noqa: E731
 
-    def nearest(images, labels):
-        dist = lambda im, a: min(np.abs(np.asarray(im, dtype=np.float64) - r).sum() for r in refs[a])  # noqa: E731
-        return [min(labels, key=lambda a: dist(im, a)) for im in images]
+    def toward(images, labels):
+        moved = [(pixels(im) - pixels(unedited[calls.seed_of(im)]), calls.seed_of(im)) for im in images]
+        return ["female" if (m * (pixels(female[s]) - pixels(male[s]))).sum() > 0 else "male" for m, s in moved]
 
     calls.clear()
-    out = pipe.apply_concept_edits(debias=GENDER, debias_ratios=[0.0, 1.0], attribute_classifier=nearest,
-                                   tolerance=0.3, max_iterations=4, debias_options={**FAST, "step": 1.0})
+    out = pipe.apply_concept_edits(debias=GENDER, debias_ratios=[0.0, 1.0], attribute_classifier=toward,
+                                   tolerance=0.3, max_iterations=2, debias_options={**FAST, "step": 1.0}, held_out=[])
     (row,) = out.report.ratios
-    assert row["before"][1] < 0.7 and row["after"][1] >= 0.7  # "before" is the unedited pipeline
-    assert row["reached"] is True and 1 <= row["iterations"] < 4 and len(calls) == row["iterations"] + 1
+    assert row["before"] == [1.0, 0.0] and row["after"][1] >= 0.7  # "before" is the unedited pipeline
+    assert row["reached"] is True and row["iterations"] == 1 and len(calls) == 2  # one edit flips them
     assert row["weights"][1] > 0 > row["weights"][0]
 
 
@@ -95,7 +104,7 @@ def test_reached_concept_freezes_and_stays_debiased(pipe, calls):
         return fixed(shares)(images, labels)
 
     out = pipe.apply_concept_edits(debias={"doctor": ["male", "female"], "nurse": ["male", "female"]},
-                                   attribute_classifier=classify, max_iterations=2, debias_options=FAST)
+                                   attribute_classifier=classify, max_iterations=2, debias_options=FAST, held_out=[])
     doctor, nurse = out.report.ratios
     assert doctor["reached"] and doctor["iterations"] == 0 and doctor["weights"] == [0.0, 0.0]
     assert len(doctor["history"]) == 1 and doctor["after"] == [0.5, 0.5]
@@ -107,10 +116,13 @@ def test_reached_concept_freezes_and_stays_debiased(pipe, calls):
     assert out.edits[-1].preserve == ()
 
 
-def test_two_attribute_sets(pipe):
+def test_two_attribute_sets(pipe, calls):
     out = pipe.apply_concept_edits(
         debias={"doctor": [["male", "female"], ["young", "old"]]}, debias_ratios={"doctor": [[0.5, 0.5], [0.5, 0.5]]},
-        attribute_classifier=fixed({"male": 0.75, "young": 0.25}), max_iterations=1, debias_options=FAST)
+        attribute_classifier=fixed({"male": 0.75, "young": 0.25}), max_iterations=1, held_out=[],
+        debias_options={**FAST, "guidance_scale": 3.0})
+    # two measurements (before and after the one solve), each one image set labelled for both attribute sets
+    assert [k["guidance_scale"] for k in calls.kwargs] == [3.0, 3.0]
     gender, age = out.report.ratios
     assert gender["attributes"] == ["male", "female"] and age["attributes"] == ["young", "old"]
     assert gender["weights"] == pytest.approx([-0.075, 0.075]) and age["weights"] == pytest.approx([0.075, -0.075])
@@ -127,6 +139,7 @@ def test_two_attribute_sets(pipe):
     (dict(debias_options={"num_imgs": 3}), TypeError, "num_imgs.*allowed.*num_images"),
     (dict(debias_options={"prompt_templates": ("photo",)}), ValueError, "prompt_templates"),
     (dict(debias_options={"step": 0}), ValueError, "step"),
+    (dict(debias_options={"guidance_scale": float("nan")}), ValueError, "guidance_scale finite"),
     (dict(tolerance=0), ValueError, "tolerance"),
     (dict(max_iterations=0), ValueError, "max_iterations"),
     (dict(debias={"doctor": []}), ValueError, "needs attributes"),
@@ -144,6 +157,7 @@ def test_bad_inputs_raise_before_generating(pipe, calls, kwargs, error, match):
     assert calls == [] and pipe.concept_edits == ()
 
 
+@pytest.mark.parametrize("family", ["sd1"])  # the labels are checked the same way whatever made the images
 def test_unknown_label_raises_on_first_classification(pipe, calls):
     with pytest.raises(ValueError, match=r"'man'.*allowed labels: \['male', 'female'\]"):
         pipe.apply_concept_edits(debias=GENDER, attribute_classifier=lambda images, labels: ["man"] * len(images),
@@ -154,10 +168,13 @@ def test_unknown_label_raises_on_first_classification(pipe, calls):
                                  debias_options=FAST)
 
 
-@pytest.mark.parametrize("family", ["sd1"])
-def test_failure_mid_loop_restores_earlier_edits(pipe):
-    earlier = pipe.apply_concept_edits(["van gogh"], guide="art").edits
-    reference = unet_output(pipe)
+@pytest.mark.parametrize("fused", [False, True], ids=["processors", "fused"])
+def test_failure_mid_loop_restores_earlier_edits(pipe, fused):
+    """After a solve, the loop fails: every group's earlier solution comes back (and its fused weights)."""
+    earlier = pipe.apply_concept_edits(["van gogh"], guide="art", held_out=[]).edits
+    if fused:
+        pipe.fuse_concept_edits()
+    solutions, edited, reference = [g.solution for g in pipe._uce_state.groups], weights(pipe), unet_output(pipe)
     count = []
 
     def classify(images, labels):
@@ -168,8 +185,12 @@ def test_failure_mid_loop_restores_earlier_edits(pipe):
 
     with pytest.raises(KeyboardInterrupt):
         pipe.apply_concept_edits(debias={"doctor": ["male", "female"]}, attribute_classifier=classify,
-                                 debias_options=FAST)
-    assert pipe.concept_edits == earlier and torch.equal(unet_output(pipe), reference)
+                                 debias_options=FAST, held_out=[])
+    assert len(count) == 2 and pipe.concept_edits == earlier and pipe._uce_state.fused is fused
+    assert len(solutions) == len(groups(pipe))  # FLUX: both groups
+    assert all(g.solution is s for g, s in zip(pipe._uce_state.groups, solutions))
+    assert all(torch.equal(w, edited[n]) for n, w in weights(pipe).items())
+    assert torch.equal(unet_output(pipe), reference)
 
 
 @pytest.mark.parametrize("family", ["sd1"])
@@ -186,6 +207,7 @@ def test_accelerate_single_process_matches(pipe):
 def test_options_defaults():
     options = DebiasOptions()
     assert options.num_images == 20 and options.step == 0.3 and options.height is None
+    assert options.guidance_scale is None  # the pipeline's own: SD 1.x/2.x 7.5 (the authors'), SDXL 5.0, FLUX 3.5
     assert options.prompt_templates[-1] == "{}" and options.clip_model == "openai/clip-vit-base-patch32"
 
 

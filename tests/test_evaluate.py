@@ -194,6 +194,33 @@ def test_fused_model_against_a_base_pipe(run, prompts, tmp_path):
     assert all(torch.equal(before[n], p) for n, p in fused.unet.named_parameters())
 
 
+def test_every_family_end_to_end(pipe, family, tiny_clip, tmp_path, monkeypatch):
+    """Base and edited images of every row from the same seeds, scored; the base is the unedited model. The CSV's
+    evaluation_guidance is classifier-free guidance: used by SD 1.x/2.x and SDXL, not by the guidance-distilled FLUX."""
+    header = ("case_number", "prompt", "evaluation_seed", "evaluation_guidance", "artist")
+    prompts = write_csv(tmp_path / "guided.csv", header, [(c, p, seed, 6.0, a) for c, p, seed, a in ROWS])
+    pipe.apply_concept_edits("van gogh", guide="art", held_out=[])
+    guidance, call = [], type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *args, **kwargs: (
+        guidance.append(kwargs.get("guidance_scale")), call(self, *args, **kwargs))[1])
+    out, kwargs = tmp_path / "out", dict(num_inference_steps=2, height=32, width=32)
+    summary = evaluate_edit(pipe, prompts, out, clip_model=tiny_clip, batch_size=3,
+                            metrics="clip_score,clip_accuracy,pixel_mae,psnr", **kwargs)
+    assert summary["skipped"] == {} and summary["images"]["generated_here"] == {"base": 3, "edited": 3}
+    assert summary["metrics"]["clip_accuracy"]["count"] == 3 and pipe._uce_state.scale == 1.0
+    expected_guidance = None if family == "flux" else 6.0
+    assert guidance == [expected_guidance] * 2  # one batch of 3 rows: base, then edited
+    plain = make_demo_pipeline(family)(  # the same batch, without the plugin
+        [p for _, p, *_ in ROWS], generator=[torch.Generator().manual_seed(seed) for _, _, seed, _ in ROWS],
+        **kwargs, **({} if expected_guidance is None else {"guidance_scale": expected_guidance})).images
+    records = read_results(out)
+    for (case, *_), image, record in zip(ROWS, plain, records):
+        base, edited = (pixels(out / "images" / w / f"{case}.png") for w in ("base", "edited"))
+        assert base.shape == edited.shape == (32, 32, 3) and np.array_equal(base, np.asarray(image, dtype=np.int16))
+        assert float(record["pixel_mae"]) == pytest.approx(np.abs(base - edited).mean() / 255)
+    assert float(records[0]["pixel_mae"]) > 0  # "a painting by van gogh": the edit shows (the base is exact)
+
+
 def test_scale_is_restored_when_generation_fails(prompts, tmp_path):
     pipe = edited_pipe()
     pipe.set_concept_edit_scale(0.5)

@@ -1,4 +1,5 @@
-"""Moderation presets, prompt expansion and concept lists from files produce the expected edit records."""
+"""Moderation presets, prompt expansion and concept lists from files produce the expected edit records (every
+family: the `pipe` fixture)."""
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_concepts_from_files(pipe, tmp_path):
     assert record.erase == ("van gogh", "picasso") and record.preserve == ("monet", "rembrandt")
 
 
+@pytest.mark.parametrize("family", ["sd1"])  # checked before any family-specific work
 @pytest.mark.parametrize("kwargs,message", [
     (dict(moderate="i2p-v9"), "unknown preset 'i2p-v9'"),
     (dict(erase="van gogh", expand_prompts="people"), "unknown prompt expansion kind 'people'"),
