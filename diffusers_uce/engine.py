@@ -9,8 +9,8 @@ import torch
 from .edits import ConceptEdit
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
 from .solve import (
-    Correction, EditTerms, bias_direction, combine, debias_correction, homogeneous, solve_transform, tensor_correction,
-    with_bias,
+    Correction, EditTerms, bias_direction, combine, debias_correction, homogeneous, low_rank_delta, solve_transform,
+    tensor_correction, with_bias,
 )
 
 
@@ -111,10 +111,15 @@ def _debias_tokens(records: list[ConceptEdit], encoded: EncodedPrompts):
 
 @dataclass
 class Solution:
-    """A solved edit: ``W'_ℓ = W_ℓ T_ℓ`` with ``T_ℓ = T + Cᵀ diag(coef[ℓ]) D`` (see `solve.Correction`)."""
+    """A solved edit: ``W'_ℓ = W_ℓ T_ℓ`` with ``T_ℓ = T + Cᵀ diag(coef[ℓ]) D`` (see `solve.Correction`).
+
+    `low_rank`, when there are few erased tokens, is ``T − I`` in low-rank form (`solve.low_rank_delta`): fusing uses
+    it instead of ``T`` (cheaper, same weights). It is derived data: edit files store ``T`` only.
+    """
 
     transform: torch.Tensor
     correction: Correction | None
+    low_rank: Correction | None = None
 
     def is_finite(self) -> bool:
         tensors = [self.transform] + ([] if self.correction is None else [
@@ -122,10 +127,12 @@ class Solution:
         return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def to(self, device=None, dtype=None) -> "Solution":
-        move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-        c = self.correction
-        return Solution(move(self.transform), None if c is None else Correction(move(c.tokens), move(c.solved),
-                                                                               move(c.coef)))
+        def move(c):
+            if isinstance(c, Correction):
+                return Correction(move(c.tokens), move(c.solved), move(c.coef))
+            return None if c is None else c.to(device=device, dtype=dtype)
+
+        return Solution(move(self.transform), move(self.correction), move(self.low_rank))
 
 
 def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int,
@@ -146,9 +153,11 @@ def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Ten
         concepts = assembled.terms.erase[len(assembled.token_pair):]
         correction = combine(correction, debias_correction(weights, row_layer, num_layers, concepts, attributes,
                                                            concept_of, weight, factor))
-    if biased:
+    if biased:  # (two layers in FLUX: the dense product is cheap there)
         transform, correction = with_bias(transform, correction, bias_direction(assembled.terms, factor))
-    return Solution(transform, correction)
+        return Solution(transform, correction)
+    few = 2 * assembled.terms.erase.shape[0] < transform.shape[0]
+    return Solution(transform, correction, low_rank_delta(assembled.terms, factor) if few else None)
 
 
 def homogeneous_terms(assembled: AssembledTerms) -> AssembledTerms:

@@ -21,6 +21,7 @@ from diffusers_uce.community import (
     build_from_sources, write_community_pipeline,
 )
 from diffusers_uce.demo import make_demo_pipeline
+from helpers import rel
 from helpers import weights as edited_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -254,8 +255,9 @@ class TestCustomPipeline:
         plugin.save_concept_edits(tmp_path / "edits")
         pipe.load_concept_edits(str(tmp_path / "edits"))
         assert [e.to_dict() for e in pipe.concept_edits] == [e.to_dict() for e in plugin.concept_edits]
-        pipe.fuse_concept_edits()
-        assert all(torch.equal(w, expected[n]) for n, w in edited_weights(pipe).items())
+        pipe.fuse_concept_edits()  # through T (the file stores T only), the applied edit fused through T − I's factors
+        assert all(rel(w, expected[n]) < 1e-6 * max(1.0, rel(expected[n], before[n]))
+                   for n, w in edited_weights(pipe).items())
 
     @pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])  # one per file
     def test_runs_where_the_package_cannot_be_imported(self, family, base_dirs, monkeypatch):

@@ -130,7 +130,9 @@ class TestEditFiles:
         fused = weights(pipe)
         assert not any(torch.equal(before[n], w) for n, w in fused.items())  # every layer changed
         for (name, a), b in zip(fused.items(), weights(loaded).values()):
-            assert torch.equal(a, b), name
+            # an applied edit with few tokens fuses through its low-rank form, a loaded one through T (the file
+            # stores T only): the same weights up to float32 rounding
+            assert rel(b, a) < 1e-6 * max(1.0, rel(a, before[name])), name
 
     def test_apply_after_load_is_a_joint_solve(self, pipe, family, tmp_path):
         # non-default options are stored and must be given again; FLUX has no key/value projections
