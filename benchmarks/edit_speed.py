@@ -174,7 +174,8 @@ def timed_encoding(pipe, device, seconds: list):
         del pipe._uce_encode
 
 
-def time_package(pipe, erase, preserve, mode, device, repeats=2, max_repeat_s=60.0, names=None, keep=True):
+def time_package(pipe, erase, preserve, mode, device, repeats=2, max_repeat_s=60.0, names=None, keep=True,
+                 held_out=None):
     """Best of `repeats` fresh runs (the first warms up; no repeat after a run over `max_repeat_s`): the seconds of
     ``apply`` (of which ``encode`` in text encoding) and ``fuse``, and the fused weights (of `names`, all by default;
     `None` unless `keep`)."""
@@ -184,7 +185,7 @@ def time_package(pipe, erase, preserve, mode, device, repeats=2, max_repeat_s=60
         _sync(device)
         t0 = time.perf_counter()
         with timed_encoding(pipe, device, encoding):
-            pipe.apply_concept_edits(erase, guide=GUIDE, preserve=preserve, token_mode=mode)
+            pipe.apply_concept_edits(erase, guide=GUIDE, preserve=preserve, token_mode=mode, held_out=held_out)
         _sync(device)
         t1 = time.perf_counter()
         pipe.fuse_concept_edits()
@@ -200,6 +201,18 @@ def time_package(pipe, erase, preserve, mode, device, repeats=2, max_repeat_s=60
 
 
 # ---------------------------------------------------------------- SD 1.5: package vs baseline
+HELD_OUT_NOTE = {
+    False: "no held-out report (`held_out=[]`: the baseline makes no report, so both encode the same prompts; the "
+           "package still reports efficacy and interference of the erased and preserved concepts).",
+    True: "the default held-out report (10 more prompts encoded by the package, none by the baseline).",
+}
+
+
+def held_out(args):
+    return None if args.held_out_report else []
+
+
+
 def _header(args, notes) -> list[str]:
     return [f"Machine: {results_md.machine(args.device)}", "",
             "Command: `python benchmarks/edit_speed.py " + " ".join(args.argv) + "`", "", *notes, ""]
@@ -220,7 +233,7 @@ def run_sd15(args) -> list[dict]:
         f"so prompts are longer here). Built in {time.perf_counter() - t0:.1f} s.",
         f"Edit: erase the first N artists of artists1734 toward \"{GUIDE}\", preserve the next N (topped up from "
         "holdout100 artists and profession names when they run out); package defaults (lamb 0.5, erase_scale 1, "
-        "preserve_scale 1 in \"last\" and max(0.1, 1/(1+N)) in \"paper\"); 10 held-out concepts for the report.",
+        "preserve_scale 1 in \"last\" and max(0.1, 1/(1+N)) in \"paper\"); " + HELD_OUT_NOTE[args.held_out_report],
         "Package: `apply_concept_edits` then `fuse_concept_edits` on a fresh state, best of "
         f"{args.repeats} runs (stopping after a run over {args.max_repeat_s:.0f} s); \"of which encoding\": the part "
         "of apply spent in the package's text encoding (`pipe._uce_encode`). Baseline: once, "
@@ -236,7 +249,7 @@ def run_sd15(args) -> list[dict]:
         for n in args.sizes:
             erase, preserve = concepts(n)
             times, fused = time_package(pipe, erase, preserve, mode, args.device, args.repeats, args.max_repeat_s,
-                                        keep=n <= baseline_max[mode])
+                                        keep=n <= baseline_max[mode], held_out=held_out(args))
             row = dict(mode=mode, n=n, tokens=solve_tokens(pipe.tokenizer, erase, preserve, mode), **times,
                        total=times["apply"] + times["fuse"], baseline=None, err=None, derr=None, load=0.0)
             if n <= baseline_max[mode]:
@@ -282,8 +295,8 @@ def family_notes(args, pipe, family, built_s, checked) -> list[str]:
         f"{shapes.describe(pipe)}; {depth}. Only "
         "the text towers and the target layers are materialised; the rest of the denoiser stays on the meta device; "
         f"`vae=None`; tokenizers made in code (`diffusers_uce.demo`). Built in {built_s:.1f} s.",
-        "Edit: as in the SD 1.5 section (N artists erased toward \"art\", the next N preserved, package defaults, 10 "
-        f"held-out concepts encoded for the report). Solve tokens: {tokens[family]}.",
+        "Edit: as in the SD 1.5 section (N artists erased toward \"art\", the next N preserved, package defaults; "
+        f"{HELD_OUT_NOTE[args.held_out_report].rstrip('.')}). Solve tokens: {tokens[family]}.",
         f"Package: `apply_concept_edits` then `fuse_concept_edits`, best of {args.repeats} runs (stopping after a "
         f"run over {args.max_repeat_s:.0f} s). encoding: time in the package's text encoding (`pipe._uce_encode`, "
         "every target group); solve + report: the rest of `apply_concept_edits` (token selection, the float64 solve "
@@ -291,7 +304,7 @@ def family_notes(args, pipe, family, built_s, checked) -> list[str]:
         f"{args.family_check_max}): the fused float32 weights against the float64 per-layer baseline of the SD 1.5 "
         f"section (full-length encodings, explicit inverse per layer) on {len(checked)} of "
         f"{len(shapes.target_modules(pipe))} target layers spread over the denoiser; check/package is the baseline "
-        "ratio when every layer is checked (the package also encodes the 10 held-out prompts, the baseline does not). "
+        "ratio when every layer is checked. "
         f"load: 1-minute load average after the row (over {len(os.sched_getaffinity(0))}: other processes shared the "
         "CPU).",
     ]
@@ -314,7 +327,7 @@ def run_family(args, family: str) -> list[dict]:
             erase, preserve = concepts(n)
             check = n <= args.family_check_max
             times, fused = time_package(pipe, erase, preserve, mode, args.device, args.repeats, args.max_repeat_s,
-                                        names=names, keep=check)
+                                        names=names, keep=check, held_out=held_out(args))
             row = dict(mode=mode, n=n, tokens=solve_tokens(tokenizer, erase, preserve, mode, length), **times,
                        total=times["apply"] + times["fuse"], check=None, err=None, derr=None, load=0.0,
                        checked=f"{len(names)}/{len(shapes.target_modules(pipe))}",
@@ -358,6 +371,9 @@ def main(argv=None):
     parser.add_argument("--bigg-layers", type=int, help="depth of SDXL's bigG text tower (default and real: 32)")
     parser.add_argument("--t5-layers", type=int, help="depth of FLUX's T5-XXL-shaped encoder (default 2; real: 24)")
     parser.add_argument("--repeats", type=int, default=2, help="package runs per row (the best is kept)")
+    parser.add_argument("--held-out-report", action="store_true",
+                        help="time the package with its default held-out report (10 more prompts to encode); by "
+                             "default held_out=[]: the baseline makes no report to match")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and depths (smoke test; not a benchmark)")
     parser.add_argument("--max-repeat-s", type=float, default=30.0,
                         help="no further package run after one that took longer than this")
