@@ -110,7 +110,8 @@ def family_table(rows) -> list[str]:
              "max rel. diff of ΔW | load |", "|---" * 14 + "|"]
     for r in rows:
         ran = r["check"] is not None
-        check = (f"{r['check']:.2f}", r["checked"], f"{r['check'] / r['total']:.1f}×" if r["all_checked"] else "—")
+        check = ((f"{r['check']:.2f}", r["checked"], f"{r['check'] / r['total']:.1f}×" if r["all_checked"] else "—")
+                 if ran else ())
         lines.append(f"| {r['mode']} | {r['n']} | {r['tokens']} | {r['encode']:.2f} | {r['apply'] - r['encode']:.2f} "
                      f"| {r['fuse']:.2f} | {r['total'] - r['encode']:.2f} | {r['total']:.2f} | "
                      f"{' | '.join(check if ran else ('not run', '—', '—'))} | {' | '.join(_errors(r))} | "

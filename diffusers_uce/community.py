@@ -35,7 +35,7 @@ PACKAGE = "diffusers_uce"
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
     "solve", "files", "edits", "concepts", "prompts", "families", "targets", "engine", "report", "processor", "state",
-    "edit_files", "io", "lora", "debias", "mixin",
+    "edit_files", "io", "lowrank", "lora", "debias", "mixin",
 )
 OPTIONAL_MODULES = frozenset()  # modules included only when the package has them
 SHARED_NAMES = frozenset({"logger"})  # may be defined by several modules, if identically

@@ -3,8 +3,8 @@
 A UCE edit changes each edited layer by ``ΔW_ℓ = W_ℓ (T_ℓ − I)``, which is low rank (≤ the number of edit tokens),
 so it is an exact LoRA. A layer with a bias (FLUX's ``context_embedder`` and pooled-text ``linear_1``) keeps its bias
 and changes by ``ΔW = W (T − I) + b uᵀ`` (one rank more): the ``[W | b] (T̃ − I)`` of the homogeneous form, first d
-columns. The factors come from `solve.shared_low_rank` (one SVD of ``T − I`` per target group) or
-`solve.per_layer_low_rank` ("tensor" technique). Keys follow diffusers' PEFT format, prefixed by the component the
+columns. The factors come from `lowrank.shared_low_rank` (one SVD of ``T − I`` per target group) or
+`lowrank.per_layer_low_rank` ("tensor" technique). Keys follow diffusers' PEFT format, prefixed by the component the
 family's loader expects: ``unet.<module>.lora_A.weight`` (r×d) / ``lora_B.weight`` (out×r) for SD 1.x/2.x and SDXL,
 ``transformer.<module>...`` for FLUX; the header holds the `LoraConfig` (``lora_adapter_metadata``) with
 ``lora_alpha = r`` for every module: the LoRA scale is 1. `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and
@@ -21,7 +21,8 @@ import torch
 from diffusers.utils import logging
 
 from .edit_files import atomic_save_safetensors, check_weight_name, library_versions
-from .solve import Correction, LowRankFactors, edited_weights, per_layer_low_rank, shared_low_rank
+from .lowrank import LowRankFactors, per_layer_low_rank, shared_low_rank
+from .solve import Correction, edited_weights
 
 logger = logging.get_logger(__name__)
 

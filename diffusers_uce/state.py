@@ -60,7 +60,7 @@ class GroupEdit:
         s = (solution or self.solution).to(device=weights.device, dtype=weights.dtype)
         transform, correction = scaled(s.transform if s.low_rank is None else s.low_rank, s.correction, scale)
         new = edited_weights(weights, transform, correction, row_layer)[:, : originals[0].shape[1]]
-        if not bool(torch.isfinite(new.abs().amax())):  # one reduction (NaN and inf propagate), no R×d mask
+        if not all(bool(torch.isfinite(x)) for x in new.aminmax()):  # one reduction (NaN, inf propagate), no copy
             raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]

@@ -13,7 +13,7 @@ import torch
 from diffusers_uce.demo import make_demo_pipeline
 from diffusers_uce.edit_files import atomic_save_safetensors
 from diffusers_uce.lora import lora_factors, lora_state_dict
-from diffusers_uce.solve import LowRankFactors
+from diffusers_uce.lowrank import LowRankFactors
 from helpers import rel, target_layers, unet_output, weights
 from reference import denoiser, family_of
 
