@@ -61,8 +61,10 @@ def test_real_shapes():
 OTHER = "## Notes by hand\n\nkept as it is\n"
 
 
-def test_families_smoke(tmp_path):
+def test_families_smoke(tmp_path, monkeypatch):
     """`--families sdxl flux --tiny`: every row checked against the float64 baseline; only their sections written."""
+    # the concept names, not the paper's CSVs (a clone may not have ../shared/data): this tests the family code path
+    monkeypatch.setattr(edit_speed, "concepts", lambda n: (ERASE[:n], PRESERVE[:n]))
     output = tmp_path / "RESULTS.md"
     sd15 = results_md.merge_section("", results_md.SD15_HEADING, ["an earlier SD 1.5 run"]) + "\n" + OTHER
     output.write_text(sd15, encoding="utf-8")
