@@ -52,6 +52,10 @@ class TargetGroup:
     def cross_attention(self) -> bool:
         return not self.modules
 
+    def text_width(self, pipe) -> int:
+        """Width of the tokens these layers read in `pipe`: its encoders' hidden sizes, concatenated."""
+        return sum(int(getattr(pipe, encoder).config.hidden_size) for _, encoder in self.text.encoders)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -68,6 +72,11 @@ class Family:
     groups: tuple[TargetGroup, ...]
     tags: tuple[str, ...] = field(default=())
     pipeline: str = "StableDiffusionPipeline"
+
+    @property
+    def named_layers(self) -> str:
+        """The named layers the family edits (FLUX's), for messages."""
+        return ", ".join(m for g in self.groups for m in g.modules)
 
     @property
     def has_keys(self) -> bool:

@@ -139,8 +139,7 @@ class UCEIOMixin:
 
         name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
         family = self._uce_family
-        widths = {g.name: sum(int(getattr(self, e).config.hidden_size) for _, e in g.text.encoders)
-                  for g in family.groups}
+        widths = {g.name: g.text_width(self) for g in family.groups}
         return {
             "name_or_path": str(name) if name else None,
             "pipeline_class": base_pipeline_class(type(self)).__name__,

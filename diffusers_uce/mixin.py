@@ -184,11 +184,11 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         family = self._uce_family
         if not state.edit_keys and not family.has_keys:
             raise ValueError(f"edit_keys=False needs key/value projections, and {family.name} pipelines edit "
-                             f"{', '.join(m for g in family.groups for m in g.modules)}: leave edit_keys=True")
+                             f"{family.named_layers}: leave edit_keys=True")
         groups = []
         for group in family.groups:
             component = getattr(self, group.component)
-            width = sum(int(getattr(self, name).config.hidden_size) for _, name in group.text.encoders)
+            width = group.text_width(self)
             if group.cross_attention:
                 found = find_projections(component, edit_keys=state.edit_keys, layers=state.layers, context_dim=width)
             else:
@@ -197,7 +197,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 groups.append(GroupEdit(state, group, found))
         if not groups:
             raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
-                             f"{family.name} pipelines ({', '.join(m for g in family.groups for m in g.modules)})")
+                             f"{family.name} pipelines ({family.named_layers})")
         return groups
 
     def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:

@@ -1161,6 +1161,10 @@ class TargetGroup:
     def cross_attention(self) -> bool:
         return not self.modules
 
+    def text_width(self, pipe) -> int:
+        """Width of the tokens these layers read in `pipe`: its encoders' hidden sizes, concatenated."""
+        return sum(int(getattr(pipe, encoder).config.hidden_size) for _, encoder in self.text.encoders)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -1177,6 +1181,11 @@ class Family:
     groups: tuple[TargetGroup, ...]
     tags: tuple[str, ...] = field(default=())
     pipeline: str = "StableDiffusionPipeline"
+
+    @property
+    def named_layers(self) -> str:
+        """The named layers the family edits (FLUX's), for messages."""
+        return ", ".join(m for g in self.groups for m in g.modules)
 
     @property
     def has_keys(self) -> bool:
@@ -2245,8 +2254,7 @@ class UCEIOMixin:
 
         name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
         family = self._uce_family
-        widths = {g.name: sum(int(getattr(self, e).config.hidden_size) for _, e in g.text.encoders)
-                  for g in family.groups}
+        widths = {g.name: g.text_width(self) for g in family.groups}
         return {
             "name_or_path": str(name) if name else None,
             "pipeline_class": base_pipeline_class(type(self)).__name__,
@@ -3023,11 +3031,11 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         family = self._uce_family
         if not state.edit_keys and not family.has_keys:
             raise ValueError(f"edit_keys=False needs key/value projections, and {family.name} pipelines edit "
-                             f"{', '.join(m for g in family.groups for m in g.modules)}: leave edit_keys=True")
+                             f"{family.named_layers}: leave edit_keys=True")
         groups = []
         for group in family.groups:
             component = getattr(self, group.component)
-            width = sum(int(getattr(self, name).config.hidden_size) for _, name in group.text.encoders)
+            width = group.text_width(self)
             if group.cross_attention:
                 found = find_projections(component, edit_keys=state.edit_keys, layers=state.layers, context_dim=width)
             else:
@@ -3036,7 +3044,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 groups.append(GroupEdit(state, group, found))
         if not groups:
             raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
-                             f"{family.name} pipelines ({', '.join(m for g in family.groups for m in g.modules)})")
+                             f"{family.name} pipelines ({family.named_layers})")
         return groups
 
     def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:
