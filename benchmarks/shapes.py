@@ -26,8 +26,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from diffusers_uce.demo import make_clip_tokenizer
-from diffusers_uce.demo_families import make_t5_tokenizer
+from diffusers_uce.demo import make_clip_tokenizer, make_t5_tokenizer
 
 FAMILIES = ("sd15", "sdxl", "flux")
 TITLES = {"sd15": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX"}

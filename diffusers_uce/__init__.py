@@ -4,14 +4,13 @@ Erase, moderate and debias concepts of a text-to-image model in closed form, by 
 key/value projections; many concepts at once, in seconds, without training.
 """
 
-from .edits import ConceptEdit, DebiasTarget
-from .hub import UCEHubMixin
-from .mixin import ConceptEditOutput, UCEMixin
+from .core.edits import ConceptEdit, DebiasTarget
+from .core.report import EditReport
+from .hub.hub_mixin import UCEHubMixin
+from .loaders.concept_edit import ConceptEditOutput, UCEMixin
+from .loaders.processor import UCEAttnProcessor
 from .pipelines import UCEFluxPipeline, UCEStableDiffusionPipeline, UCEStableDiffusionXLPipeline, attach
-from .processor import UCEAttnProcessor
-from .report import EditReport
-
-__version__ = "0.1.0"
+from .utils.versions import __version__
 
 __all__ = [
     "ConceptEdit", "ConceptEditOutput", "DebiasTarget", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",

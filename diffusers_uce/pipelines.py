@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .families import FLUX, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, family_of
-from .hub import UCEHubMixin
-from .mixin import UCEMixin
+from .core.families import FLUX, STABLE_DIFFUSION, STABLE_DIFFUSION_XL, family_of
+from .hub.hub_mixin import UCEHubMixin
+from .loaders.concept_edit import UCEMixin
 
 _attached_classes: dict[type, type] = {}
 

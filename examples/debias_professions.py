@@ -26,8 +26,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import diffusers_uce
-from diffusers_uce.concepts import read_concepts
-from diffusers_uce.debias import clip_zero_shot_classifier
+from diffusers_uce.core.concepts import read_concepts
+from diffusers_uce.loaders.debias import clip_zero_shot_classifier
 
 # `train-scripts/train_debias.py`, `--concept default0`.
 AUTHORS_PROFESSIONS = (

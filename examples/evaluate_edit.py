@@ -28,7 +28,7 @@ from diffusers import StableDiffusionPipeline
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
-from diffusers_uce.evaluate import evaluate_edit, format_summary
+from diffusers_uce.evaluation.evaluate import evaluate_edit, format_summary
 
 
 def read_csv(path):

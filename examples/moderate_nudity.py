@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 import diffusers_uce
-from diffusers_uce.evaluate import evaluate_edit
+from diffusers_uce.evaluation.evaluate import evaluate_edit
 
 I2P = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafe-prompts4703.csv"
 

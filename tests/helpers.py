@@ -1,7 +1,6 @@
 """Shared test helpers: a denoiser output to compare edits by, a relative error, the edited weights (any family)."""
 
 import torch
-
 from reference import denoiser, family_of, groups
 
 

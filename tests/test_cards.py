@@ -15,12 +15,17 @@ from huggingface_hub import ModelCard
 
 import diffusers_uce
 from diffusers_uce import ConceptEdit
-from diffusers_uce.cards import (
-    DEFAULT_TEMPLATE, TEMPLATE_PACKAGE, card_for_pipeline, hub_model_id, render_model_card, save_model_card,
+from diffusers_uce.core.families import FLUX
+from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.hub.cards import (
+    DEFAULT_TEMPLATE,
+    TEMPLATE_PACKAGE,
+    card_for_pipeline,
+    hub_model_id,
+    render_model_card,
+    save_model_card,
     template_path,
 )
-from diffusers_uce.demo import make_demo_pipeline
-from diffusers_uce.families import FLUX
 
 REPO = Path(__file__).resolve().parent.parent
 SD14 = "CompVis/stable-diffusion-v1-4"
@@ -268,4 +273,4 @@ class TestTemplateShipping:
         (wheel,) = (tmp_path / "wheel").glob("*.whl")
         names = set(zipfile.ZipFile(wheel).namelist())
         assert {f"diffusers_uce/model_cards/{DEFAULT_TEMPLATE}", "diffusers_uce/model_cards/__init__.py",
-                "diffusers_uce/cards.py"} <= names
+                "diffusers_uce/hub/cards.py"} <= names

@@ -15,17 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import (
-    DiffusionPipeline, FluxImg2ImgPipeline, FluxPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+    DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
 )
+from helpers import rel, target_layers, weights
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 import diffusers_uce
-from diffusers_uce.cli import main
-from diffusers_uce.cli_common import DEMO_MODELS
+from diffusers_uce.commands.common import DEMO_MODELS
+from diffusers_uce.commands.uce_cli import main
 from diffusers_uce.demo import make_demo_pipeline
-from helpers import rel, target_layers, weights
 
 EDIT_OPTIONS = [
     "--model", "--erase", "--guide", "--preserve", "--erase-scale", "--preserve-scale", "--lamb", "--token-mode",
@@ -267,7 +272,7 @@ def test_help_mentions_every_option():
 def test_console_script():
     script = Path(sys.executable).with_name("diffusers-uce")
     script = str(script) if script.exists() else shutil.which("diffusers-uce")
-    command = [script] if script else [sys.executable, "-m", "diffusers_uce.cli"]
+    command = [script] if script else [sys.executable, "-m", "diffusers_uce.commands.uce_cli"]
     result = subprocess.run([*command, "edit", "--erase", "van gogh", "--guide", "art"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -12,17 +12,22 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
-
-import diffusers_uce
-from diffusers_uce import community
-from diffusers_uce.cards import card_for_pipeline
-from diffusers_uce.community import (
-    COMMUNITY_FILES, COMMUNITY_MODULES, DEFAULT_OUTPUT, HUB_PIPELINE_FILENAME, build_community_pipeline,
-    build_from_sources, write_community_pipeline,
-)
-from diffusers_uce.demo import make_demo_pipeline
 from helpers import rel
 from helpers import weights as edited_weights
+
+import diffusers_uce
+from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.hub import community
+from diffusers_uce.hub.cards import card_for_pipeline
+from diffusers_uce.hub.community import (
+    COMMUNITY_FILES,
+    COMMUNITY_MODULES,
+    DEFAULT_OUTPUT,
+    HUB_PIPELINE_FILENAME,
+    build_community_pipeline,
+    build_from_sources,
+    write_community_pipeline,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / DEFAULT_OUTPUT
@@ -85,9 +90,9 @@ class TestGeneratedFile:
     @pytest.mark.parametrize("base", PIPELINE_BASES)
     def test_committed_file_is_up_to_date(self, sources, base):
         path = REPO / COMMUNITY_FILES[base]
-        assert path.is_file(), "run `python -m diffusers_uce.community`"
+        assert path.is_file(), "run `python -m diffusers_uce.hub.community`"
         assert path.read_text(encoding="utf-8") == sources(base), (
-            f"{COMMUNITY_FILES[base]} is out of date with the package: run `python -m diffusers_uce.community`"
+            f"{COMMUNITY_FILES[base]} is out of date with the package: run `python -m diffusers_uce.hub.community`"
         )
 
     @pytest.mark.parametrize("base", PIPELINE_BASES)
@@ -110,14 +115,14 @@ class TestGeneratedFile:
 
     def test_includes_every_module_the_mixin_needs(self, source):
         included = source.split("Modules, in order:\n# ", 1)[1].split(".\n", 1)[0].split(", ")
-        assert included[-1] == "mixin" and set(included) <= set(COMMUNITY_MODULES)
-        assert {"solve", "edits", "engine", "processor"} <= set(included)
+        assert included[-1] == "loaders.concept_edit" and set(included) <= set(COMMUNITY_MODULES)
+        assert {"core.solve", "core.edits", "core.engine", "loaders.processor"} <= set(included)
 
     def test_write_is_atomic_and_cli_regenerates(self, source, tmp_path, monkeypatch):
         out = write_community_pipeline(tmp_path / "sub" / "pipeline_uce.py")
         assert out.read_text(encoding="utf-8") == source
         assert sorted(p.name for p in out.parent.iterdir()) == ["pipeline_uce.py"]
-        from diffusers_uce.community import main
+        from diffusers_uce.hub.community import main
 
         # main() below compares and writes what the builder gives; that build is the one just checked.
         monkeypatch.setattr(community, "build_community_pipeline", lambda modules=None, *, pipeline_base: source)
@@ -128,7 +133,7 @@ class TestGeneratedFile:
         assert main([str(out)]) == 0 and out.read_text(encoding="utf-8") == source
 
     def test_cli_regenerates_every_family(self, sources, tmp_path, monkeypatch):
-        from diffusers_uce.community import main
+        from diffusers_uce.hub.community import main
 
         monkeypatch.chdir(tmp_path)  # COMMUNITY_FILES are relative to the current folder (the repository's root)
         built = []  # the builds are the test above's; this one checks which file gets which class
@@ -205,7 +210,7 @@ class TestBuilder:
         ({"a": "from .missing import x\n"}, "imports .missing"),
         ({"a": "from .b import nothing\n", "b": "x = 1\n"}, "does not define it"),
         ({"a": "from .b import x\nx2 = 1\n", "b": "from .a import x2\nx = 1\n"}, "circular"),
-        ({"a": "import diffusers_uce.edits\n"}, "not `import diffusers_uce`"),
+        ({"a": "import diffusers_uce.core.edits\n"}, "not `import diffusers_uce`"),
         ({"a": "import os; from .b import x\n", "b": "x = 1\n"}, "on its own line"),
     ])
     def test_refuses_what_would_break_the_file(self, sources, message):
@@ -267,7 +272,7 @@ class TestCustomPipeline:
             monkeypatch.delitem(sys.modules, name)
         monkeypatch.setitem(sys.modules, "diffusers_uce", None)
         with pytest.raises(ImportError):
-            import diffusers_uce.edits  # noqa: F401
+            import diffusers_uce.core.edits  # noqa: F401
         pipe = self.load(folder, committed_file(family))
         out = pipe.apply_concept_edits(erase=["van gogh"], guide="art", preserve=["monet"], held_out=[])
         pipe.fuse_concept_edits()

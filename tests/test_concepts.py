@@ -1,18 +1,12 @@
-"""Concept lists (diffusers_uce.concepts): prompt expansion, moderation presets, files, debias prompts."""
+"""Concept lists (diffusers_uce.core.concepts): prompt expansion, moderation presets, files, debias prompts."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-# concepts.py is pure Python: load it by path so that this file runs without importing the package (torch, diffusers)
-_spec = importlib.util.spec_from_file_location(
-    "_uce_concepts", Path(__file__).resolve().parents[1] / "diffusers_uce" / "concepts.py")
-concepts = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = concepts
-_spec.loader.exec_module(concepts)
+from diffusers_uce.core import concepts
+
 ART_TEMPLATES, OBJECT_TEMPLATES, DEBIAS_PROMPT_TEMPLATES = (
     concepts.ART_TEMPLATES, concepts.OBJECT_TEMPLATES, concepts.DEBIAS_PROMPT_TEMPLATES)
 I2P_CATEGORY_CONCEPTS, MODERATION_DEFAULTS, MODERATION_PRESETS = (

@@ -4,12 +4,12 @@ validation, CLIP classifier, CLI. The classifiers are stubs (or compare pixels):
 import numpy as np
 import pytest
 import torch
-
-from diffusers_uce.debias import DebiasOptions, clip_zero_shot_classifier
 from helpers import unet_output, weights
 from reference import groups
 from test_cli import run_cli
 from test_debias_math import attribute_shift, probe_layers
+
+from diffusers_uce.loaders.debias import DebiasOptions, clip_zero_shot_classifier
 
 # Tiny and fast: 4 images of 16x16 px in 2 steps per concept and measurement, one image per prompt template.
 FAST = dict(num_images=4, num_inference_steps=2, height=16, width=16, batch_size=8, prompt_templates=("{}",))

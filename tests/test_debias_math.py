@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from helpers import rel, weights
 from reference import denoiser, full_states, groups, reference_layer, select_tokens
 

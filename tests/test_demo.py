@@ -5,16 +5,29 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel,
-                          T5TokenizerFast)
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    AutoTokenizer,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
-from diffusers_uce import demo
-from diffusers_uce.demo import DEMO_FAMILIES, make_clip_tokenizer, make_demo_pipeline
-from diffusers_uce.demo_families import make_t5_tokenizer
-
+from diffusers_uce.demo import DEMO_FAMILIES, make_clip_tokenizer, make_demo_pipeline, make_t5_tokenizer
+from diffusers_uce.demo import tokenizers as demo_tokenizers
 
 KNOWN_WORDS = [
     "painting", "art", "style", "artwork", "picture", "portrait", "photo", "image", "van", "gogh", "picasso",
@@ -129,14 +142,14 @@ def test_save_directory_holds_clip_vocab_and_merges(tmp_path, tokenizer):
 
 
 def test_tokenizer_is_deterministic(tokenizer):
-    demo._vocab_and_merges.cache_clear()
+    demo_tokenizers._vocab_and_merges.cache_clear()
     rebuilt = make_clip_tokenizer()
     assert rebuilt.get_vocab() == tokenizer.get_vocab()
     # The learned merges depend on the set of words only, not on their order (no hash-order tie-breaking).
-    words = sorted(set(demo._WORDS.split()))
+    words = sorted(set(demo_tokenizers.WORDS.split()))
     shuffled = words[:]
     random.Random(0).shuffle(shuffled)
-    assert demo._learn_merges(shuffled) == demo._learn_merges(words)
+    assert demo_tokenizers._learn_merges(shuffled) == demo_tokenizers._learn_merges(words)
 
 
 # --------------------------------------------------------------------------------------------- pipeline

@@ -16,9 +16,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 import diffusers_uce
-from diffusers_uce.cli import main
+from diffusers_uce.commands.uce_cli import main
 from diffusers_uce.demo import make_demo_clip, make_demo_pipeline
-from diffusers_uce.evaluate import evaluate_edit, format_summary, load_prompts
+from diffusers_uce.evaluation.evaluate import evaluate_edit, format_summary, load_prompts
 
 ROWS = [  # case_number, prompt, evaluation_seed, artist
     ("0", "a painting by van gogh", 11, "van gogh"),

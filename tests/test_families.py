@@ -3,12 +3,12 @@
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-import diffusers_uce
-from diffusers_uce.demo import make_demo_pipeline
-from diffusers_uce.families import FLUX, STABLE_DIFFUSION, STABLE_DIFFUSION_XL
 from helpers import target_layers, weights
 from reference import groups, select_tokens
+
+import diffusers_uce
+from diffusers_uce.core.families import FLUX, STABLE_DIFFUSION, STABLE_DIFFUSION_XL
+from diffusers_uce.demo import make_demo_pipeline
 
 CONCEPTS = ["van gogh", "picasso", "a cat"]
 

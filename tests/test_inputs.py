@@ -3,10 +3,10 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-
-import diffusers_uce
 from helpers import target_layers
 from reference import denoiser, family_of
+
+import diffusers_uce
 
 # Every test here runs on every family through the `pipe` fixture of conftest.py.
 

@@ -11,13 +11,13 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-
-import diffusers_uce
-from diffusers_uce.demo import make_demo_pipeline
-from diffusers_uce.engine import Solution
-from diffusers_uce.solve import Correction
 from helpers import rel, target_layers, unet_output, weights
 from reference import denoiser, family_of
+
+import diffusers_uce
+from diffusers_uce.core.engine import Solution
+from diffusers_uce.core.solve import Correction
+from diffusers_uce.demo import make_demo_pipeline
 
 ERASE = ["van gogh", "picasso"]
 PRESERVE = ["monet", "a photo of a dog"]

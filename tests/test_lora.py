@@ -9,13 +9,13 @@ import json
 import pytest
 import safetensors
 import torch
-
-from diffusers_uce.demo import make_demo_pipeline
-from diffusers_uce.edit_files import atomic_save_safetensors
-from diffusers_uce.lora import lora_factors, lora_state_dict
-from diffusers_uce.lowrank import LowRankFactors
 from helpers import rel, target_layers, unet_output, weights
 from reference import denoiser, family_of
+
+from diffusers_uce.core.lowrank import LowRankFactors
+from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.loaders.lora import lora_factors, lora_state_dict
+from diffusers_uce.utils.files import atomic_save_safetensors
 
 pytest.importorskip("peft")
 

@@ -3,7 +3,7 @@ family: the `pipe` fixture)."""
 
 import pytest
 
-from diffusers_uce.concepts import ART_TEMPLATES, MODERATION_PRESETS, OBJECT_TEMPLATES
+from diffusers_uce.core.concepts import ART_TEMPLATES, MODERATION_PRESETS, OBJECT_TEMPLATES
 
 
 def test_i2p_preset_erases_toward_unconditional_with_paper_defaults(pipe):

@@ -9,14 +9,14 @@ import logging
 
 import pytest
 import torch
-
-from diffusers_uce.concepts import I2P_CATEGORY_CONCEPTS
-from diffusers_uce.demo import make_clip_tokenizer
-from diffusers_uce.edits import build_concept_edit
-from diffusers_uce.engine import assemble_terms
-from diffusers_uce.prompts import encode_prompts, pair_positions, preserve_positions
-from diffusers_uce.report import DEFAULT_HOLDOUT_CONCEPTS
 from reference import family_of, full_states, groups, select_tokens
+
+from diffusers_uce.core.concepts import I2P_CATEGORY_CONCEPTS
+from diffusers_uce.core.edits import build_concept_edit
+from diffusers_uce.core.engine import assemble_terms
+from diffusers_uce.core.prompts import encode_prompts, pair_positions, preserve_positions
+from diffusers_uce.core.report import DEFAULT_HOLDOUT_CONCEPTS
+from diffusers_uce.demo import make_clip_tokenizer
 
 # k of "", "dog", "a photo of a dog" per target group: CLIP counts the start token, T5 (FLUX) has none and its "" is
 # the end token alone, a pooled embedding is one token per prompt.

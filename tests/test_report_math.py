@@ -2,7 +2,7 @@
 
 import torch
 
-from diffusers_uce.solve import Correction, grouped_grams, output_distances
+from diffusers_uce.core.solve import Correction, grouped_grams, output_distances
 
 
 def test_distance_forms_agree():

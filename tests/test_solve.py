@@ -3,8 +3,15 @@ form of a biased layer."""
 
 import torch
 
-from diffusers_uce.solve import (
-    EditTerms, bias_direction, edited_weights, low_rank_delta, scaled, solve_transform, tensor_correction, with_bias,
+from diffusers_uce.core.solve import (
+    EditTerms,
+    bias_direction,
+    edited_weights,
+    low_rank_delta,
+    scaled,
+    solve_transform,
+    tensor_correction,
+    with_bias,
 )
 
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 
-from .cli_common import (
-    DEMO_MODELS, DTYPES, SUPPORTED, check_model, device_arg, load_pipeline, positive_int, progress, resolve_device,
+from .common import (
+    DEMO_MODELS,
+    DTYPES,
+    SUPPORTED,
+    check_model,
+    device_arg,
+    load_pipeline,
+    positive_int,
+    progress,
+    resolve_device,
 )
 
 
 def _metric_names(text: str) -> tuple[str, ...]:
-    from .eval_metrics import check_metrics
+    from ..evaluation.metrics import check_metrics
 
     try:
         return check_metrics(text)
@@ -21,7 +29,7 @@ def _metric_names(text: str) -> tuple[str, ...]:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `diffusers-uce eval` to its subparser."""
-    from .eval_metrics import METRICS
+    from ..evaluation.metrics import METRICS
 
     add = parser.add_argument
     add("--prompts", required=True, metavar="CSV",
@@ -58,7 +66,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """`diffusers-uce eval`: check the CSV, load the model(s), generate base/edited images, score, print a table."""
-    from .evaluate import evaluate_edit, format_summary, load_prompts
+    from ..evaluation.evaluate import evaluate_edit, format_summary, load_prompts
 
     load_prompts(args.prompts)  # fail fast, before loading any weights
     if args.edits is None and args.base_model is None:
@@ -109,5 +117,5 @@ examples:
 Each row's image is generated twice with its evaluation_seed: by the base model (--base-model, else --model with the
 edit switched off) and by the edited one. Metrics whose model is missing (nudenet not installed, no --clip-model,
 no cached LPIPS weights) are reported as skipped; nothing is downloaded. Prompts are never printed.
-Several GPUs: 'accelerate launch -m diffusers_uce.cli eval ...' splits the rows between processes.
+Several GPUs: 'accelerate launch -m diffusers_uce.commands.uce_cli eval ...' splits the rows between processes.
 """

@@ -9,8 +9,16 @@ import torch
 from .edits import ConceptEdit
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
 from .solve import (
-    Correction, EditTerms, bias_direction, combine, debias_correction, homogeneous, low_rank_delta, solve_transform,
-    tensor_correction, with_bias,
+    Correction,
+    EditTerms,
+    bias_direction,
+    combine,
+    debias_correction,
+    homogeneous,
+    low_rank_delta,
+    solve_transform,
+    tensor_correction,
+    with_bias,
 )
 
 
@@ -42,7 +50,7 @@ def prompts_of(records: list[ConceptEdit]) -> list[str]:
 
 
 def assemble_terms(records: list[ConceptEdit], encoded: EncodedPrompts) -> AssembledTerms:
-    """Select the tokens of every record (DESIGN.md §2) and stack them into one `EditTerms`."""
+    """Select the tokens of every record (its token mode) and stack them into one `EditTerms`."""
     states, last, length = encoded.states, encoded.last, encoded.max_length
     device = states.device
     erase, guide, weight, tensor_pair, token_pair, pairs = [], [], [], [], [], []

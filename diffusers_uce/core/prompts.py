@@ -1,4 +1,4 @@
-"""Prompt encoding and token selection (DESIGN.md §2).
+"""Prompt encoding and token selection.
 
 Every distinct prompt of an edit is tokenised once (padded to the tokenizer's ``model_max_length``, or the family's
 sequence length: 512 for FLUX's T5) and encoded in batches, one pass per text encoder of the pipeline. ``k(x)`` is the

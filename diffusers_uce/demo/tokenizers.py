@@ -1,37 +1,27 @@
 # Copyright 2025 The diffusers-uce authors. Licensed under the MIT License.
-"""Tiny, offline, seeded Stable Diffusion (1.x, 2.x, XL) and FLUX pipelines for tests, docs and demos.
-
-Everything is built in code: a byte-level BPE CLIP tokenizer learned from a built-in word list, and randomly
-initialised (but seeded) CLIP text encoder, UNet and VAE. Nothing is downloaded. The SDXL and FLUX builders (and the
-T5 tokenizer FLUX needs) live in [`diffusers_uce.demo_families`].
-"""
+"""Tokenizers made in code for the demo pipelines: a byte-level BPE CLIP tokenizer and a Unigram T5 tokenizer, both
+learned from one built-in word list, offline and deterministic."""
 
 from __future__ import annotations
 
 import heapq
 import json
 import os
+import string
 import tempfile
 from collections import defaultdict
 from functools import lru_cache
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-
-logger = logging.get_logger(__name__)
-
-DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 
 # Words the demo tokenizer learns as whole tokens: common English, art and style vocabulary, artists, professions,
 # the Imagenette classes and a few moderation concepts. Anything else still tokenises, into smaller pieces.
-_WORDS = """
+WORDS = """
 a an the of in on at by with and or for to from as is are was be it this that these those some no not very
 one two three four five many new old big small little large tall short young beautiful ugly happy sad dark
 light bright black white red green blue yellow orange purple pink brown gray gold silver color colors colorful
@@ -112,7 +102,7 @@ def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
 @lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     byte_encoder = _bytes_to_unicode()
-    words = sorted({"".join(byte_encoder[b] for b in word.encode("utf-8")) for word in _WORDS.lower().split()})
+    words = sorted({"".join(byte_encoder[b] for b in word.encode("utf-8")) for word in WORDS.lower().split()})
     merges = _learn_merges(words)
     # CLIP's layout: 256 byte symbols, the same with "</w>", the merge results, then the special tokens.
     base = list(byte_encoder.values())
@@ -161,7 +151,7 @@ def make_clip_tokenizer(
     return tokenizer
 
 
-def _text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
+def clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -178,134 +168,80 @@ def _text_encoder_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act:
     )
 
 
-def make_demo_pipeline(
-    family: str = "sd1",
+T5_PAD_TOKEN, T5_EOS_TOKEN, T5_UNK_TOKEN = "<pad>", "</s>", "<unk>"
+_SPACE = "\u2581"  # SentencePiece's "▁", which marks the start of a word
+
+
+def cast_models(models, torch_dtype: torch.dtype, device: str | torch.device | None) -> None:
+    """Move and cast demo models in place, in eval mode (as `from_pretrained` returns them)."""
+    for model in models:
+        # Weights are drawn in float32, then only rounded; `nn.Module.to` because
+        # diffusers' `ModelMixin.to(dtype=...)` warns about "modules kept in float32" even when there are none.
+        torch.nn.Module.to(model, device=device, dtype=torch_dtype).eval()
+
+
+@lru_cache(maxsize=1)
+def _t5_vocab() -> tuple[tuple[str, float], ...]:
+    words = sorted(set(WORDS.lower().split()))
+    capitalized = [word.capitalize() for word in words if word.capitalize() != word]
+    # T5's layout: <pad> = 0, </s> = 1, <unk> = 2, then the pieces. Whole words (T5 is case-sensitive, so also their
+    # capitalised forms) score far above the "▁" + single-character pieces any other ASCII word falls back to.
+    return (
+        (T5_PAD_TOKEN, 0.0),
+        (T5_EOS_TOKEN, 0.0),
+        (T5_UNK_TOKEN, 0.0),
+        *((_SPACE + word, -5.0) for word in words),
+        *((_SPACE + word, -6.0) for word in capitalized),
+        (_SPACE, -8.0),
+        *((char, -10.0) for char in string.printable[:94]),  # digits, letters and punctuation
+    )
+
+
+def make_t5_tokenizer(
+    save_directory: str | os.PathLike | None = None,
     *,
-    seed: int = 0,
-    torch_dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-) -> DiffusionPipeline:
+    model_max_length: int = 512,
+) -> transformers.T5TokenizerFast:
     r"""
-    Builds a tiny, randomly initialised pipeline of one of the [`DEMO_FAMILIES`] without downloading anything.
+    Builds a small SentencePiece-style (Unigram) [`~transformers.T5TokenizerFast`] offline.
 
-    For `"sd1"` and `"sd2"`, a [`~diffusers.StableDiffusionPipeline`]: a 2-layer [`~transformers.CLIPTextModel`], a
-    2-level [`~diffusers.UNet2DConditionModel`] with 4 cross-attention (`attn2`) modules, a 2-level
-    [`~diffusers.AutoencoderKL`] (latents are half the image size) and a [`~diffusers.DDIMScheduler`] with Stable
-    Diffusion's betas; no safety checker. `"sdxl"` and `"flux"` are built by
-    [`~diffusers_uce.demo_families.make_demo_sdxl_pipeline`] and
-    [`~diffusers_uce.demo_families.make_demo_flux_pipeline`]. The default image is 32x32.
+    The vocabulary holds every word of the built-in word list, lowercase and capitalised, as a single `"▁word"` piece;
+    other ASCII text falls back to `"▁"` and single characters, anything else to `"<unk>"`. Like T5's, it is
+    case-sensitive, appends `"</s>"` and pads with `"<pad>"` (`"<pad>"`, `"</s>"`, `"<unk>"` are ids 0, 1, 2), and
+    `""` tokenises to `["</s>"]` alone.
 
     Args:
-        family (`str`, *optional*, defaults to `"sd1"`):
-            `"sd1"` (text width 32, `"<|endoftext|>"` padding, epsilon prediction), `"sd2"` (text width 48,
-            `"!"` padding, per-block attention heads with linear projections, v-prediction), `"sdxl"` (a
-            [`~diffusers.StableDiffusionXLPipeline`]: two CLIP text encoders of widths 32 and 48) or `"flux"` (a
-            [`~diffusers.FluxPipeline`]: CLIP and T5 text encoders, a flow-matching transformer).
-        seed (`int`, *optional*, defaults to 0):
-            Seed for the weights; the same seed gives identical weights. The global RNG state is left untouched.
-        torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
-            The dtype to cast the pipeline to.
-        device (`str` or `torch.device`, *optional*):
-            The device to move the pipeline to; it stays on the CPU if not given.
+        save_directory (`str` or `os.PathLike`, *optional*):
+            Where to also save it with `save_pretrained` (created if needed).
+        model_max_length (`int`, *optional*, defaults to 512):
+            The maximum sequence length, `"</s>"` included (FLUX pads the prompt to 512 tokens by default).
 
     Returns:
-        [`~diffusers.DiffusionPipeline`]: The pipeline: a [`~diffusers.StableDiffusionPipeline`] (`"sd1"`, `"sd2"`),
-        [`~diffusers.StableDiffusionXLPipeline`] (`"sdxl"`) or [`~diffusers.FluxPipeline`] (`"flux"`).
+        [`~transformers.T5TokenizerFast`]: The tokenizer.
     """
-    if family not in DEMO_FAMILIES:
-        raise ValueError(f"Unknown demo family {family!r}; expected one of {', '.join(DEMO_FAMILIES)}.")
-    if family in ("sdxl", "flux"):
-        from . import demo_families
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
 
-        build = demo_families.make_demo_sdxl_pipeline if family == "sdxl" else demo_families.make_demo_flux_pipeline
-        pipe = build(seed=seed, torch_dtype=torch_dtype, device=device)
-        logger.debug("Built %s demo pipeline (seed=%d).", family, seed)
-        return pipe
-    sd2 = family == "sd2"
-    tokenizer = make_clip_tokenizer(pad_token="!" if sd2 else EOS_TOKEN)
-    hidden_size = 48 if sd2 else 32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, hidden_size, "gelu" if sd2 else "quick_gelu"))
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=hidden_size,
-            attention_head_dim=(2, 4) if sd2 else 8,
-            use_linear_projection=sd2,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-        )
-    for model in (text_encoder, unet, vae):
-        # Weights are drawn in float32 whatever `torch_dtype`, so dtypes only differ by rounding. `nn.Module.to`
-        # because diffusers' `ModelMixin.to(dtype=...)` warns about "modules kept in float32" even when there are none.
-        torch.nn.Module.to(model, device=device, dtype=torch_dtype)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
+    # The same pipeline as transformers 5's `T5Tokenizer` builds from a vocabulary: transformers 5 rebuilds it that
+    # way (from the saved vocabulary and post-processor only) when loading, so anything else would not survive a
+    # `save_pretrained` / `from_pretrained` round trip (a `Lowercase` normalizer, for one, is dropped).
+    backend = Tokenizer(Unigram(list(_t5_vocab()), unk_id=2, byte_fallback=False))
+    metaspace = dict(replacement=_SPACE, prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)]
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    backend.decoder = decoders.Metaspace(**metaspace)
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", T5_EOS_TOKEN], pair=["$A", T5_EOS_TOKEN, "$B", T5_EOS_TOKEN], special_tokens=[(T5_EOS_TOKEN, 1)]
     )
-    pipe.set_progress_bar_config(disable=True)
-    logger.debug("Built %s demo pipeline (seed=%d, vocab=%d).", family, seed, len(tokenizer))
-    return pipe
-
-
-def make_demo_clip(save_directory: str | os.PathLike, *, seed: int = 0, image_size: int = 32) -> str:
-    r"""Save a tiny, random, offline CLIP model and processor, as a local CLIP checkpoint would be laid out.
-
-    For trying and testing what needs a CLIP model (the debias loop's zero-shot classifier, CLIP metrics of the
-    evaluation) without downloading one: the numbers it gives mean nothing.
-
-    Args:
-        save_directory (`str` or `os.PathLike`): where to save it (created if needed).
-        seed (`int`, defaults to 0): seed of the random weights.
-        image_size (`int`, defaults to 32): the vision tower's input size.
-
-    Returns:
-        `str`: the folder, to pass wherever a CLIP model id or path is taken.
-    """
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = make_clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=image_size, patch_size=image_size // 4)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
-    path = os.fspath(save_directory)
-    model.save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    tokenizer = transformers.T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token=T5_EOS_TOKEN,
+        unk_token=T5_UNK_TOKEN,
+        pad_token=T5_PAD_TOKEN,
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+    if save_directory is not None:
+        tokenizer.save_pretrained(save_directory)
+    return tokenizer

@@ -13,14 +13,22 @@ import sys
 import textwrap
 from typing import Callable, NamedTuple
 
-from . import __version__
-from .cli_common import (
-    DTYPES, SUPPORTED, check_model, demo_names, device_arg, load_pipeline, positive_int, progress, resolve_device,
+from ..core.concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
+from ..core.edits import TECHNIQUES, TOKEN_MODES, build_concept_edit
+from ..utils.files import PICKLE_SUFFIXES, write_text_atomic
+from ..utils.versions import __version__
+from .common import (
+    DTYPES,
+    SUPPORTED,
+    check_model,
+    demo_names,
+    device_arg,
+    load_pipeline,
+    positive_int,
+    progress,
+    resolve_device,
 )
-from .cli_eval import EVAL_EPILOG, add_eval_arguments, run_eval
-from .concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
-from .edits import TECHNIQUES, TOKEN_MODES, build_concept_edit
-from .files import write_text_atomic
+from .eval import EVAL_EPILOG, add_eval_arguments, run_eval
 
 PROG = "diffusers-uce"
 REPORT_FILE = "uce_report.json"
@@ -188,7 +196,7 @@ def _run_edit(args: argparse.Namespace) -> int:
         options["preserve_scale"] = MODERATION_DEFAULTS["preserve_scale"]
     record = build_concept_edit(args.erase, guide, args.preserve, debias=debias.get("debias"), **options)  # fail fast
     if debias:
-        from .debias import DebiasOptions, check_debias_settings, clip_zero_shot_classifier
+        from ..loaders.debias import DebiasOptions, check_debias_settings, clip_zero_shot_classifier
 
         check_debias_settings(record.debias, debias["debias_ratios"], debias["tolerance"], debias["max_iterations"])
     check_model(args.model)
@@ -242,7 +250,7 @@ def _run_push(args: argparse.Namespace) -> int:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder")
     names = os.listdir(folder)
-    pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    pickles = [n for n in names if n.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ValueError(f"{folder} holds pickle files ({', '.join(pickles)}); only safetensors are pushed")
     if "model_index.json" not in names and not any(n.endswith(".safetensors") for n in names):

@@ -72,7 +72,7 @@ def _check_pipeline_class(model: str) -> None:
     """Fail before loading any weights when the model_index.json of `model` names a pipeline that cannot be edited."""
     import diffusers
 
-    from .families import family_of
+    from ..core.families import family_of
 
     name = diffusers.DiffusionPipeline.load_config(model).get("_class_name")
     cls = getattr(diffusers, name or "", None)  # a custom pipeline class is only known once loaded
@@ -100,11 +100,11 @@ def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
     """
     import torch
 
-    from .pipelines import attach
+    from ..pipelines import attach
 
     dtype = getattr(torch, dtype_name)
     if model in DEMO_MODELS:
-        from .demo import make_demo_pipeline
+        from ..demo import make_demo_pipeline
 
         return attach(make_demo_pipeline(DEMO_MODELS[model], seed=seed, torch_dtype=dtype, device=device))
     from diffusers import DiffusionPipeline

@@ -23,8 +23,8 @@ from diffusers.utils import logging
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .files import atomic_path
-from .eval_metrics import LABEL_COLUMNS, METRICS, check_metrics, format_summary, score_rows, summarise
+from ..utils.files import atomic_path
+from .metrics import LABEL_COLUMNS, METRICS, check_metrics, format_summary, score_rows, summarise
 
 __all__ = ["METRICS", "PromptRow", "evaluate_edit", "format_summary", "load_prompts", "make_grid"]
 

@@ -15,17 +15,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from importlib import metadata as importlib_metadata
 
 import safetensors
 import safetensors.torch
 import torch
 from diffusers.utils import logging
 
-from . import engine
-from .edits import ConceptEdit
-from .files import atomic_path
-from .solve import Correction
+from ..core import engine
+from ..core.edits import ConceptEdit
+from ..core.solve import Correction
+from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name
+from ..utils.versions import library_versions
+from .edit_state import EditState
 
 logger = logging.get_logger(__name__)
 
@@ -33,67 +34,7 @@ FORMAT_NAME = "diffusers-uce-edit"
 FORMAT_VERSION = 2  # 2: a family and one solution per target group (FLUX has two); 1: SD 1.x/2.x, one group
 METADATA_KEY = "uce"
 EDIT_WEIGHT_NAME = "uce_edits.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CORRECTION_PARTS = ("tokens", "solved", "coef")
-
-
-def check_weight_name(weight_name: str) -> str:
-    """Validate a file name to write: a plain name ending in ``.safetensors``."""
-    if not isinstance(weight_name, str) or not weight_name.endswith(".safetensors"):
-        raise ValueError(f"weight_name must end in '.safetensors' (only safetensors files are written), got "
-                         f"{weight_name!r}")
-    if os.path.basename(weight_name) != weight_name or weight_name in (".safetensors",):
-        raise ValueError(f"weight_name must be a file name such as 'uce_edits.safetensors', got {weight_name!r}: "
-                         "put folders in save_directory")
-    return weight_name
-
-
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], save_directory: str | os.PathLike, weight_name: str,
-    metadata: dict[str, str], overwrite: bool = False,
-) -> str:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then `os.replace`.
-
-    A failure leaves neither a partial file nor the temporary file, and an existing file is only replaced when
-    `overwrite` is `True`.
-
-    Args:
-        tensors (`dict[str, torch.Tensor]`): the tensors to write.
-        save_directory (`str` or `os.PathLike`): the folder, created if needed.
-        weight_name (`str`): the file name (ends in ``.safetensors``).
-        metadata (`dict[str, str]`): the safetensors header metadata.
-        overwrite (`bool`, defaults to `False`): replace an existing file.
-
-    Returns:
-        `str`: the path written.
-    """
-    check_weight_name(weight_name)
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
-        raise ValueError(f"save_directory {save_directory!r} is a file; give a folder to write {weight_name} into")
-    path = os.path.join(save_directory, weight_name)
-
-    def refuse_existing():
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it, or another weight_name")
-
-    refuse_existing()
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        refuse_existing()
-    return path
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of diffusers-uce and the libraries an edit file depends on."""
-    out = {}
-    for name in ("diffusers-uce", "diffusers", "torch", "transformers"):
-        try:
-            out[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def solution_tensors(prefix: str, solution: engine.Solution) -> dict[str, torch.Tensor]:
@@ -254,3 +195,168 @@ def solution_from(tensors: dict, prefix: str, d: int, num_layers: int, records: 
     if not solution.is_finite():
         raise ValueError("the edit file's solution has non-finite values")
     return solution
+
+
+def _describe(info: dict) -> str:
+    """A model as an edit file's ``base_model`` entry (or `_uce_base_info`) describes it, for error messages."""
+    widths = info.get("text_hidden_sizes") or {"unet": info.get("text_hidden_size")}
+    width = (f"text hidden size {next(iter(widths.values()))}" if len(widths) == 1 else
+             "text hidden sizes " + ", ".join(f"{w} ({name})" for name, w in widths.items()))
+    attention = info.get("cross_attention_modules")
+    attention = f", {attention} cross-attention modules" if attention else ""
+    return f"{info.get('name_or_path') or 'an unnamed model'} ({info.get('pipeline_class')}, {width}{attention})"
+
+
+class UCEIOMixin:
+    """`save_concept_edits` / `load_concept_edits`: edit files (part of `UCEMixin`)."""
+
+    def save_concept_edits(
+        self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False
+    ) -> str:
+        r"""Save the applied concept edit (solution, records, strength) as one safetensors file.
+
+        The file holds each target group's d×d transform in float64 (4.7 MB for SD 1.5, 34 MB for SDXL, 134 MB for
+        FLUX, whose T5 states are 4096 wide), far less than the model, and `load_concept_edits` installs it on any
+        pipeline of the same base model without solving again.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): folder to write into (created if needed).
+            weight_name (`str`, defaults to `"uce_edits.safetensors"`): the file name; must end in `.safetensors`.
+            overwrite (`bool`, defaults to `False`): replace an existing file of that name.
+
+        Returns:
+            `str`: the path of the file written.
+
+        Example:
+        ```py
+        >>> pipe.apply_concept_edits(erase=["Van Gogh"], guide="art")
+        >>> pipe.save_concept_edits("./van-gogh-erased")
+        >>> other = diffusers_uce.attach(StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4"))
+        >>> other.load_concept_edits("./van-gogh-erased")
+        ```
+        """
+        state = self._uce_require_state("save")
+        check_weight_name(weight_name)
+        tensors = {}
+        for group in state.groups:
+            tensors.update(solution_tensors(f"{group.group.name}.uce", group.solution))
+        layers = state.layers
+        if callable(layers):  # store what it selected: attention names, which select the same modules as substrings
+            layers = list(dict.fromkeys(p.attention for p in state.projections))
+        elif layers is not None:
+            layers = list(layers)
+        info = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "denoiser": self._uce_family.groups[0].component,
+            "family": self._uce_family.name,
+            "edits": [r.to_dict() for r in state.records],
+            "projections": [{"group": g.group.name, "name": p.name, "shape": list(p.module.weight.shape)}
+                            for g in state.groups for p in g.projections],
+            "edit_keys": bool(state.edit_keys),
+            "layers": layers,
+            "scale": state.scale,
+            "base_model": self._uce_base_info(len(state.projections)),
+            "versions": library_versions(),
+        }
+        path = atomic_save_safetensors(tensors, save_directory, weight_name,
+                                       {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
+        logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
+        return path
+
+    def load_concept_edits(
+        self, pretrained_model_name_or_path: str | os.PathLike, *, weight_name: str | None = None,
+        subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, force_download: bool = False,
+    ) -> None:
+        r"""Load an edit file written by `save_concept_edits` and install it (processor mode, its saved strength).
+
+        Everything is checked before the pipeline changes: the file format, that this pipeline is of the file's family
+        (a Stable Diffusion file does not load onto SDXL or FLUX, nor the reverse) with the same text hidden sizes,
+        and has every stored layer with the stored shape. The stored solution is installed as is, so the loaded edit
+        reproduces the saved one exactly; `fuse_concept_edits`, `set_concept_edit_scale` and further
+        `apply_concept_edits` calls work as after `apply_concept_edits`. Files of format version 1 (Stable Diffusion
+        1.x/2.x, before pipeline families) load too.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a `.safetensors` file, a folder holding one, or a
+                Hub repo id.
+            weight_name (`str`, *optional*): the file name in the folder or repo (defaults to
+                `"uce_edits.safetensors"`; in a local folder, the only edit file there when that name is absent).
+            subfolder (`str`, *optional*): folder inside the repo or local folder.
+            revision (`str`, *optional*): Hub branch, tag or commit.
+            token (`str` or `bool`, *optional*): Hub token.
+            cache_dir (`str` or `os.PathLike`, *optional*): Hub cache folder.
+            local_files_only (`bool`, defaults to `False`): only use the local Hub cache.
+            force_download (`bool`, defaults to `False`): download again even if cached.
+
+        Example:
+        ```py
+        >>> pipe = diffusers_uce.attach(StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4"))
+        >>> pipe.load_concept_edits("./van-gogh-erased")
+        >>> pipe.fuse_concept_edits()
+        ```
+        """
+        if self._uce_state is not None:
+            raise ValueError("this pipeline already has concept edits; call unload_concept_edits() first, then "
+                             "load_concept_edits() (or apply the new concepts with apply_concept_edits())")
+        path = resolve_edit_file(pretrained_model_name_or_path, weight_name=weight_name, subfolder=subfolder,
+                                 revision=revision, token=token, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, force_download=force_download)
+        info, tensors = read_edit_file(path)
+        groups, records, solutions = self._uce_validate_edit_file(info, tensors, path)
+        device = self._execution_device
+        self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
+        self._uce_state.scale = float(info["scale"])
+        logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
+
+    def _uce_base_info(self, num_projections: int | None) -> dict:
+        name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
+        family = self._uce_family
+        widths = {g.name: g.text_width(self) for g in family.groups}
+        return {
+            "name_or_path": str(name) if name else None,
+            "pipeline_class": self._uce_base_class().__name__,
+            "family": family.name,
+            "text_hidden_size": widths[family.groups[0].name],
+            "text_hidden_sizes": widths,
+            "cross_attention_modules": sum(1 for g in family.groups if g.cross_attention for n, _ in
+                                           getattr(self, g.component).named_modules() if n.endswith("attn2")),
+            "num_projections": num_projections,
+        }
+
+    def _uce_validate_edit_file(self, info: dict, tensors: dict, path: str):
+        """Check a read edit file against this pipeline; return (groups, records, solutions). Changes nothing."""
+        family, stored_base, here = self._uce_family, info["base_model"], self._uce_base_info(None)
+        mismatch = (f"the edit file {path} was saved from {_describe(stored_base)}, but this pipeline is "
+                    f"{_describe(here)}: load it onto the base model it was made for")
+        first = family.groups[0].name  # version-1 files: Stable Diffusion 1.x/2.x, one group
+        stored_widths = stored_base.get("text_hidden_sizes") or {first: stored_base["text_hidden_size"]}
+        if (info.get("family", "stable-diffusion") != family.name or info["denoiser"] != family.groups[0].component
+                or any(here["text_hidden_sizes"].get(name) != width for name, width in stored_widths.items())):
+            raise ValueError(mismatch)
+        stored = [(entry.get("group", first), entry["name"]) for entry in info["projections"]]
+        by_name = {g.name: g for g in family.groups}
+        for (group, name), entry in zip(stored, info["projections"]):
+            if group not in by_name:
+                raise ValueError(f"{mismatch} (it edits layers of {group!r}, not a group of this family)")
+            try:
+                weight = getattr(getattr(self, by_name[group].component).get_submodule(name), "weight", None)
+            except AttributeError:
+                raise ValueError(f"{mismatch} (it has no layer {name})") from None
+            shape = None if weight is None else list(weight.shape)
+            if shape != list(entry["shape"]):
+                raise ValueError(f"{mismatch} ({name} has shape {shape}, the file says {entry['shape']})")
+        layers = None if info["layers"] is None else list(info["layers"])
+        groups = self._uce_groups(EditState(info["edit_keys"], layers))
+        if [(g.group.name, p.name) for g in groups for p in g.projections] != stored:
+            raise ValueError(f"{mismatch} (the stored edit_keys/layers select other layers here)")
+        records = records_from(info["edits"])
+        widths = here["text_hidden_sizes"]
+        solutions = [solution_from(tensors, f"{g.group.name}.uce", widths[g.group.name] + g.biased,
+                                   len(g.projections), records) for g in groups]
+        prefixes = tuple(f"{g.group.name}.uce." for g in groups)
+        extra = [k for k in tensors if not k.startswith(prefixes)]
+        if extra:
+            raise ValueError(f"the edit file has unexpected tensors: {', '.join(sorted(extra))}")
+        return groups, records, solutions

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from . import engine
-from .edits import ConceptEdit
-from .families import TargetGroup
-from .report import EditReport
-from .solve import edited_weights, scaled
-from .targets import LayerFilter, Projection
+from ..core import engine
+from ..core.edits import ConceptEdit
+from ..core.families import TargetGroup
+from ..core.report import EditReport
+from ..core.solve import edited_weights, scaled
+from ..core.targets import LayerFilter, Projection
 
 
 class GroupEdit:

@@ -20,9 +20,10 @@ import os
 import torch
 from diffusers.utils import logging
 
-from .edit_files import atomic_save_safetensors, check_weight_name, library_versions
-from .lowrank import LowRankFactors, per_layer_low_rank, shared_low_rank
-from .solve import Correction, edited_weights
+from ..core.lowrank import LowRankFactors, per_layer_low_rank, shared_low_rank
+from ..core.solve import Correction, edited_weights
+from ..utils.files import atomic_save_safetensors, check_weight_name
+from ..utils.versions import library_versions
 
 logger = logging.get_logger(__name__)
 

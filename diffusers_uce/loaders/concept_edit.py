@@ -11,18 +11,18 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
-from . import engine
-from .concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
-from .edits import ConceptEdit, build_concept_edit
-from .families import STABLE_DIFFUSION, Family, TargetGroup
-from .io import UCEIOMixin
+from ..core import engine
+from ..core.concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
+from ..core.edits import ConceptEdit, build_concept_edit
+from ..core.families import STABLE_DIFFUSION, Family, TargetGroup
+from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
+from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
+from ..core.solve import grouped_grams, homogeneous
+from ..core.targets import LayerFilter, find_linear_layers, find_projections
+from .edit_file import UCEIOMixin
+from .edit_state import EditState, GroupEdit
 from .lora import UCELoraMixin
 from .processor import LinearEditHook, ProjectionEdit, UCEAttnProcessor
-from .prompts import EncodedPrompts, encode_prompts, preserve_positions
-from .report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
-from .solve import grouped_grams, homogeneous
-from .state import EditState, GroupEdit
-from .targets import LayerFilter, find_linear_layers, find_projections
 
 logger = logging.get_logger(__name__)
 
@@ -51,7 +51,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
     pooled-text `linear_1`. One float64 solve on the pipeline's device serves all layers of a kind. Edits act through
     `UCEAttnProcessor` (FLUX: forward hooks), weights untouched, until `fuse_concept_edits`; `unload_concept_edits`
     restores the pipeline bit for bit. Which layers are edited and which text states feed them is set by one class attribute, `_uce_family`
-    (`diffusers_uce.families`), so one mixin serves every pipeline family.
+    (`diffusers_uce.core.families`), so one mixin serves every pipeline family.
     """
 
     _uce_family: Family = STABLE_DIFFUSION
@@ -84,7 +84,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 `max(0.1, 1 / (1 + len(preserve)))` in "paper" mode.
             lamb (`float`, defaults to 0.5): pull toward the original weights (> 0); the same for every edit.
             token_mode (`str`, defaults to `"last"`): `"last"` (one token per concept) or `"paper"` (the paper's
-                token blocks; DESIGN.md §2).
+                token blocks: from the last real token to the padding, paired with the guide's).
             technique (`str`, defaults to `"replace"`): `"replace"` or `"tensor"`.
             edit_keys (`bool`, defaults to `True`): edit `to_k` as well as `to_v` (FLUX has neither: keep `True`); the
                 same for every edit.
@@ -94,7 +94,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 default).
             debias (`dict`, *optional*): concepts to debias with their attribute set(s), e.g.
                 `{"doctor": ["male", "female"]}` or `{"doctor": [["male", "female"], ["young", "old"]]}`. Runs the
-                debias loop (`diffusers_uce.debias`): generate, classify, move the attribute weights, re-solve.
+                debias loop (`diffusers_uce.loaders.debias`): generate, classify, move the attribute weights, re-solve.
             debias_ratios (`dict`, *optional*): desired ratios per concept, shaped like `debias` (uniform by default).
             attribute_classifier (`Callable[[list[PIL.Image.Image], list[str]], list[str]]`, *optional*): returns
                 one label per image; CLIP zero-shot by default.
@@ -102,10 +102,10 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             tolerance (`float`, defaults to 0.05): the loop stops when every ratio is this close to its target.
             max_iterations (`int`, defaults to 10): the loop's budget.
             debias_options (`dict`, *optional*): generation and step settings of the loop (see
-                `diffusers_uce.debias.DebiasOptions`).
+                `diffusers_uce.loaders.debias.DebiasOptions`).
             moderate (`str` or `list[str]`, *optional*): concepts to erase toward the unconditional prompt with the
                 paper's moderation defaults (`preserve_scale=0.1` unless given), or a preset: `"i2p"` (the I2P
-                categories), `"nudity"` (see `diffusers_uce.concepts.MODERATION_PRESETS`).
+                categories), `"nudity"` (see `diffusers_uce.core.concepts.MODERATION_PRESETS`).
             expand_prompts (`str`, *optional*): `"art"` or `"object"`: add the paper's templates around every erased
                 concept and its guide ("painting by {}", ... / "image of {}", ...).
 
@@ -320,8 +320,13 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
     def to_json_string(self) -> str:
         # Saved pipelines must load without the plugin: record the base pipeline class, not the UCE subclass.
         config = json.loads(super().to_json_string())
-        config["_class_name"] = base_pipeline_class(type(self)).__name__
+        config["_class_name"] = self._uce_base_class().__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def _uce_base_class(cls) -> type:
+        """The first pipeline class in the MRO that is not a UCE class: what saved configs and cards must name."""
+        return next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, UCEMixin))
 
     def _uce_require_state(self, action: str) -> EditState:
         if self._uce_state is None:
@@ -368,8 +373,3 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 attention = component.get_submodule(name)
                 originals[name] = attention.processor
                 attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
-
-
-def base_pipeline_class(cls: type) -> type:
-    """The first pipeline class in `cls`'s MRO that is not a UCE class: what saved configs must name."""
-    return next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, UCEMixin))

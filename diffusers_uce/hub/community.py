@@ -5,7 +5,7 @@
 builds that file by concatenating the package modules in dependency order, dropping their intra-package imports,
 hoisting and merging the other imports, and appending one pipeline class; nothing is copied by hand, so the file
 cannot drift from the package (a test regenerates it and compares). The file's class extends the pipeline it is
-loaded with, so there is one file per family (`COMMUNITY_FILES`); `python -m diffusers_uce.community` regenerates them
+loaded with, so there is one file per family (`COMMUNITY_FILES`); `python -m diffusers_uce.hub.community` regenerates them
 all. A Hub repository serves the file to `custom_pipeline="user/repo"` only under the name `pipeline.py`
 (`HUB_PIPELINE_FILENAME`).
 """
@@ -22,11 +22,11 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from diffusers.utils import logging
 
-from .files import write_text_atomic
+from ..utils.files import write_text_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -34,10 +34,10 @@ PACKAGE = "diffusers_uce"
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "solve", "files", "edits", "concepts", "prompts", "families", "targets", "engine", "report", "processor", "state",
-    "edit_files", "io", "lowrank", "lora", "debias", "mixin",
+    "utils.versions", "utils.files", "core.solve", "core.lowrank", "core.edits", "core.concepts", "core.prompts",
+    "core.families", "core.targets", "core.engine", "core.report", "loaders.processor", "loaders.edit_state",
+    "loaders.edit_file", "loaders.lora", "loaders.debias", "loaders.concept_edit",
 )
-OPTIONAL_MODULES = frozenset()  # modules included only when the package has them
 SHARED_NAMES = frozenset({"logger"})  # may be defined by several modules, if identically
 DROPPED_NAMES = frozenset({"__all__"})
 PIPELINE_BASE = "StableDiffusionPipeline"
@@ -68,9 +68,14 @@ class _Module:
     future: set[str] = field(default_factory=set)
     imports: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)  # kind, module, name, as
     deps: set[str] = field(default_factory=set)  # package modules imported at top level
-    namespaces: set[str] = field(default_factory=set)  # `from . import engine`
+    namespaces: set[str] = field(default_factory=set)  # modules imported whole: `from ..core import engine`
     uses: list[tuple[str, str]] = field(default_factory=list)  # (module, name) imported from package modules
     defs: dict[str, tuple[str, ast.stmt]] = field(default_factory=dict)  # name -> (ast dump, statement)
+
+
+def _path(name: str) -> str:
+    """A module's file, for messages and section headers: `core.solve` is `diffusers_uce/core/solve.py`."""
+    return f"{PACKAGE}/{name.replace('.', '/')}.py"
 
 
 def _statement_lines(module: _Module, node: ast.stmt) -> range:
@@ -79,38 +84,45 @@ def _statement_lines(module: _Module, node: ast.stmt) -> range:
     before = module.lines[first][: node.col_offset]
     after = module.lines[last][node.end_col_offset:].strip()
     if before.strip() or (after and not after.startswith("#")):
-        raise ValueError(f"{PACKAGE}/{module.name}.py:{node.lineno}: put this import on its own line(s) so that "
+        raise ValueError(f"{_path(module.name)}:{node.lineno}: put this import on its own line(s) so that "
                          "the community pipeline builder can rewrite it")
     return range(first, last + 1)
 
 
 def _package_module(node: ast.ImportFrom, module: _Module) -> str | None:
-    """`x` for `from .x import ...` / `from diffusers_uce.x import ...`, `""` for `from . import ...`, else `None`."""
-    if node.level > 1:
-        raise ValueError(f"{PACKAGE}/{module.name}.py:{node.lineno}: only one-dot relative imports are supported")
-    if node.level == 1 or node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
-        return (node.module or "").removeprefix(PACKAGE).removeprefix(".") if node.level == 0 else node.module or ""
-    return None
+    """The package module (dotted, relative to the package: `core.solve`; `""` for the package itself) that
+    `from .x import ...`, `from ..core.x import ...` or `from diffusers_uce.x import ...` reads, else `None`."""
+    if node.level == 0:
+        if node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
+            return (node.module or "").removeprefix(PACKAGE).removeprefix(".")
+        return None
+    parts = module.name.split(".")[:-1]
+    if node.level - 1 > len(parts):
+        raise ValueError(f"{_path(module.name)}:{node.lineno}: the relative import goes above the package")
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
 
 
-def _rewrite_package_import(module: _Module, node: ast.ImportFrom, source: str, nested: bool) -> None:
+def _rewrite_package_import(module: _Module, node: ast.ImportFrom, source: str, nested: bool,
+                            known: frozenset[str]) -> None:
     """Drop an intra-package import: names are shared in one file; aliases become assignments."""
     lines = _statement_lines(module, node)
     indent = module.lines[lines[0]][: node.col_offset]
     replacement = []
     for alias in node.names:
         if alias.name == "*":
-            raise ValueError(f"{PACKAGE}/{module.name}.py:{node.lineno}: star imports are not supported")
-        if source == "":  # `from . import engine`: the module becomes a namespace object
-            module.namespaces.add(alias.name)
+            raise ValueError(f"{_path(module.name)}:{node.lineno}: star imports are not supported")
+        submodule = f"{source}.{alias.name}".lstrip(".")
+        if submodule in known:  # `from ..core import engine`: the module becomes a namespace object
+            module.namespaces.add(submodule)
         else:
             module.uses.append((source, alias.name))
         if not nested:
-            module.deps.add(source or alias.name)
+            module.deps.add(submodule if submodule in known else source)
         if alias.asname and alias.asname != alias.name:
             replacement.append(f"{alias.asname} = {alias.name}")
             if not nested:  # a new top-level name: checked for clashes like a definition
-                module.defs[alias.asname] = (f"alias of {source or PACKAGE}.{alias.name}", node)
+                module.defs[alias.asname] = (f"alias of {PACKAGE}.{submodule}", node)
     module.drop.update(lines)
     if nested or replacement:
         module.replace[lines[0]] = indent + ("; ".join(replacement) or "pass")
@@ -124,8 +136,16 @@ def _bound_names(node: ast.stmt) -> list[str]:
     return [n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)]
 
 
-def parse_module(name: str, source: str) -> _Module:
-    """Parse one package module for the builder (see `build_community_pipeline`)."""
+def parse_module(name: str, source: str, known: Iterable[str] = ()) -> _Module:
+    """Parse one package module for the builder (see `build_community_pipeline`).
+
+    Args:
+        name (`str`): the module's dotted name inside the package (`"core.solve"`).
+        source (`str`): its source.
+        known (`Iterable[str]`): every module of the build: `from ..core import engine` imports the module
+            `core.engine` when it is one of them, else the name `engine` from `core`.
+    """
+    known = frozenset(known)
     tree = ast.parse(source)
     module = _Module(name=name, lines=source.splitlines())
     body = list(tree.body)
@@ -136,17 +156,17 @@ def parse_module(name: str, source: str) -> _Module:
     top = {id(node) for node in body}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == PACKAGE for a in node.names):
-            raise ValueError(f"{PACKAGE}/{name}.py:{node.lineno}: use `from .module import name`, not `import "
+            raise ValueError(f"{_path(name)}:{node.lineno}: use `from .module import name`, not `import "
                              f"{PACKAGE}`, so that the community pipeline builder can resolve it")
         if isinstance(node, ast.ImportFrom) and (source_module := _package_module(node, module)) is not None:
-            _rewrite_package_import(module, node, source_module, nested=id(node) not in top)
+            _rewrite_package_import(module, node, source_module, nested=id(node) not in top, known=known)
     for node in body:
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
             module.future.update(a.name for a in node.names)
             module.drop.update(_statement_lines(module, node))
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and _package_module(node, module) is None:
             if any(a.name == "*" for a in node.names):
-                raise ValueError(f"{PACKAGE}/{name}.py:{node.lineno}: star imports are not supported")
+                raise ValueError(f"{_path(name)}:{node.lineno}: star imports are not supported")
             module.imports += [("from", node.module, a.name, a.asname) for a in node.names]
             module.drop.update(_statement_lines(module, node))
         elif isinstance(node, ast.Import):
@@ -157,7 +177,7 @@ def parse_module(name: str, source: str) -> _Module:
                 if bound in DROPPED_NAMES:
                     module.drop.update(_statement_lines(module, node))
                 elif bound in module.defs:
-                    raise ValueError(f"{PACKAGE}/{name}.py defines {bound!r} twice")
+                    raise ValueError(f"{_path(name)} defines {bound!r} twice")
                 else:
                     module.defs[bound] = (ast.dump(node), node)
     return module
@@ -176,7 +196,7 @@ def _order(modules: dict[str, _Module], preferred: Sequence[str]) -> list[str]:
     for module in modules.values():
         missing = sorted((module.deps | {m for m, _ in module.uses} | module.namespaces) - set(modules))
         if missing:
-            raise ValueError(f"{PACKAGE}/{module.name}.py imports {', '.join('.' + m for m in missing)}, which the "
+            raise ValueError(f"{_path(module.name)} imports {', '.join('.' + m for m in missing)}, which the "
                              f"community pipeline does not include: add it to {PACKAGE}.community.COMMUNITY_MODULES")
     placed: list[str] = []
     while len(placed) < len(modules):
@@ -200,16 +220,17 @@ def _check_names(modules: list[_Module], extra: list[tuple[str, str, str | None,
             raise ValueError(f"name clash in the community pipeline: {bound!r} is imported as "
                              f"{' and '.join(sorted(targets))} by different modules; import one under another name")
     owners = {name: [m for m in modules if name in m.defs] for module in modules for name in module.defs}
-    namespaces = {n for m in modules for n in m.namespaces}
+    namespaces = {n.rsplit('.', 1)[-1] for m in modules for n in m.namespaces}
     for name, where in owners.items():
         dumps = {m.defs[name][0] for m in where}
         if len(where) > 1 and not (name in SHARED_NAMES and len(dumps) == 1):
             raise ValueError(f"name clash in the community pipeline: {name!r} is defined in "
-                             f"{', '.join(m.name + '.py' for m in where)}; rename one (private helpers too)")
+                             f"{', '.join(_path(m.name).removeprefix(PACKAGE + '/') for m in where)}; rename one (private helpers too)")
         clash = [what for what, names in (("an import", bindings), ("a module namespace", namespaces),
                                           ("the pipeline class", {class_name})) if name in names]
         if clash:
-            raise ValueError(f"name clash in the community pipeline: {name!r}, defined in {where[0].name}.py, is "
+            where_defined = _path(where[0].name).removeprefix(PACKAGE + "/")
+            raise ValueError(f"name clash in the community pipeline: {name!r}, defined in {where_defined}, is "
                              f"also {clash[0]}")
         for duplicate in where[1:]:  # identical shared definitions (`logger`): keep the first
             duplicate.drop.update(_statement_lines(duplicate, duplicate.defs[name][1]))
@@ -217,7 +238,7 @@ def _check_names(modules: list[_Module], extra: list[tuple[str, str, str | None,
         for source, name in module.uses:
             origin = by_module[source]
             if name not in origin.defs and name not in {_binding(e)[0] for e in origin.imports}:
-                raise ValueError(f"{module.name}.py imports {name!r} from .{source}, which does not define it")
+                raise ValueError(f"{_path(module.name)} imports {name!r} from .{source}, which does not define it")
     if class_name in bindings or class_name in namespaces:
         raise ValueError(f"name clash in the community pipeline: {class_name!r} is already bound")
 
@@ -244,16 +265,18 @@ def _format_imports(entries: list[tuple[str, str, str | None, str | None]]) -> s
     return "\n\n".join(groups)
 
 
-def _namespace(name: str, module: _Module) -> str:
+def _namespace(module: _Module) -> str:
+    package, _, name = module.name.rpartition(".")
     items = textwrap.fill(" ".join(f"{n}={n}," for n in module.defs if not n.startswith("__")), _WIDTH,
                           initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
-    return (f"# `from . import {name}` in the package: {name}.py's names as one object\n"
+    return (f"# `from {'..' + package if package else '.'} import {name}` in the package: {name}.py's names as one "
+            "object\n"
             f"{name} = types.SimpleNamespace(\n{items}\n)")
 
 
 def _section(module: _Module, namespace: bool = False) -> str:
     """A module's code in the file, with its names gathered into a namespace object too when `namespace`."""
-    out = [f"# {'-' * 116}", f"# {PACKAGE}/{module.name}.py", f"# {'-' * 116}"]
+    out = [f"# {'-' * 116}", f"# {_path(module.name)}", f"# {'-' * 116}"]
     out += [f"# {line}".rstrip() for line in (module.docstring or "").splitlines()]
     out.append("")
     for index in range(module.first_line, len(module.lines)):
@@ -262,7 +285,7 @@ def _section(module: _Module, namespace: bool = False) -> str:
         elif index not in module.drop:
             out.append(module.lines[index].rstrip())
     text = re.sub(r"\n{4,}", "\n\n\n", "\n".join(out)).strip("\n")
-    return text + ("\n\n\n" + _namespace(module.name, module) if namespace else "")
+    return text + ("\n\n\n" + _namespace(module) if namespace else "")
 
 
 def build_community_pipeline(modules: Sequence[str] | None = None, *, pipeline_base: str = PIPELINE_BASE) -> str:
@@ -282,7 +305,7 @@ def build_community_pipeline(modules: Sequence[str] | None = None, *, pipeline_b
     """
     wanted = COMMUNITY_MODULES if modules is None else modules
     names = [m for m in wanted if importlib.util.find_spec(f"{PACKAGE}.{m}") is not None]
-    missing = sorted(set(wanted) - set(names) - OPTIONAL_MODULES)
+    missing = sorted(set(wanted) - set(names))
     if missing:
         raise ValueError(f"{PACKAGE} has no module(s) {', '.join(missing)}")
     paths = [Path(importlib.util.find_spec(f"{PACKAGE}.{n}").origin) for n in names]
@@ -305,9 +328,9 @@ def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = P
     Returns:
         `str`: the generated source.
     """
-    from . import __version__
+    from ..utils.versions import __version__
 
-    parsed = {name: parse_module(name, source) for name, source in sources.items()}
+    parsed = {name: parse_module(name, source, known=sources) for name, source in sources.items()}
     ordered = [parsed[name] for name in _order(parsed, list(sources))]
     class_name = f"UCE{pipeline_base}" if pipeline_base else None
     extra = [("from", "diffusers", pipeline_base, None)] if pipeline_base else []
@@ -322,7 +345,7 @@ def build_from_sources(sources: dict[str, str], *, pipeline_base: str | None = P
     base = pipeline_base or PIPELINE_BASE
     checkpoint, file = _EXAMPLE_CHECKPOINTS.get(base, "<checkpoint>"), Path(COMMUNITY_FILES.get(base, DEFAULT_OUTPUT))
     header = "\n".join([
-        f"# Generated by `python -m diffusers_uce.community` from diffusers-uce {__version__}. DO NOT EDIT:",
+        f"# Generated by `python -m diffusers_uce.hub.community` from diffusers-uce {__version__}. DO NOT EDIT:",
         "# change the package and regenerate this file. Modules, in order:",
         f"# {', '.join(m.name for m in ordered)}.",
         "# Licensed under the MIT License.",
@@ -377,7 +400,7 @@ def write_community_pipeline(path: str | os.PathLike = DEFAULT_OUTPUT, modules: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffusers_uce.community", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m diffusers_uce.hub.community", description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", help="output file (default: every family's file of COMMUNITY_FILES)")
     parser.add_argument("--pipeline-base", default=PIPELINE_BASE, choices=sorted(COMMUNITY_FILES),
                         help="the diffusers pipeline class to extend, with PATH")
@@ -389,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_community_pipeline(path, pipeline_base=base)
         elif (Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None) != build_community_pipeline(
                 pipeline_base=base):
-            logger.error(f"{path} is out of date: run `python -m diffusers_uce.community`")
+            logger.error(f"{path} is out of date: run `python -m diffusers_uce.hub.community`")
             return 1
     return 0
 

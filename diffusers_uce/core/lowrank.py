@@ -1,6 +1,6 @@
 """LoRA factorisation of an edit's weight changes, in pure torch (the math of `save_concept_edits_as_lora`).
 
-A UCE edit changes a layer by ``ΔW_ℓ = W_ℓ (T_ℓ − I)``, of rank at most the number of edit tokens (DESIGN.md §1): an
+A UCE edit changes a layer by ``ΔW_ℓ = W_ℓ (T_ℓ − I)``, of rank at most the number of edit tokens: an
 exact LoRA. With a transform shared by every layer one SVD of the d×d ``T − I`` serves all layers
 (`shared_low_rank`); with per-layer corrections each layer gets its own (`per_layer_low_rank`). Past the exact rank,
 the truncated SVD is the best approximation (Eckart–Young). Split from `solve.py`, which holds the edit's math.

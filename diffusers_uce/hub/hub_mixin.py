@@ -13,10 +13,9 @@ from pathlib import Path
 from diffusers.utils import logging
 from huggingface_hub import HfApi
 
+from ..loaders.edit_file import EDIT_WEIGHT_NAME
+from ..loaders.lora import LORA_WEIGHT_NAME
 from .cards import card_for_pipeline, save_model_card
-from .io import EDIT_WEIGHT_NAME
-from .lora import LORA_WEIGHT_NAME
-from .mixin import base_pipeline_class
 
 logger = logging.get_logger(__name__)
 
@@ -122,7 +121,7 @@ class UCEHubMixin:
             card = card_for_pipeline(self, "adapter", report=state.report, repo_id=repo_id, weight_name=weight_name)
             save_model_card(card, folder)
             write_community_pipeline(Path(folder) / HUB_PIPELINE_FILENAME,
-                                     pipeline_base=base_pipeline_class(type(self)).__name__)
+                                     pipeline_base=self._uce_base_class().__name__)
             api = HfApi(token=token)
             stage = "creating the repository"
             try:

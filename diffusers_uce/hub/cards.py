@@ -16,9 +16,9 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 from diffusers.utils import logging
 from huggingface_hub import ModelCard, ModelCardData
 
-from .edits import ConceptEdit
-from .families import FAMILIES, Family, family_of
-from .files import write_text_atomic
+from ..core.edits import ConceptEdit
+from ..core.families import FAMILIES, Family, family_of
+from ..utils.files import write_text_atomic
 
 logger = logging.get_logger(__name__)
 
@@ -226,7 +226,7 @@ def render_model_card(
         report (`dict`, *optional*): the edit report (`EditReport.to_dict()`; an `EditReport` works too).
         license (`str`, *optional*): the licence id; defaults to the base model's when it is a well-known model.
         family (`str` or `Family`, defaults to `"stable-diffusion"`): the pipeline family (`"stable-diffusion-xl"`,
-            `"flux"`, or a `diffusers_uce.families.Family`): its Hub tags go in the metadata, its edited layers in the
+            `"flux"`, or a `diffusers_uce.core.families.Family`): its Hub tags go in the metadata, its edited layers in the
             description.
         repo_id (`str`, *optional*): the repository the card is for, used in the loading snippets.
         weight_name (`str`, *optional*): the edit file's name, when not the default one.
@@ -267,7 +267,7 @@ def render_model_card(
                         f"licence, `{licence.get('license_name', licence['license'])}`{link}, with its use terms.")
     else:
         license_note = f"`{license}`" if license else None
-    from . import __version__
+    from ..utils.versions import __version__
 
     with template_path(template) as path:
         return ModelCard.from_template(

@@ -1,6 +1,6 @@
 """The closed-form UCE math, in pure torch (no diffusers import).
 
-Notation (DESIGN.md §1). Tokens are rows: ``C`` (n×d) erased tokens, ``C*`` (n×d) the matching guide tokens,
+Notation. Tokens are rows: ``C`` (n×d) erased tokens, ``C*`` (n×d) the matching guide tokens,
 ``P`` (m×d) preserved tokens, with per-token weights ``w`` (the erase scale of the edit each token came from) and
 ``w_p`` (its preserve scale). For a target layer ``W`` (out×d) UCE minimises
 
@@ -185,7 +185,7 @@ def bias_direction(terms: EditTerms, factor: torch.Tensor) -> torch.Tensor:
     """``u = B⁻¹ (Σ_i w_i c_i + Σ_j w_pj p_j)``: the edit of a layer with a kept bias ``b``.
 
     The reference scripts keep ``b`` and put it in every target (``v*_i + b``, ``W p_j + b``), which gives
-    ``W' = W T_ℓ + b uᵀ`` (DESIGN.md §1), whatever the technique.
+    ``W' = W T_ℓ + b uᵀ``, whatever the technique.
     """
     erase, preserve = terms.erase.to(torch.float64), terms.preserve.to(torch.float64)
     total = terms.erase_weight.to(erase) @ erase + terms.preserve_weight.to(erase) @ preserve

@@ -1,4 +1,4 @@
-"""The debias loop (paper §4.2, DESIGN.md §4) run by `apply_concept_edits(debias=...)`, and its CLIP classifier."""
+"""The debias loop of UCE's paper (generate, classify, re-weight, re-solve), and its CLIP zero-shot classifier."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from diffusers.utils import logging
 from tqdm.auto import tqdm
 
-from .concepts import DEBIAS_PROMPT_TEMPLATES
+from ..core.concepts import DEBIAS_PROMPT_TEMPLATES
 
 logger = logging.get_logger(__name__)
 

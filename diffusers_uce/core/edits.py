@@ -139,7 +139,7 @@ def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
 ) -> ConceptEdit:
-    """Validate one request and resolve its defaults (DESIGN.md §2); raises before any weight is touched.
+    """Validate one request and resolve its defaults; raises before any weight is touched.
 
     Args:
         erase (`str` or `list[str]`): concepts to erase (non-empty strings).

@@ -1,4 +1,4 @@
-"""Pipeline families: which layers UCE edits and which text states feed them (DESIGN.md §1, issue 5).
+"""Pipeline families: which layers UCE edits and which text states feed them.
 
 A family is a list of *target groups*. A group is a set of linear maps of the same text tokens ``c ∈ R^d``: one
 shared transform is solved per group. SD 1.x/2.x and SDXL have one group (every cross-attention ``to_k``/``to_v`` of

@@ -13,10 +13,9 @@ forward hook instead (`LinearEditHook`). They have a bias, and their edit is ``W
 from __future__ import annotations
 
 import torch
-
 import torch.nn.functional as F
 
-from .solve import apply_to_inputs, homogeneous
+from ..core.solve import apply_to_inputs, homogeneous
 
 
 class _InputTransform:
