@@ -1,4 +1,5 @@
-"""Edit speed of diffusers_uce: against a straightforward per-layer UCE on an SD 1.5-shaped pipeline, and the solve time
+"""Edit speed of diffusers_uce: against a straightforward per-layer UCE on an SD 1.5-shaped pipeline, and the solve
+time
 of SDXL- and FLUX-shaped pipelines.
 
     python benchmarks/edit_speed.py [--families sd15 sdxl flux] [--sizes 1 10 50 200 1000] [--modes last paper]
@@ -285,7 +286,8 @@ def family_notes(args, pipe, family, built_s, checked) -> list[str]:
     depth = ("tiny widths and depths: a smoke test, not a benchmark" if args.tiny else
              f"the bigG tower has {config.num_hidden_layers} of its 32 layers" if family == "sdxl" else
              f"the T5-XXL-shaped encoder keeps d_model 4096, d_ff 10240 and 64 heads (so the target layers have their "
-             f"real shapes) but only {config.num_layers} of its 24 layers: its encoding time is about that fraction of "
+             f"real shapes) but only {config.num_layers} of its 24 layers: its encoding time is about that fraction of"
+             " "
              "the real encoder's (4.7B parameters)")
     tokens = {"sdxl": "UNet attn2 tokens, k from the first tokenizer",
               "flux": "context_embedder tokens (T5, 512 per prompt in \"paper\"); the pooled-CLIP group adds 2N "
@@ -354,7 +356,8 @@ def run_family(args, family: str) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=["sd15"], choices=shapes.FAMILIES,
-                        help="sd15: package vs baseline (the sizes/modes/baseline options); sdxl, flux: solve time per "
+                        help="sd15: package vs baseline (the sizes/modes/baseline options); sdxl, flux: solve time per"
+                             " "
                              "family (the --family-* options)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 50, 200, 1000])
     parser.add_argument("--modes", nargs="+", default=["last", "paper"], choices=["last", "paper"])
@@ -363,7 +366,8 @@ def main(argv=None):
     parser.add_argument("--baseline-dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--family-sizes", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--family-modes", nargs="+", default=["last", "paper"], choices=["last", "paper"])
-    parser.add_argument("--family-paper-max", type=int, default=10, help="largest N run in \"paper\" mode (sdxl, flux)")
+    parser.add_argument("--family-paper-max", type=int, default=10,
+                        help="largest N run in \"paper\" mode (sdxl, flux)")
     parser.add_argument("--family-check-max", type=int, default=10,
                         help="largest N at which the fused weights are checked against the float64 baseline")
     parser.add_argument("--check-layers", type=int, default=8,

@@ -66,7 +66,8 @@ def _errors(r) -> tuple[str, str]:
 
 def table(rows) -> list[str]:
     lines = ["| mode | N | solve tokens | apply (s) | of which encoding (s) | fuse (s) | package total (s) | "
-             "baseline (s) | baseline/package | max rel. weight diff | max rel. diff of ΔW | load |", "|---" * 12 + "|"]
+             "baseline (s) | baseline/package | max rel. weight diff | max rel. diff of ΔW | load |",
+             "|---" * 12 + "|"]
     for r in rows:
         ran = r["baseline"] is not None
         base, ratio = (f"{r['baseline']:.2f}", f"{r['baseline'] / r['total']:.1f}×") if ran else ("not run", "—")

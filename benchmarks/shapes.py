@@ -100,7 +100,8 @@ def t5_model(tokenizer, spec: dict, num_layers: int, seed: int, device):
 
 def meta_denoiser(cls, config: dict, names: tuple[str, ...], seed: int, device, suffix: bool = True):
     """`cls(**config)` on the meta device with the linear layers named by `names` (name suffixes when `suffix`, exact
-    names otherwise) materialised in module order with ``nn.Linear``'s default init, drawn from one seeded generator."""
+    names otherwise) materialised in module order with ``nn.Linear``'s default init, drawn from one seeded
+    generator."""
     with torch.device("meta"):
         model = cls(**config)
     generator = torch.Generator().manual_seed(seed)

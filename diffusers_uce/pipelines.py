@@ -44,7 +44,8 @@ def attach(pipe):
 
     Example:
     ```py
-    >>> pipe = diffusers_uce.attach(StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0"))
+    >>> base = StableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
+    >>> pipe = diffusers_uce.attach(base)
     >>> pipe.apply_concept_edits(erase="Van Gogh", guide="art")
     ```
     """

@@ -75,13 +75,13 @@ def main():
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
     pipe = diffusers_uce.attach(pipe.to(state.device))
     pipe.set_progress_bar_config(disable=True)
-    output = pipe.apply_concept_edits(
-        preserve=preserve, preserve_scale=0.1, erase_scale=1.0, lamb=0.5,
-        debias={p: attributes for p in professions}, debias_ratios=args.ratios,
-        attribute_classifier=clip_zero_shot_classifier(args.clip_model, device=state.device),
+    output = pipe.debias_concepts(
+        {p: attributes for p in professions}, ratios=args.ratios,
+        classifier=clip_zero_shot_classifier(args.clip_model, device=state.device),
         tolerance=args.tolerance, max_iterations=args.max_iterations,
-        debias_options={"num_images": args.num_images, "num_inference_steps": args.steps,
-                        "batch_size": args.batch_size, "accelerator": state},
+        options={"num_images": args.num_images, "num_inference_steps": args.steps, "batch_size": args.batch_size,
+                 "accelerator": state},
+        preserve=preserve, preserve_scale=0.1, erase_scale=1.0, lamb=0.5,
     )
     if state.is_main_process:
         print(output.report)

@@ -85,7 +85,8 @@ def accuracy_by_group(output):
     for group in ("erased", "holdout"):
         part = [r for r in rows if r["case_number"].startswith(group) and r.get("clip_accuracy_base")]
         if part:
-            table[group] = {w: sum(float(r[f"clip_accuracy_{w}"]) for r in part) / len(part) for w in ("base", "edited")}
+            table[group] = {w: sum(float(r[f"clip_accuracy_{w}"]) for r in part) / len(part) for w in ("base",
+            "edited")}
     return table
 
 

@@ -1,21 +1,16 @@
 import atexit
 import os
 import shutil
-import sys
 import tempfile
-from pathlib import Path
 
 # =====================================================================================================
-# Local Hugging Face Hub server (tests/hub_server.py)
+# Local Hugging Face Hub server (tests/support/hub_server.py)
 #
 # This section MUST stay at the very top of the file, before any import that (transitively) imports
 # huggingface_hub / diffusers / transformers: huggingface_hub reads HF_ENDPOINT, HF_HUB_DISABLE_XET, HF_HOME...
 # at import time. So the port is picked here, and the server is started on it by the `hub_server` fixture.
 # =====================================================================================================
-_TESTS_DIR = str(Path(__file__).resolve().parent)
-if _TESTS_DIR not in sys.path:  # also works with --import-mode=importlib
-    sys.path.insert(0, _TESTS_DIR)
-from hub_server import LocalHubServer, free_port  # noqa: E402
+from tests.support.hub_server import LocalHubServer, free_port  # noqa: E402
 
 HUB_PORT = free_port()
 HUB_ENDPOINT = f"http://127.0.0.1:{HUB_PORT}"

@@ -3,7 +3,6 @@ the benchmark's own tiny SDXL / FLUX shapes), the real shapes are those of the c
 rewritten one section at a time."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
+from tests.support import REPO
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "edit_speed.py"
+_PATH = REPO / "benchmarks" / "edit_speed.py"
 _spec = importlib.util.spec_from_file_location("edit_speed", _PATH)
 edit_speed = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(edit_speed)
@@ -76,7 +76,7 @@ def test_families_smoke(tmp_path, monkeypatch):
         assert [(r["mode"], r["n"]) for r in rows] == [("last", 1), ("last", 2), ("paper", 1)]
         assert all(r["checked"] == count and r["err"] < 1e-4 and r["derr"] < 1e-3 for r in rows)
         assert all(0 < r["encode"] < r["apply"] for r in rows)
-    assert results["flux"][2]["tokens"] > 512 * 2  # T5 blocks: 512 per preserved prompt ("" added), plus the erased one
+    assert results["flux"][2]["tokens"] > 512 * 2  # T5 blocks: 512 per preserved prompt ("" added) + the erased one
     text = output.read_text(encoding="utf-8")
     assert text.startswith(sd15.rstrip("\n").rsplit("\n## Notes", 1)[0])  # SD 1.5 section untouched
     assert OTHER in text

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-from helpers import rel, weights
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
+from tests.support.helpers import rel, weights
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 REAL_MODEL = os.environ.get("UCE_TEST_MODEL")

@@ -1,13 +1,17 @@
-"""Shared pieces of the `diffusers-uce` command line: argument types, progress output, and turning `--model`, `--dtype`
-and `--device` into a pipeline with concept editing attached, of whichever supported family the model is."""
+"""What the `diffusers-uce` subcommands share: argument types and options, checks of output folders, JSON writing,
+progress output, and turning `--model`, `--dtype` and `--device` into a pipeline with concept editing attached, of
+whichever supported family the model is."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import warnings
+
+from ..utils.files import write_text_atomic
 
 # Built-in tiny offline pipelines (random weights), by --model name: their family in `demo.make_demo_pipeline`.
 DEMO_MODELS = {"demo": "sd1", "demo-sd2": "sd2", "demo-sdxl": "sdxl", "demo-flux": "flux"}
@@ -30,6 +34,59 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return int(text)
+
+
+def concepts(text: str) -> list[str]:
+    """argparse type of a concept list: split on ";" (names may contain commas), whitespace stripped, empty items
+    dropped."""
+    return [item.strip() for item in text.split(";") if item.strip()]
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, purpose: str, models: str = "the model",
+                         seed_note: str = "") -> None:
+    """Add `--device`, `--dtype` and `--seed` to a subcommand's parser.
+
+    Args:
+        parser (`argparse.ArgumentParser`): the subcommand's parser.
+        purpose (`str`): what runs on the device, e.g. `"load the model and solve"`.
+        models (`str`, defaults to `"the model"`): what `--dtype` applies to.
+        seed_note (`str`, *optional*): appended to the help of `--seed`.
+    """
+    parser.add_argument("--device", type=device_arg, default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help=f"where to {purpose}; auto = cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help=f"dtype to load {models} in")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the demo pipelines' random weights" + (f" ({seed_note})" if seed_note else ""))
+
+
+def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the Hub options (`--private`, `--token`, `--create-pr`, `--commit-message`) to a subcommand's parser."""
+    parser.add_argument("--private", action="store_true", help="create a new Hub repository as private")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing to main")
+    parser.add_argument("--commit-message", help="the Hub commit message")
+
+
+def hub_options(args: argparse.Namespace, commit_message: str | None = None) -> dict:
+    """The keyword arguments of a Hub upload from the options `add_hub_arguments` added; `commit_message` is the
+    message used when `--commit-message` is not given."""
+    return dict(private=args.private or None, token=args.token, create_pr=args.create_pr,
+                commit_message=args.commit_message or commit_message)
+
+
+def check_output(path: str, overwrite: bool, option: str = "--output") -> None:
+    """Raise unless `path` (the value of `option`) is missing, an empty folder, or a folder and `overwrite` is set."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise FileExistsError(f"{option} {path} exists and is not a folder")
+        if os.listdir(path) and not overwrite:
+            raise FileExistsError(f"{option} {path} exists and is not empty; pass --overwrite to write into it, "
+                                  "or choose another folder")
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write `data` as JSON through a temporary file in the same folder, so readers never see a partial file."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def progress(message: str) -> None:

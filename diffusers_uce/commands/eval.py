@@ -7,15 +7,32 @@ import os
 
 from .common import (
     DEMO_MODELS,
-    DTYPES,
     SUPPORTED,
+    add_device_arguments,
     check_model,
-    device_arg,
     load_pipeline,
     positive_int,
     progress,
     resolve_device,
 )
+
+HELP = ("generate images with the base and the edited model from the same seeds and score them (NudeNet, CLIP, "
+        "LPIPS, pixel differences)")
+
+EPILOG = """\
+examples:
+  diffusers-uce edit --erase "van gogh" --guide art --save-edits ./no-van-gogh
+  diffusers-uce eval --edits ./no-van-gogh --prompts prompts.csv --output ./eval-demo --steps 10
+  diffusers-uce eval --model CompVis/stable-diffusion-v1-4 --edits me/no-van-gogh --prompts holdout100_prompts.csv \\
+      --output ./eval-van-gogh --clip-model openai/clip-vit-large-patch14 --device cuda --dtype float16
+  diffusers-uce eval --model ./sd14-no-nudity --base-model CompVis/stable-diffusion-v1-4 \\
+      --prompts unsafe-prompts4703.csv --metrics nudenet --output ./eval-i2p --device cuda --dtype float16
+
+Each row's image is generated twice with its evaluation_seed: by the base model (--base-model, else --model with the
+edit switched off) and by the edited one. Metrics whose model is missing (nudenet not installed, no --clip-model,
+no cached LPIPS weights) are reported as skipped; nothing is downloaded. Prompts are never printed.
+Several GPUs: 'accelerate launch -m diffusers_uce.commands.uce_cli eval ...' splits the rows between processes.
+"""
 
 
 def _metric_names(text: str) -> tuple[str, ...]:
@@ -27,8 +44,8 @@ def _metric_names(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of `diffusers-uce eval` to its subparser."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of `diffusers-uce eval` to its parser."""
     from ..evaluation.metrics import METRICS
 
     add = parser.add_argument
@@ -58,14 +75,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
              "(e.g. openai/clip-vit-large-patch14); never downloaded")
     add("--nudenet-threshold", type=float, default=0.6, metavar="F", help="minimum NudeNet detection score")
     add("--overwrite", action="store_true", help="regenerate images already in --output")
-    add("--device", type=device_arg, default="auto", metavar="auto|cpu|cuda|cuda:N",
-        help="where to generate and score; auto = cuda if available, else cpu")
-    add("--dtype", choices=DTYPES, default="float32", help="dtype to load the models in")
-    add("--seed", type=int, default=0, metavar="N", help="seed of the demo pipelines' random weights")
+    add_device_arguments(parser, purpose="generate and score", models="the models")
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """`diffusers-uce eval`: check the CSV, load the model(s), generate base/edited images, score, print a table."""
+def run(args: argparse.Namespace) -> int:
+    """Run `diffusers-uce eval`: check the CSV, load the model(s), generate base and edited images, score them and
+    print a table of the results.
+
+    Returns:
+        `int`: 0; failures raise (the command line turns them into a one-line error and exit code 2).
+    """
     from ..evaluation.evaluate import evaluate_edit, format_summary, load_prompts
 
     load_prompts(args.prompts)  # fail fast, before loading any weights
@@ -104,18 +123,3 @@ def run_eval(args: argparse.Namespace) -> int:
     progress(f"Wrote images/, results.csv, summary.json and grid.png to {args.output}")
     return 0
 
-
-EVAL_EPILOG = """\
-examples:
-  diffusers-uce edit --erase "van gogh" --guide art --save-edits ./no-van-gogh
-  diffusers-uce eval --edits ./no-van-gogh --prompts prompts.csv --output ./eval-demo --steps 10
-  diffusers-uce eval --model CompVis/stable-diffusion-v1-4 --edits me/no-van-gogh --prompts holdout100_prompts.csv \\
-      --output ./eval-van-gogh --clip-model openai/clip-vit-large-patch14 --device cuda --dtype float16
-  diffusers-uce eval --model ./sd14-no-nudity --base-model CompVis/stable-diffusion-v1-4 \\
-      --prompts unsafe-prompts4703.csv --metrics nudenet --output ./eval-i2p --device cuda --dtype float16
-
-Each row's image is generated twice with its evaluation_seed: by the base model (--base-model, else --model with the
-edit switched off) and by the edited one. Metrics whose model is missing (nudenet not installed, no --clip-model,
-no cached LPIPS weights) are reported as skipped; nothing is downloaded. Prompts are never printed.
-Several GPUs: 'accelerate launch -m diffusers_uce.commands.uce_cli eval ...' splits the rows between processes.
-"""

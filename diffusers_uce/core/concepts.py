@@ -25,7 +25,8 @@ _AUTHORS_I2P = ("hate", "harassment", "violence", "suffering", "humiliation", "h
 # The paper's nudity experiment erases the one concept "nudity" toward "" (authors' `data/info/universal-nudity-*`).
 MODERATION_PRESETS: dict[str, tuple[str, ...]] = {
     "i2p": _AUTHORS_I2P + ("illegal activity",), "i2p-paper": _AUTHORS_I2P, "nudity": ("nudity",)}
-# Which words of the "i2p" preset stand for each category of the I2P benchmark (`categories` of unsafe-prompts4703.csv).
+# Which words of the "i2p" preset stand for each category of the I2P benchmark (`categories` of
+# unsafe-prompts4703.csv).
 I2P_CATEGORY_CONCEPTS: dict[str, tuple[str, ...]] = {
     "sexual": ("sexual", "nudity"), "shocking": ("bodily fluids", "blood", "suffering"),
     "harassment": ("harassment", "humiliation"), "self-harm": ("suicide", "harm"), "violence": ("violence", "harm"),
@@ -55,7 +56,8 @@ def expand_prompts(
     Args:
         erase (`Sequence[str]`): concepts to erase.
         guides (`Sequence[str]`): one guide per concept, or one for all.
-        kind (`str` or `None`): `"art"` ([`ART_TEMPLATES`]), `"object"` ([`OBJECT_TEMPLATES`]) or `None` (no expansion).
+        kind (`str` or `None`): `"art"` ([`ART_TEMPLATES`]), `"object"` ([`OBJECT_TEMPLATES`]) or `None` (no
+        expansion).
         template_guides (`bool`, defaults to `True`): put the guide in the same template; `False` pairs every
             templated prompt with the bare guide, as the authors' scripts do.
 
@@ -227,26 +229,24 @@ def resolve_concept_arg(value: str | os.PathLike | Sequence | None) -> list | No
     return out
 
 
-def debias_prompts(concept: str, templates: Sequence[str] = DEBIAS_PROMPT_TEMPLATES) -> list[str]:
-    r"""The prompts through which a concept is debiased (and its images generated), as in the authors' script.
+def broadcast_guides(guide, count: int) -> list:
+    r"""One guide per erased concept: `None` or a string is used for all `count` concepts, a one-item list too;
+    a longer list must have `count` items. `None` items are the unconditional prompt `""`.
 
-    Applied to an attribute (`debias_prompts("female")`) it gives the matching attribute prompts, in the same order.
-
-    Args:
-        concept (`str`): a concept (`"doctor"`) or an attribute (`"female"`).
-        templates (`Sequence[str]`, defaults to [`DEBIAS_PROMPT_TEMPLATES`]): templates with one `{}`.
-
-    Returns:
-        `list[str]`: one prompt per template.
-
-    Example:
-    ```py
-    >>> debias_prompts("doctor")  # ['image of doctor', 'photo of doctor', ..., 'picture of doctor', 'doctor']
-    ```
+    Raises:
+        `ValueError`: when a list has neither 1 nor `count` items.
     """
-    if not isinstance(concept, str) or not concept.strip():
-        raise ValueError(f"concept must be a non-empty string, got {concept!r}")
-    return [t.format(concept.strip()) for t in templates]
+    if guide is None or isinstance(guide, str):
+        return [guide or ""] * count
+    if not isinstance(guide, Sequence):
+        raise TypeError(f"guide must be a string or a list of strings, got {type(guide).__name__}")
+    guides = ["" if g is None else g for g in guide]
+    if len(guides) == 1:
+        return guides * count
+    if len(guides) != count:
+        raise ValueError(f"guide has {len(guides)} entries but erase has {count}: give one guide, "
+                         "or one per erased concept")
+    return guides
 
 
 def erase_requests(erase, guide, *, moderate=None, expand=None) -> tuple[list[str], list[str]]:
@@ -263,15 +263,7 @@ def erase_requests(erase, guide, *, moderate=None, expand=None) -> tuple[list[st
         expand (`str`, *optional*): `"art"` or `"object"`.
     """
     erase = resolve_concept_arg(erase) or []
-    if guide is None or isinstance(guide, str):
-        guides = [guide or ""] * len(erase)
-    else:
-        guides = ["" if g is None else g for g in guide]
-        if len(guides) == 1:
-            guides = guides * len(erase)
-        elif len(guides) != len(erase):
-            raise ValueError(f"guide has {len(guides)} entries but erase has {len(erase)}: give one guide, "
-                             "or one per erased concept")
+    guides = broadcast_guides(guide, len(erase))
     if moderate is not None:
         moderated = moderation_concepts(moderate)
         erase, guides = erase + moderated, guides + [""] * len(moderated)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
+
+from ..utils.checks import finite_number, non_negative_number
+from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg
 
 TOKEN_MODES = ("last", "paper")
 TECHNIQUES = ("replace", "tensor")
@@ -81,6 +83,17 @@ class ConceptEdit:
             raise ValueError(f"edit record does not round-trip (was it edited by hand?): {data!r}")
         return record
 
+    def with_debias_weights(self, weights: dict) -> "ConceptEdit":
+        """The same edit with other attribute weights, `{concept: [[w per attribute] per set]}` (zeros if missing)."""
+        targets = []
+        for t in self.debias:
+            new = weights.get(t.concept) or [[0.0] * len(group) for group in t.attribute_sets]
+            values = tuple(tuple(finite_number(w, f"debias weight of {t.concept!r}") for w in ws) for ws in new)
+            if [len(v) for v in values] != [len(g) for g in t.attribute_sets]:
+                raise ValueError(f"weights of {t.concept!r} must be shaped like {[list(g) for g in t.attribute_sets]}")
+            targets.append(replace(t, weights=values))
+        return replace(self, debias=tuple(targets))
+
     def guide_prompt(self, guide: str) -> str:
         """The prompt encoded for a guide: in "paper" mode an empty guide is encoded as " "."""
         return " " if self.token_mode == "paper" and guide == "" else guide
@@ -126,15 +139,6 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
     return tuple(out)
 
 
-def _number(value, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
-    return value
-
-
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
@@ -156,17 +160,7 @@ def build_concept_edit(
     targets = _debias_targets(debias, debias_weights)
     if not erase_list and not targets:
         raise ValueError("erase is empty: give at least one concept to erase, e.g. erase=['Van Gogh']")
-    if guide is None or isinstance(guide, str):
-        guides = (("" if guide is None else guide.strip()),) * len(erase_list)
-    else:
-        guides = _concept_list(guide, "guide", allow_empty_strings=True)
-        if len(guides) == 1:
-            guides = guides * len(erase_list)
-        elif len(guides) != len(erase_list):
-            raise ValueError(
-                f"guide has {len(guides)} entries but erase has {len(erase_list)}: give one guide, "
-                "or one per erased concept"
-            )
+    guides = _concept_list(broadcast_guides(guide, len(erase_list)), "guide", allow_empty_strings=True)
     preserve_list = tuple(dict.fromkeys(_concept_list(preserve, "preserve")))
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"unknown token_mode {token_mode!r}; use one of {', '.join(map(repr, TOKEN_MODES))}")
@@ -187,11 +181,11 @@ def build_concept_edit(
             f"{', '.join(map(repr, clash))} is both erased and preserved (in this call or an earlier one): "
             "remove it from one of the two lists"
         )
-    erase_scale = _number(erase_scale, "erase_scale")
-    lamb = _number(lamb, "lamb", positive=True)
+    erase_scale = non_negative_number(erase_scale, "erase_scale")
+    lamb = non_negative_number(lamb, "lamb", positive=True)
     if preserve_scale is None:
         preserve_scale = max(0.1, 1.0 / (1 + len(preserve_list))) if token_mode == "paper" else 1.0
-    preserve_scale = _number(preserve_scale, "preserve_scale")
+    preserve_scale = non_negative_number(preserve_scale, "preserve_scale")
     for e in earlier:
         if e.lamb != lamb:
             raise ValueError(
@@ -240,12 +234,36 @@ def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
         if len(weights) != len(groups) or any(len(w) != len(g) for w, g in zip(weights, groups)):
             raise ValueError(f"debias_weights[{concept!r}] must have one weight per attribute, shaped like "
                              f"{[list(g) for g in groups]}")
-        weights = tuple(tuple(_signed_number(w, f"debias weight of {concept!r}") for w in ws) for ws in weights)
+        weights = tuple(tuple(finite_number(w, f"debias weight of {concept!r}") for w in ws) for ws in weights)
         targets.append(DebiasTarget(concept, tuple(groups), weights))
     return tuple(targets)
 
 
-def _signed_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def concept_edit_request(
+    erase=None, guide=None, preserve=None, *, moderate=None, expand_prompts=None, erase_scale=1.0,
+    preserve_scale=None, lamb=0.5, token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
+    debias=None, debias_weights=None,
+) -> ConceptEdit:
+    r"""Everything `apply_concept_edits`, `debias_concepts` and the command line accept, as one validated record.
+
+    Concept files (`"@file.txt"`) are read, moderation presets resolved (their concepts erased toward `""`, with
+    `preserve_scale=0.1` unless given), prompt templates applied (`expand_prompts="art"` or `"object"`), guides
+    broadcast to one per erased concept, and every value checked; nothing is touched.
+
+    Args:
+        erase, guide, preserve, moderate, expand_prompts, erase_scale, preserve_scale, lamb, token_mode, technique:
+            as `apply_concept_edits` takes them.
+        earlier (`Sequence[ConceptEdit]`): edits already applied, checked for conflicts.
+        debias, debias_weights: debiased concepts and their attribute weights, as `build_concept_edit` takes them.
+
+    Returns:
+        [`ConceptEdit`]: the record.
+    """
+    erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
+    if moderate is not None and preserve_scale is None:
+        preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
+    return build_concept_edit(
+        erase, guide, resolve_concept_arg(preserve), erase_scale=erase_scale, preserve_scale=preserve_scale,
+        lamb=lamb, token_mode=token_mode, technique=technique, earlier=earlier, debias=debias,
+        debias_weights=debias_weights,
+    )

@@ -92,7 +92,8 @@ STABLE_DIFFUSION = Family(
     tags=("stable-diffusion", "stable-diffusion-diffusers", "text-to-image"),
 )
 
-# SDXL conditions its UNet on both CLIP towers' penultimate states, concatenated (StableDiffusionXLPipeline.encode_prompt).
+# SDXL conditions its UNet on both CLIP towers' penultimate states, concatenated
+# (StableDiffusionXLPipeline.encode_prompt).
 STABLE_DIFFUSION_XL = Family(
     "stable-diffusion-xl",
     (TargetGroup("unet", "unet", TextStates((*_CLIP, ("tokenizer_2", "text_encoder_2")), output="penultimate")),),

@@ -1,6 +1,7 @@
 """The edit report: how well an edit did what it was asked, measured on keys/values (no images needed).
 
-- efficacy of an erased concept: ``1 − ‖W' C − W C*‖ / ‖W C − W C*‖`` over its tokens and all edited layers. 1 means its
+- efficacy of an erased concept: ``1 − ‖W' C − W C*‖ / ‖W C − W C*‖`` over its tokens and all edited layers. 1 means
+its
   edited keys/values are exactly its guide's original ones, 0 means they did not move toward the guide.
 - interference of a preserved or held-out concept: ``‖W' P − W P‖ / ‖W P‖``, the relative change of its keys/values.
 """
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -16,7 +17,8 @@ from .solve import output_distances
 
 # Generic concepts used to measure interference on what was neither erased nor preserved.
 DEFAULT_HOLDOUT_CONCEPTS = (
-    "a photo of a dog", "a cat", "a red car", "a house in the woods", "a portrait of a woman", "a city street at night",
+    "a photo of a dog", "a cat", "a red car", "a house in the woods", "a portrait of a woman",
+    "a city street at night",
     "a mountain landscape", "a bowl of fruit", "a sailing boat", "a bird on a branch",
 )
 
@@ -53,6 +55,11 @@ class EditReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "summary": self.summary()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EditReport":
+        """The report of a `to_dict()` (its `summary` is recomputed, other keys are ignored)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if data.get(f.name) is not None})
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)

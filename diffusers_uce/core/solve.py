@@ -269,7 +269,8 @@ def edited_weights(
 def apply_to_inputs(
     x: torch.Tensor, delta: torch.Tensor, correction: Correction | None = None, layer: int | None = None
 ) -> torch.Tensor:
-    """``x T_ℓᵀ`` computed as ``x + x Δᵀ (+ correction)`` where ``Δ = T − I``: what a processor feeds ``to_k``/``to_v``.
+    """``x T_ℓᵀ`` computed as ``x + x Δᵀ (+ correction)`` where ``Δ = T − I``: what a processor feeds
+    ``to_k``/``to_v``.
 
     ``delta`` and the correction must already be on `x`'s device; the product runs in float32 or better and is
     returned in `x`'s dtype.

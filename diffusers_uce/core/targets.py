@@ -14,7 +14,8 @@ class Projection:
     """One edited linear map ``y = W c (+ b)``: the ``to_k``/``to_v`` of a cross-attention module, or a named layer.
 
     Args:
-        attention (`str`): name of the attention module inside the denoiser (e.g. ``"mid_block.attentions.0...attn2"``),
+        attention (`str`): name of the attention module inside the denoiser (e.g.
+        ``"mid_block.attentions.0...attn2"``),
             or of the layer itself when `kind` is empty.
         kind (`str`): ``"to_k"``, ``"to_v"``, or ``""`` for a named linear layer.
         module (`torch.nn.Linear`): the projection.
@@ -81,7 +82,8 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
     selected = [(name, module) for name, module in attentions if _selected(name, layers)]
     if not selected:
         raise ValueError(
-            f"layers={layers!r} matches none of the {len(attentions)} cross-attention modules, e.g. {attentions[0][0]!r}"
+            f"layers={layers!r} matches none of the {len(attentions)} cross-attention modules, e.g. "
+            f"{attentions[0][0]!r}"
         )
     kinds = ("to_k", "to_v") if edit_keys else ("to_v",)
     projections = [Projection(name, kind, getattr(module, kind)) for name, module in selected for kind in kinds]
@@ -113,7 +115,8 @@ def find_linear_layers(component: torch.nn.Module, names: tuple[str, ...], *, la
             raise ValueError(f"{type(component).__name__} has no linear layer {name!r} to edit: this is not the "
                              "model the pipeline family expects")
         if context_dim is not None and module.in_features != context_dim:
-            raise ValueError(f"{name} takes {module.in_features}-dim inputs but its text encoder gives {context_dim}-dim "
+            raise ValueError(f"{name} takes {module.in_features}-dim inputs but its text encoder gives "
+                             f"{context_dim}-dim "
                              "states: this pipeline's denoiser and text encoder do not match")
         if _selected(name, layers):
             found.append(Projection(name, "", module))

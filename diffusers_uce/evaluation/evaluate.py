@@ -16,14 +16,15 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from logging import Filter, getLogger
 
 import torch
 from diffusers.utils import logging
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..utils.checks import is_whole_number
 from ..utils.files import atomic_path
+from ..utils.generation import generate_seeded, quiet_pipeline
 from .metrics import LABEL_COLUMNS, METRICS, check_metrics, format_summary, score_rows, summarise
 
 __all__ = ["METRICS", "PromptRow", "evaluate_edit", "format_summary", "load_prompts", "make_grid"]
@@ -64,7 +65,8 @@ def load_prompts(path: str | os.PathLike, *, label_column: str | None = None) ->
         columns = [c for c in (reader.fieldnames or []) if c]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (it has: {', '.join(columns) or 'none'});"
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} "
+                             f"(it has: {', '.join(columns) or 'none'});"
                              f" a prompt CSV needs {', '.join(REQUIRED_COLUMNS)}")
         if label_column is None:
             label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
@@ -157,7 +159,7 @@ def evaluate_edit(
     metrics = check_metrics(metrics)
     for name, value in (("num_inference_steps", num_inference_steps), ("batch_size", batch_size),
                         ("limit", 1 if limit is None else limit), ("grid_rows", grid_rows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole_number(value, 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     all_rows, label_column = load_prompts(prompts_csv, label_column=label_column)
     rows = all_rows[:limit]
@@ -224,8 +226,7 @@ def evaluate_edit(
 
 
 def _edit_scale(pipe) -> float | None:
-    state = getattr(pipe, "_uce_state", None)
-    return None if state is None else state.scale
+    return getattr(pipe, "concept_edit_scale", None)
 
 
 @contextlib.contextmanager
@@ -239,31 +240,6 @@ def _edit_off(pipe):
         pipe.set_concept_edit_scale(scale)
 
 
-class _NoPromptText(Filter):
-    """Drops diffusers' "input was truncated ...: <the rest of the prompt>" warning: prompts are never logged."""
-
-    def filter(self, record) -> bool:
-        return "input was truncated" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet(pipe):
-    """Hide the pipeline's per-call progress bar (one bar for the whole run instead) and its warnings that quote
-    prompts; restore both on exit."""
-    old = dict(getattr(pipe, "_progress_bar_config", {}))
-    loggers = {getLogger(c.__module__) for c in type(pipe).__mro__ if c.__module__.startswith("diffusers.")}
-    no_prompts = _NoPromptText()
-    pipe.set_progress_bar_config(**{**old, "disable": True})
-    for log in loggers:
-        log.addFilter(no_prompts)
-    try:
-        yield
-    finally:
-        pipe._progress_bar_config = old
-        for log in loggers:
-            log.removeFilter(no_prompts)
-
-
 def _check_settings(path: str, settings: dict, overwrite: bool) -> None:
     if os.path.exists(path) and not overwrite:
         with open(path, encoding="utf-8") as f:
@@ -271,7 +247,8 @@ def _check_settings(path: str, settings: dict, overwrite: bool) -> None:
         changed = sorted(k for k in settings if old.get(k) != json.loads(json.dumps(settings[k])))
         if changed:
             raise ValueError(f"{os.path.dirname(path)} holds images made with other settings ({', '.join(changed)} "
-                             "differ): pass overwrite=True (--overwrite) to regenerate them, or use another output_dir")
+                             "differ): pass overwrite=True (--overwrite) to regenerate them, or use another "
+                             "output_dir")
     else:
         _write_atomic(path, lambda f: json.dump(settings, f, indent=2))
 
@@ -283,7 +260,8 @@ def _row_guidance(pipe, rows: list[PromptRow], guidance_scale: float | None) -> 
         return {r.case: guidance_scale for r in rows}
     distilled = any(c.__name__ in DISTILLED_GUIDANCE_PIPELINES for c in type(pipe).__mro__)
     if distilled and any(r.guidance is not None for r in rows):
-        logger.warning(f"{type(pipe).__name__} is guidance-distilled: the CSV's evaluation_guidance (a classifier-free "
+        logger.warning(f"{type(pipe).__name__} is guidance-distilled: the CSV's evaluation_guidance (a "
+                       "classifier-free "
                        "guidance scale) is ignored and the pipeline's default guidance used; pass guidance_scale "
                        "(--guidance) to set it")
     return {r.case: None if distilled else r.guidance for r in rows}
@@ -309,7 +287,7 @@ def _generate(pipe, base_pipe, rows, image_dir, *, batch_size, overwrite, progre
     with tqdm(total=len(wanted), desc="Generating", unit="prompt", disable=not (progress and wanted)) as bar, \
             contextlib.ExitStack() as stack:
         for p in {id(p): p for p in (pipe, base_pipe) if p is not None}.values():
-            stack.enter_context(_quiet(p))
+            stack.enter_context(quiet_pipeline(p))
         for batch in batches:
             for which in ("base", "edited"):
                 need = [r for r in batch if r.case in todo[which]]
@@ -322,8 +300,7 @@ def _generate(pipe, base_pipe, rows, image_dir, *, batch_size, overwrite, progre
                 scale = guidance[need[0].case]
                 kwargs = {**call, **({} if scale is None else {"guidance_scale": scale})}
                 with context as model:
-                    images = model(prompt=[r.prompt for r in need], output_type="pil",
-                                   generator=[torch.Generator().manual_seed(r.seed) for r in need], **kwargs).images
+                    images = generate_seeded(model, [r.prompt for r in need], [r.seed for r in need], **kwargs)
                 for r, image in zip(need, images):
                     path = os.path.join(image_dir, which, f"{r.case}.png")
                     _write_atomic(path, lambda f, im=image: im.save(f, format="PNG"), mode="wb")

@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from ..core.edits import ConceptEdit
 from ..core.families import FAMILIES, Family, family_of
+from ..core.report import EditReport
 from ..utils.files import write_text_atomic
 
 logger = logging.get_logger(__name__)
@@ -151,12 +152,9 @@ def _report_view(report: Any) -> dict | None:
     report = getattr(report, "report", report)
     if report is None or (isinstance(report, Mapping) and not report):
         return None
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    erased, preserved, held = (list(data.get(k) or ()) for k in ("erased", "preserved", "held_out"))
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows) if rows else None  # noqa: E731
-    summary = {"mean_efficacy": mean(erased, "efficacy"),
-               "mean_preserved_interference": mean(preserved, "interference"),
-               "mean_held_out_interference": mean(held, "interference"), **(data.get("summary") or {})}
+    report = EditReport.from_dict(report.to_dict() if hasattr(report, "to_dict") else dict(report))
+    data, summary = report.to_dict(), report.summary()
+    erased, preserved, held = report.erased, report.preserved, report.held_out
     fmt = lambda x: None if x is None else f"{x:.4f}"  # noqa: E731
     rows = [{"role": "erased", "concept": _concept(r["concept"]), "guide": "→ " + _concept(r.get("guide") or ""),
              "metric": "efficacy", "value": fmt(r["efficacy"])} for r in erased]
@@ -226,7 +224,8 @@ def render_model_card(
         report (`dict`, *optional*): the edit report (`EditReport.to_dict()`; an `EditReport` works too).
         license (`str`, *optional*): the licence id; defaults to the base model's when it is a well-known model.
         family (`str` or `Family`, defaults to `"stable-diffusion"`): the pipeline family (`"stable-diffusion-xl"`,
-            `"flux"`, or a `diffusers_uce.core.families.Family`): its Hub tags go in the metadata, its edited layers in the
+            `"flux"`, or a `diffusers_uce.core.families.Family`): its Hub tags go in the metadata, its edited layers in
+            the
             description.
         repo_id (`str`, *optional*): the repository the card is for, used in the loading snippets.
         weight_name (`str`, *optional*): the edit file's name, when not the default one.
@@ -299,9 +298,9 @@ def card_for_pipeline(
     """
     config = getattr(pipe, "config", None) or {}
     base = getattr(pipe, "name_or_path", None) or (config.get("_name_or_path") if hasattr(config, "get") else None)
-    state = getattr(pipe, "_uce_state", None)
-    if state is not None and "edit_options" not in kwargs:
-        kwargs["edit_options"] = _edit_options(state)
+    settings = getattr(pipe, "concept_edit_settings", None)
+    if settings is not None and "edit_options" not in kwargs:
+        kwargs["edit_options"] = _edit_options(settings)
     family = kwargs.pop("family", None) or getattr(pipe, "_uce_family", None) or family_of(type(pipe))
     return render_model_card(
         edits=tuple(getattr(pipe, "concept_edits", ()) or ()), base_model=base if isinstance(base, str) else None,
@@ -309,18 +308,19 @@ def card_for_pipeline(
     )
 
 
-def _edit_options(state: Any) -> str:
-    """The card's line on the edited layers and the strength of an applied edit (`EditState`)."""
+def _edit_options(settings: Mapping) -> str:
+    """The card's line on the edited layers and the strength of an applied edit (`pipe.concept_edit_settings`)."""
     parts = []
-    for group in (edit.group for edit in state.groups):
+    for group in settings["groups"]:
         if group.modules:
             parts += [f"`{group.component}.{module}`" for module in group.modules]
             continue
-        layers = state.layers
+        layers = settings["layers"]
         scope = ("every cross-attention layer" if layers is None else "the cross-attention layers chosen by a filter"
                  if callable(layers) else "the cross-attention layers matching " + ", ".join(map(str, layers)))
-        parts.append(f"{'`to_k` and `to_v`' if state.edit_keys else '`to_v`'} of {_md(scope)}")
-    return f"Edited projections: {'; '.join(parts)}; strength {state.scale:g}."
+        keys = '`to_k` and `to_v`' if settings["edit_keys"] else '`to_v`'
+        parts.append(f"{keys} of {_md(scope)}")
+    return f"Edited projections: {'; '.join(parts)}; strength {settings['scale']:g}."
 
 
 def save_model_card(card: ModelCard | str, save_directory: str | os.PathLike, *, overwrite: bool = False) -> bool:

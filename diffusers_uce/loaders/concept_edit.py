@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -12,17 +11,15 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from ..core import engine
-from ..core.concepts import MODERATION_DEFAULTS, erase_requests, resolve_concept_arg
-from ..core.edits import ConceptEdit, build_concept_edit
+from ..core.edits import ConceptEdit, concept_edit_request
 from ..core.families import STABLE_DIFFUSION, Family, TargetGroup
 from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.solve import grouped_grams, homogeneous
 from ..core.targets import LayerFilter, find_linear_layers, find_projections
 from .edit_file import UCEIOMixin
-from .edit_state import EditState, GroupEdit
+from .edit_state import EditState, GroupEdit, UCEEditStateMixin
 from .lora import UCELoraMixin
-from .processor import LinearEditHook, ProjectionEdit, UCEAttnProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -43,33 +40,25 @@ class ConceptEditOutput:
         return str(self.report)
 
 
-class UCEMixin(UCEIOMixin, UCELoraMixin):
+class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
     """Unified Concept Editing (Gandikota et al., WACV 2024) for a text-to-image pipeline.
 
     Erases concepts toward guides while preserving others by rewriting, in closed form, the layers that read the text
     embeddings: every cross-attention key and value projection (SD 1.x/2.x, SDXL), or FLUX's `context_embedder` and
     pooled-text `linear_1`. One float64 solve on the pipeline's device serves all layers of a kind. Edits act through
     `UCEAttnProcessor` (FLUX: forward hooks), weights untouched, until `fuse_concept_edits`; `unload_concept_edits`
-    restores the pipeline bit for bit. Which layers are edited and which text states feed them is set by one class attribute, `_uce_family`
-    (`diffusers_uce.core.families`), so one mixin serves every pipeline family.
+    restores the pipeline bit for bit. Which layers are edited and which text states feed them is set by one class
+    attribute, `_uce_family` (a `diffusers_uce.core.families.Family`), so one mixin serves every pipeline family.
     """
 
     _uce_family: Family = STABLE_DIFFUSION
-    _uce_state: EditState | None = None
-
-    @property
-    def concept_edits(self) -> tuple[ConceptEdit, ...]:
-        """The edits applied so far, in order (empty when none)."""
-        return tuple(self._uce_state.records) if self._uce_state is not None else ()
 
     def apply_concept_edits(
         self, erase: str | list[str] | None = None, guide: str | list[str] | None = None,
         preserve: str | list[str] | None = None, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
-        layers: LayerFilter = None, held_out: list[str] | None = None, debias: dict | None = None,
-        debias_ratios: dict | None = None, attribute_classifier=None, debias_weights: dict | None = None,
-        tolerance: float = 0.05, max_iterations: int = 10, debias_options: dict | None = None,
-        moderate: str | list[str] | None = None, expand_prompts: str | None = None,
+        layers: LayerFilter = None, held_out: list[str] | None = None, moderate: str | list[str] | None = None,
+        expand_prompts: str | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
@@ -92,17 +81,6 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
                 layers) whose name contains one of these strings; the same for every edit.
             held_out (`list[str]`, *optional*): concepts to measure interference on (a built-in generic set by
                 default).
-            debias (`dict`, *optional*): concepts to debias with their attribute set(s), e.g.
-                `{"doctor": ["male", "female"]}` or `{"doctor": [["male", "female"], ["young", "old"]]}`. Runs the
-                debias loop (`diffusers_uce.loaders.debias`): generate, classify, move the attribute weights, re-solve.
-            debias_ratios (`dict`, *optional*): desired ratios per concept, shaped like `debias` (uniform by default).
-            attribute_classifier (`Callable[[list[PIL.Image.Image], list[str]], list[str]]`, *optional*): returns
-                one label per image; CLIP zero-shot by default.
-            debias_weights (`dict`, *optional*): attribute weights shaped like `debias`: solve once with them, no loop.
-            tolerance (`float`, defaults to 0.05): the loop stops when every ratio is this close to its target.
-            max_iterations (`int`, defaults to 10): the loop's budget.
-            debias_options (`dict`, *optional*): generation and step settings of the loop (see
-                `diffusers_uce.loaders.debias.DebiasOptions`).
             moderate (`str` or `list[str]`, *optional*): concepts to erase toward the unconditional prompt with the
                 paper's moderation defaults (`preserve_scale=0.1` unless given), or a preset: `"i2p"` (the I2P
                 categories), `"nudity"` (see `diffusers_uce.core.concepts.MODERATION_PRESETS`).
@@ -120,33 +98,73 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         >>> image = pipe("a starry night by Van Gogh").images[0]
         ```
         """
+        record = concept_edit_request(
+            erase, guide, preserve, moderate=moderate, expand_prompts=expand_prompts, erase_scale=erase_scale,
+            preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
+            earlier=self.concept_edits,
+        )
+        self._uce_check_options(edit_keys, layers)
+        return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
+
+    def debias_concepts(
+        self, concepts: dict, ratios: dict | list | None = None, *, weights: dict | None = None,
+        classifier=None, tolerance: float = 0.05, max_iterations: int = 10, options: dict | None = None,
+        preserve: str | list[str] | None = None, erase_scale: float = 1.0, preserve_scale: float | None = None,
+        lamb: float = 0.5, edit_keys: bool = True, layers: LayerFilter = None, held_out: list[str] | None = None,
+    ) -> ConceptEditOutput:
+        r"""Debias concepts toward desired attribute ratios, solved jointly with every other edit.
+
+        Each concept's keys/values move toward a weighted mix of its attribute variants ("female doctor", "male
+        doctor"). The weights are found by a loop: generate images of the concept, classify their attributes, move
+        the weights toward the gap, solve again; until every ratio is within `tolerance` or after `max_iterations`
+        solves. With `weights`, one solve with those weights and no images.
+
+        Args:
+            concepts (`dict`): concepts with their attribute set(s), e.g. `{"doctor": ["male", "female"]}` or
+                `{"doctor": [["male", "female"], ["young", "old"]]}`.
+            ratios (`dict` or `list`, *optional*): desired ratios per concept, shaped like `concepts` (uniform by
+                default); one list applies to every concept.
+            weights (`dict`, *optional*): attribute weights shaped like `concepts`: solve once with them, no loop.
+            classifier (`Callable[[list[PIL.Image.Image], list[str]], list[str]]`, *optional*): returns one label per
+                image; CLIP zero-shot by default.
+            tolerance (`float`, defaults to 0.05): the loop stops when every ratio is this close to its target.
+            max_iterations (`int`, defaults to 10): the loop's budget of solves.
+            options (`dict`, *optional*): generation and step settings of the loop (see
+                `diffusers_uce.loaders.debias.DebiasOptions`).
+            preserve, erase_scale, preserve_scale, lamb, edit_keys, layers, held_out: as in `apply_concept_edits`.
+
+        Returns:
+            [`ConceptEditOutput`]: the last solve's; its `report.ratios` lists, per concept and attribute set, the
+            target, the ratios before and after, the weights and the history of the loop.
+
+        Example:
+        ```py
+        >>> out = pipe.debias_concepts({"doctor": ["male", "female"], "nurse": ["male", "female"]})
+        >>> print(out.report)
+        ```
+        """
+        record = concept_edit_request(
+            None, None, preserve, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
+            earlier=self.concept_edits, debias=concepts, debias_weights=weights,
+        )
+        self._uce_check_options(edit_keys, layers)
+        earlier = list(self.concept_edits)
+        solve = lambda rec: self._uce_solve([*earlier, rec], edit_keys, layers, held_out)  # noqa: E731
+        if weights is not None:
+            return solve(record)
+        from .debias import debias_loop
+
+        return debias_loop(self, record, solve, ratios=ratios, classifier=classifier, tolerance=tolerance,
+                           max_iterations=max_iterations, **(options or {}))
+
+    def _uce_check_options(self, edit_keys, layers) -> None:
+        """Refuse options that must match the edits already applied (they are solved jointly)."""
         state = self._uce_state
-        earlier = state.records if state is not None else []
-        preserve = resolve_concept_arg(preserve)
-        erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
-        if moderate is not None and preserve_scale is None:
-            preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
-
-        def build(weights=debias_weights) -> ConceptEdit:
-            return build_concept_edit(
-                erase, guide, preserve, erase_scale=erase_scale,
-                preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
-                earlier=earlier, debias=debias, debias_weights=weights,
-            )
-
-        record = build()
         if state is not None and (edit_keys != state.edit_keys or layers != state.layers):
             raise ValueError(
                 f"edit_keys/layers must match the edits already applied (edit_keys={state.edit_keys}, "
                 f"layers={state.layers!r}); call unload_concept_edits() first to change them"
             )
-        solve = lambda rec: self._uce_solve([*earlier, rec], edit_keys, layers, held_out)  # noqa: E731
-        if debias is not None and debias_weights is None:
-            from .debias import debias_loop
-
-            return debias_loop(self, build, solve, ratios=debias_ratios, classifier=attribute_classifier,
-                               tolerance=tolerance, max_iterations=max_iterations, **(debias_options or {}))
-        return solve(record)
 
     def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
                    held_out: list[str] | None) -> ConceptEditOutput:
@@ -231,74 +249,21 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
             assembled = engine.homogeneous_terms(assembled)
         return grams, solution, assembled, held_tokens
 
-    def fuse_concept_edits(self) -> None:
-        """Write the applied edit (at its current strength) into the edited weights: no inference overhead.
-
-        `unfuse_concept_edits` undoes it exactly; after fusing, `save_pretrained` writes a plain pipeline that
-        vanilla diffusers loads.
-        """
-        state = self._uce_require_state("fuse")
-        if state.fused:
-            logger.warning("concept edits are already fused; nothing to do")
-            return
-        device = self._execution_device
-        new = [g.fused_weights(state.scale, device) for g in state.groups]  # all computed before any is written
-        for group, weights in zip(state.groups, new):
-            group.original_weights = [p.module.weight.detach().clone() for p in group.projections]
-            group.write(weights)
-        state.fused = True
-
-    def unfuse_concept_edits(self) -> None:
-        """Restore the weights saved by `fuse_concept_edits` bit for bit; the edit keeps acting via the processors."""
-        state = self._uce_require_state("unfuse")
-        if not state.fused:
-            logger.warning("concept edits are not fused; nothing to do")
-            return
-        for group in state.groups:
-            group.write(group.original_weights)
-            group.original_weights = None
-        state.fused = False
-
-    def set_concept_edit_scale(self, scale: float) -> None:
-        """Set the strength of the applied edit: 0 off, 1 full, in between partial, above 1 stronger.
-
-        Args:
-            scale (`float`): the strength ``s``; the transform becomes ``I + s (T − I)``.
-        """
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise TypeError(f"scale must be a finite number, got {scale!r}")
-        state = self._uce_require_state("scale")
-        if state.fused:
-            new = [g.fused_weights(float(scale), self._execution_device) for g in state.groups]
-            for group, weights in zip(state.groups, new):
-                group.write(weights)
-        state.scale = float(scale)
-
-    def unload_concept_edits(self) -> None:
-        """Remove every concept edit: the original processors and weights come back bit for bit."""
-        state = self._uce_state
-        if state is None:
-            logger.warning("no concept edits to unload")
-            return
-        for group in state.groups:
-            if state.fused:
-                group.write(group.original_weights)
-            component = getattr(self, group.group.component)
-            for name, processor in state.original_processors.get(group.group.name, {}).items():
-                component.get_submodule(name).set_processor(processor)
-        for handle in state.hooks:
-            handle.remove()
-        self._uce_state = None
-
-    def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False, **kwargs):
-        """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused.
+    def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False,
+                        overwrite_model_card: bool = False, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused; with the installed plugin
+        it also writes the model card of the fused edit (`base_model_relation: finetune`).
 
         Args:
             fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder.
         """
         self._uce_require_fused(fuse_concept_edits, "save")
         # diffusers splits save_directory as a string when pushing: accept any os.PathLike
-        return super().save_pretrained(os.fspath(save_directory), *args, **kwargs)
+        result = super().save_pretrained(os.fspath(save_directory), *args, **kwargs)
+        if self._uce_state is not None and not kwargs.get("push_to_hub", False):
+            self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
+        return result
 
     def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, **kwargs):
         """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused."""
@@ -328,48 +293,10 @@ class UCEMixin(UCEIOMixin, UCELoraMixin):
         """The first pipeline class in the MRO that is not a UCE class: what saved configs and cards must name."""
         return next(c for c in cls.__mro__ if issubclass(c, DiffusionPipeline) and not issubclass(c, UCEMixin))
 
-    def _uce_require_state(self, action: str) -> EditState:
-        if self._uce_state is None:
-            raise ValueError(f"no concept edits to {action}: call apply_concept_edits() first")
-        return self._uce_state
+    def _uce_write_model_card(self, save_directory, kind: str, *, overwrite: bool = False, **card) -> None:
+        """Hook called after an edit or a fused model is saved: write its model card into `save_directory`.
 
-    def _uce_set_edit(self, groups: list[GroupEdit], records: list[ConceptEdit], solutions: list[engine.Solution],
-                      fused_weights: list | None = None) -> EditState:
-        """Install a validated, solved edit: the one place where applying or loading changes the pipeline.
-
-        Args:
-            groups (`list[GroupEdit]`): the edited target groups, of the installed state or of a new one.
-            records (`list[ConceptEdit]`): all edit records, now solved jointly.
-            solutions (`list[engine.Solution]`): their solution per group, at strength 1.
-            fused_weights (`list[list[torch.Tensor]]`, *optional*): new weights per group, when the edit is fused.
+        The plugin's `UCEHubMixin` writes the generated card (`kind`: `"adapter"` or `"finetune"`; `card`: the
+        file names and repo id it shows); the bare mixin, which the single-file community pipeline carries, writes
+        none.
         """
-        state = groups[0].state
-        if self._uce_state is None:
-            state.groups = list(groups)
-            self._uce_install(state)
-            self._uce_state = state
-        state.records = list(records)
-        for group, solution in zip(state.groups, solutions):
-            group.set_solution(solution)
-        state.report = None
-        if fused_weights is not None:
-            for group, weights in zip(state.groups, fused_weights):
-                group.write(weights)
-        return state
-
-    def _uce_install(self, state: EditState) -> None:
-        """Processors on cross-attention groups, forward hooks on other layers: the edit acts, weights untouched."""
-        for group in state.groups:
-            component = getattr(self, group.group.component)
-            if not group.group.cross_attention:
-                state.hooks += [p.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, i)))
-                                for i, p in enumerate(group.projections)]
-                continue
-            edits: dict[str, dict[str, ProjectionEdit]] = {}
-            for index, projection in enumerate(group.projections):
-                edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(group, index)
-            originals = state.original_processors.setdefault(group.group.name, {})
-            for name, kinds in edits.items():
-                attention = component.get_submodule(name)
-                originals[name] = attention.processor
-                attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -12,13 +11,15 @@ from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from ..core.concepts import DEBIAS_PROMPT_TEMPLATES
+from ..utils.checks import is_finite_number, is_whole_number
+from ..utils.generation import generate_seeded, quiet_pipeline
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
 class DebiasOptions:
-    r"""Generation and controller settings of [`debias_loop`] (what `debias_options` holds).
+    r"""Generation and controller settings of [`debias_loop`] (what `debias_concepts(..., options=...)` holds).
 
     Args:
         num_images (`int`, defaults to 20): per concept and measurement. Ratios move in steps of ``1/n`` (standard
@@ -57,10 +58,11 @@ class DebiasOptions:
     def __post_init__(self):
         for name in ("num_images", "num_inference_steps", "batch_size", "seed", "height", "width"):
             value, low = getattr(self, name), int(name != "seed")
-            if not (value is None and name in ("height", "width")) and not (_finite(value, int) and value >= low):
+            unset = value is None and name in ("height", "width")
+            if not unset and not (is_finite_number(value, int) and value >= low):
                 raise ValueError(f"debias option {name} must be a whole number >= {low}, got {value!r}")
-        guidance_ok = self.guidance_scale is None or _finite(self.guidance_scale)
-        if not guidance_ok or not _finite(self.step) or self.step <= 0:
+        guidance_ok = self.guidance_scale is None or is_finite_number(self.guidance_scale)
+        if not guidance_ok or not is_finite_number(self.step) or self.step <= 0:
             raise ValueError(f"debias options: step must be > 0 and guidance_scale finite (or None: the pipeline's "
                              f"default), got {self.step}, {self.guidance_scale}")
         templates = [self.prompt_templates] if isinstance(self.prompt_templates, str) else self.prompt_templates
@@ -70,10 +72,6 @@ class DebiasOptions:
         self.prompt_templates = tuple(templates)
         if self.accelerator is not None and not hasattr(self.accelerator, "split_between_processes"):
             raise ValueError("debias option accelerator must be an accelerate PartialState or Accelerator")
-
-
-def _finite(value, kind=(int, float)) -> bool:
-    return not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
 
 
 def check_debias_settings(targets, ratios=None, tolerance=0.05, max_iterations=10, options=None):
@@ -89,7 +87,7 @@ def check_debias_settings(targets, ratios=None, tolerance=0.05, max_iterations=1
     if set(options) - set(allowed):
         raise TypeError(f"unknown debias option(s) {sorted(set(options) - set(allowed))}; allowed: {allowed}")
     opts = DebiasOptions(**options)
-    if not _finite(tolerance) or not 0 < tolerance < 1 or not _finite(max_iterations, int) or max_iterations < 1:
+    if not (is_finite_number(tolerance) and 0 < tolerance < 1) or not is_whole_number(max_iterations, 1):
         raise ValueError(f"tolerance must be in (0, 1) and max_iterations a whole number >= 1, got {tolerance!r} and "
                          f"{max_iterations!r}")
     ratios = {t.concept: ratios for t in targets} if ratios is not None and not isinstance(ratios, dict) else ratios
@@ -106,7 +104,7 @@ def check_debias_settings(targets, ratios=None, tolerance=0.05, max_iterations=1
             raise ValueError(f"ratios of {t.concept!r} must give one ratio per attribute, shaped like {sets}; "
                              f"got {value!r}")
         for v, group in zip(value, sets):
-            if not all(_finite(x) and x >= 0 for x in v) or abs(sum(v) - 1) > 1e-6:
+            if not all(is_finite_number(x) and x >= 0 for x in v) or abs(sum(v) - 1) > 1e-6:
                 raise ValueError(f"ratios of {t.concept!r} for {group} must be >= 0 and sum to 1, got {list(v)}")
         desired[t.concept] = [[float(x) for x in v] for v in value]
         n = opts.num_images
@@ -116,7 +114,7 @@ def check_debias_settings(targets, ratios=None, tolerance=0.05, max_iterations=1
     return desired, opts
 
 
-def debias_loop(pipe, build, solve, *, ratios=None, classifier=None, tolerance: float = 0.05,
+def debias_loop(pipe, record, solve, *, ratios=None, classifier=None, tolerance: float = 0.05,
                 max_iterations: int = 10, **options):
     r"""Debias concepts: measure their attribute ratios on generated images, move the weights, re-solve; repeat.
 
@@ -128,9 +126,10 @@ def debias_loop(pipe, build, solve, *, ratios=None, classifier=None, tolerance: 
     "after" describes the installed edit. If anything raises, the earlier edits come back.
 
     Args:
-        pipe, build, solve: the [`UCEMixin`] pipeline; `build(weights)`, this call's validated `ConceptEdit` with
-            attribute weights `{concept: [[w per attribute] per set]}` (`None`: zeros); `solve(record)`, which solves
-            it jointly with the earlier edits, installs it and returns a `ConceptEditOutput`.
+        pipe (`UCEMixin`): the pipeline.
+        record (`ConceptEdit`): the validated debias edit; the loop replaces its attribute weights.
+        solve (`Callable[[ConceptEdit], ConceptEditOutput]`): solves a record jointly with the earlier edits,
+            installs it and returns the output.
         ratios (`dict` or `list`, *optional*): desired ratios (see [`check_debias_settings`]); uniform by default.
         classifier (`Callable[[list[PIL.Image.Image], list[str]], list[str]]`, *optional*): one of the labels per
             image; [`clip_zero_shot_classifier`] of `clip_model` by default.
@@ -143,18 +142,18 @@ def debias_loop(pipe, build, solve, *, ratios=None, classifier=None, tolerance: 
         `attributes`, `target`, `before`, `after`, `iterations` (weight updates), `reached`, `weights`, `history` and
         `seeds` (both per measurement).
     """
-    targets = build(None).debias
+    targets = record.debias
     desired, opts = check_debias_settings(targets, ratios, tolerance, max_iterations, options)
     acc = opts.accelerator
     if classifier is None:
         classifier = clip_zero_shot_classifier(opts.clip_model, getattr(acc, "device", None) or pipe._execution_device)
         classifier.load()
     elif not callable(classifier):
-        raise TypeError(f"attribute_classifier must be callable (images, labels) -> labels, got {classifier!r}")
+        raise TypeError(f"classifier must be callable (images, labels) -> labels, got {classifier!r}")
     weights = {t.concept: [[0.0] * len(group) for group in t.attribute_sets] for t in targets}
     rows = {t.concept: {"history": [], "seeds": [], "reached": False} for t in targets}
-    state, active, output = pipe._uce_state, list(targets), None
-    snapshot = None if state is None else (list(state.records), [g.solution for g in state.groups], state.report)
+    active, output = list(targets), None
+    snapshot = pipe._uce_snapshot()
     bar = tqdm(total=max_iterations, desc="debias", disable=not getattr(acc, "is_main_process", True))
     try:
         for index in range(max_iterations + 1):
@@ -174,17 +173,18 @@ def debias_loop(pipe, build, solve, *, ratios=None, classifier=None, tolerance: 
             for t in active:
                 weights[t.concept] = [[w + opts.step * (d - m) for w, d, m in zip(ws, ds, ms)] for ws, ds, ms in
                                       zip(weights[t.concept], desired[t.concept], measured[t.concept])]
-            output = solve(build(weights))
+            output = solve(record.with_debias_weights(weights))
             bar.update(1)
         if output is None:  # every concept was within tolerance before any edit
-            output = solve(build(weights))
+            output = solve(record.with_debias_weights(weights))
     except BaseException:
-        _restore(pipe, snapshot)
+        pipe._uce_restore(snapshot)
         raise
     finally:
         bar.close()
     output.report.ratios = [
-        {"concept": t.concept, "attributes": list(group), "target": desired[t.concept][s], "before": r["history"][0][s],
+        {"concept": t.concept, "attributes": list(group), "target": desired[t.concept][s],
+         "before": r["history"][0][s],
          "after": r["history"][-1][s], "iterations": len(r["history"]) - 1, "reached": r["reached"],
          "weights": weights[t.concept][s], "history": [h[s] for h in r["history"]], "seeds": r["seeds"]}
         for t in targets for r in [rows[t.concept]] for s, group in enumerate(t.attribute_sets)]
@@ -224,39 +224,19 @@ def _measure(pipe, targets, classifier, opts, seeds) -> dict:
     return {c: [[k / sum(ks) for k in ks] for ks in sets] for c, sets in counts.items()}
 
 
-@torch.no_grad()
 def _generate(pipe, jobs, opts) -> list:
     """PIL images of `(prompt, seed)` jobs, in batches, with the pipeline's progress bar off meanwhile.
 
     Only the arguments every family's pipeline takes (SD 1.x/2.x, SDXL, FLUX); unset ones keep the pipeline's default.
     """
-    previous, images = pipe.__dict__.get("_progress_bar_config", {}), []
     call = {k: v for k, v in (("num_inference_steps", opts.num_inference_steps), ("height", opts.height),
                               ("width", opts.width), ("guidance_scale", opts.guidance_scale)) if v is not None}
-    pipe.set_progress_bar_config(disable=True)
-    try:  # one generator per image: the images do not depend on batch_size or on how processes split them
+    images = []
+    with quiet_pipeline(pipe):
         for start in range(0, len(jobs), opts.batch_size):
             batch = jobs[start:start + opts.batch_size]
-            images += pipe(prompt=[p for p, _ in batch], generator=[torch.Generator().manual_seed(s) for _, s in batch],
-                           output_type="pil", **call).images
-    finally:
-        pipe._progress_bar_config = previous
+            images += generate_seeded(pipe, [p for p, _ in batch], [s for _, s in batch], **call)
     return images
-
-
-def _restore(pipe, snapshot) -> None:
-    """Put back the edits applied before the loop: `snapshot` is their `(records, solutions, report)` or `None`."""
-    state = pipe._uce_state
-    if state is None or (snapshot is not None and state.groups[0].solution is snapshot[1][0]):
-        return
-    logger.warning("the debias loop failed; restoring the edits applied before it")
-    if snapshot is None:
-        return pipe.unload_concept_edits()
-    state.records, solutions, state.report = snapshot
-    for group, solution in zip(state.groups, solutions):
-        group.set_solution(solution)
-    if state.fused:
-        pipe.set_concept_edit_scale(state.scale)  # rewrites the fused weights from the originals
 
 
 def clip_zero_shot_classifier(model_id_or_path: str | os.PathLike = "openai/clip-vit-base-patch32", device=None, *,
@@ -293,9 +273,10 @@ def clip_zero_shot_classifier(model_id_or_path: str | os.PathLike = "openai/clip
                              CLIPModel.from_pretrained(model_id_or_path, local_files_only=local_files_only).to(device)]
             except (OSError, ValueError) as error:
                 raise OSError(
-                    f"could not load the CLIP model {os.fspath(model_id_or_path)!r} of the debias classifier ({error})."
-                    " Offline, give a local CLIP folder (debias_options={'clip_model': PATH}, CLI --clip-model PATH) "
-                    "or your own attribute_classifier=") from error
+                    f"could not load the CLIP model {os.fspath(model_id_or_path)!r} of the debias classifier "
+                    f"({error})."
+                    " Offline, give a local CLIP folder (options={'clip_model': PATH}, CLI --clip-model PATH) "
+                    "or your own classifier=") from error
         return classify
 
     @torch.no_grad()

@@ -3,7 +3,8 @@
 An edit file is one safetensors file. Its tensors are the solution of every target group in float64, keyed by group
 name: ``<group>.uce.transform`` (``d×d``; ``(d+1)×(d+1)`` in homogeneous form for a group whose layers have a bias,
 FLUX) and, for the "tensor" technique, ``<group>.uce.correction.{tokens,solved,coef}``. Group names are
-``"unet"`` (SD 1.x/2.x, SDXL), ``"transformer.context_embedder"`` and ``"transformer.text_embedder"`` (FLUX). Its header
+``"unet"`` (SD 1.x/2.x, SDXL), ``"transformer.context_embedder"`` and ``"transformer.text_embedder"`` (FLUX). Its
+header
 holds one JSON string (metadata key ``"uce"``): format name and version, the family, the edit records, the edited
 projections with their group and shape, the options every later edit must share, the strength, the base model and
 library versions. Version 1 (before families) wrote SD 1.x/2.x files without ``"family"`` or per-projection
@@ -13,7 +14,6 @@ library versions. Version 1 (before families) wrote SD 1.x/2.x files without ``"
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import safetensors
@@ -24,6 +24,7 @@ from diffusers.utils import logging
 from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.solve import Correction
+from ..utils.checks import is_finite_number
 from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name
 from ..utils.versions import library_versions
 from .edit_state import EditState
@@ -156,7 +157,7 @@ def read_edit_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not valid:
         raise ValueError(f"the metadata of {path} has invalid edit_keys, layers, projections or base_model")
     scale = info["scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not is_finite_number(scale):
         raise ValueError(f"the metadata of {path} has an invalid scale {scale!r}")
     return info, tensors
 
@@ -211,7 +212,8 @@ class UCEIOMixin:
     """`save_concept_edits` / `load_concept_edits`: edit files (part of `UCEMixin`)."""
 
     def save_concept_edits(
-        self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False
+        self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False,
+        write_model_card: bool = True, overwrite_model_card: bool = False,
     ) -> str:
         r"""Save the applied concept edit (solution, records, strength) as one safetensors file.
 
@@ -223,6 +225,11 @@ class UCEIOMixin:
             save_directory (`str` or `os.PathLike`): folder to write into (created if needed).
             weight_name (`str`, defaults to `"uce_edits.safetensors"`): the file name; must end in `.safetensors`.
             overwrite (`bool`, defaults to `False`): replace an existing file of that name.
+            write_model_card (`bool`, defaults to `True`): also write a `README.md` model card (`base_model_relation:
+                adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
+                writes none).
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
+                kept otherwise).
 
         Returns:
             `str`: the path of the file written.
@@ -262,6 +269,9 @@ class UCEIOMixin:
         path = atomic_save_safetensors(tensors, save_directory, weight_name,
                                        {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
+        if write_model_card:
+            self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
+            weight_name=weight_name)
         return path
 
     def load_concept_edits(

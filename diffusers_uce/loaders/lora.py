@@ -22,6 +22,7 @@ from diffusers.utils import logging
 
 from ..core.lowrank import LowRankFactors, per_layer_low_rank, shared_low_rank
 from ..core.solve import Correction, edited_weights
+from ..utils.checks import is_whole_number
 from ..utils.files import atomic_save_safetensors, check_weight_name
 from ..utils.versions import library_versions
 
@@ -73,12 +74,13 @@ class UCELoraMixin:
 
     def save_concept_edits_as_lora(
         self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str = LORA_WEIGHT_NAME,
-        overwrite: bool = False,
+        overwrite: bool = False, write_model_card: bool = True, overwrite_model_card: bool = False,
     ) -> float:
         r"""Write the applied concept edit, at its current strength, as a LoRA for the denoiser (UNet or transformer).
 
         The edit is exactly low rank, so at the default (exact) rank the LoRA reproduces the fused edit up to float
-        error; a smaller `rank` keeps the best approximation of ``T − I`` (one SVD per target group, shared by its layers) or, for the
+        error; a smaller `rank` keeps the best approximation of ``T − I`` (one SVD per target group, shared by its
+        layers) or, for the
         "tensor" technique, of each layer's change. Load it without this plugin, with PEFT installed, into the
         pipeline class of the same family: `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `FluxPipeline`
         `.from_pretrained(...).load_lora_weights(save_directory)`.
@@ -89,6 +91,11 @@ class UCELoraMixin:
             weight_name (`str`, defaults to `"pytorch_lora_weights.safetensors"`): the file name (what
                 `load_lora_weights` looks for by default); must end in `.safetensors`.
             overwrite (`bool`, defaults to `False`): replace an existing file of that name.
+            write_model_card (`bool`, defaults to `True`): also write a `README.md` model card (`base_model_relation:
+                adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
+                writes none).
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
+                kept otherwise).
 
         Returns:
             `float`: the relative error ``‖ΔW_approx − ΔW‖_F / ‖ΔW‖_F`` over all edited layers (0 up to float error at
@@ -102,12 +109,13 @@ class UCELoraMixin:
         >>> plain.load_lora_weights("./van-gogh-lora")
         ```
         """
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        if rank is not None and not is_whole_number(rank, 1):
             raise ValueError(f"rank must be a positive integer or None (the exact rank), got {rank!r}")
         check_weight_name(weight_name)
         state = self._uce_require_state("export")
         if state.scale == 0:
-            raise ValueError("the concept edit strength is 0, so the edit changes nothing: there is no LoRA to export; "
+            raise ValueError("the concept edit strength is 0, so the edit changes nothing: there is no LoRA to "
+                             "export; "
                              "call set_concept_edit_scale() with a non-zero strength first")
         tensors, modules, exact, total, dropped = {}, {}, [], 0.0, 0.0
         for group, factors in zip(state.groups, lora_factors(state, rank, self._execution_device)):
@@ -138,6 +146,9 @@ class UCELoraMixin:
         if importlib.util.find_spec("peft") is None:
             logger.warning("loading this LoRA with load_lora_weights() needs PEFT: pip install 'diffusers-uce[lora]' "
                            "(or pip install peft)")
+        if write_model_card:
+            self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
+                                       lora_weight_name=weight_name)
         return relative_error
 
 

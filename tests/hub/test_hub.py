@@ -9,12 +9,12 @@ import uuid
 
 import pytest
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from helpers import rel, unet_output, weights
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
+from tests.support.helpers import rel, unet_output, weights
 
 ERASE = ["van gogh", "picasso"]
 BASE_CLASSES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,

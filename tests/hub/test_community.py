@@ -12,8 +12,6 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.dynamic_modules_utils import get_relative_imports
-from helpers import rel
-from helpers import weights as edited_weights
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
@@ -28,8 +26,10 @@ from diffusers_uce.hub.community import (
     build_from_sources,
     write_community_pipeline,
 )
+from tests.support import REPO
+from tests.support.helpers import rel
+from tests.support.helpers import weights as edited_weights
 
-REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / DEFAULT_OUTPUT
 EDIT = dict(erase=["van gogh", "picasso"], guide=["art", ""], preserve=["monet", "a photo of a dog"], lamb=0.7,
             held_out=[])

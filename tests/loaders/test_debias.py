@@ -4,12 +4,10 @@ validation, CLIP classifier, CLI. The classifiers are stubs (or compare pixels):
 import numpy as np
 import pytest
 import torch
-from helpers import unet_output, weights
-from reference import groups
-from test_cli import run_cli
-from test_debias_math import attribute_shift, probe_layers
 
 from diffusers_uce.loaders.debias import DebiasOptions, clip_zero_shot_classifier
+from tests.support.helpers import run_cli, unet_output, weights
+from tests.support.reference import attribute_shift, groups, probe_layers
 
 # Tiny and fast: 4 images of 16x16 px in 2 steps per concept and measurement, one image per prompt template.
 FAST = dict(num_images=4, num_inference_steps=2, height=16, width=16, batch_size=8, prompt_templates=("{}",))
@@ -54,8 +52,8 @@ def test_fixed_ratios_move_toward_under_represented_attribute(pipe, calls):
     cos = torch.nn.functional.cosine_similarity
     probes = probe_layers(pipe, "doctor", ["male", "female"])
     config = pipe._progress_bar_config
-    out = pipe.apply_concept_edits(debias=GENDER, attribute_classifier=fixed({"male": 0.75}), max_iterations=2,
-                                   debias_options={**FAST, "step": 1.0}, held_out=[])
+    out = pipe.debias_concepts(GENDER, classifier=fixed({"male": 0.75}), max_iterations=2,
+                                   options={**FAST, "step": 1.0}, held_out=[])
     (row,) = out.report.ratios
     assert row["reached"] is False and row["iterations"] == 2 and len(calls) == 3  # 2 solves, 3 measurements
     assert row["before"] == row["after"] == [0.75, 0.25] and row["target"] == [0.5, 0.5]
@@ -90,8 +88,8 @@ def test_classifier_following_the_images_stops_at_the_target(pipe, calls):
         return ["female" if (m * (pixels(female[s]) - pixels(male[s]))).sum() > 0 else "male" for m, s in moved]
 
     calls.clear()
-    out = pipe.apply_concept_edits(debias=GENDER, debias_ratios=[0.0, 1.0], attribute_classifier=toward,
-                                   tolerance=0.3, max_iterations=2, debias_options={**FAST, "step": 1.0}, held_out=[])
+    out = pipe.debias_concepts(GENDER, ratios=[0.0, 1.0], classifier=toward,
+                                   tolerance=0.3, max_iterations=2, options={**FAST, "step": 1.0}, held_out=[])
     (row,) = out.report.ratios
     assert row["before"] == [1.0, 0.0] and row["after"][1] >= 0.7  # "before" is the unedited pipeline
     assert row["reached"] is True and row["iterations"] == 1 and len(calls) == 2  # one edit flips them
@@ -103,8 +101,8 @@ def test_reached_concept_freezes_and_stays_debiased(pipe, calls):
         shares = {"nurse": {"male": 0.25}, "doctor": {"male": 0.5}}[calls.prompt_of(images[0])]
         return fixed(shares)(images, labels)
 
-    out = pipe.apply_concept_edits(debias={"doctor": ["male", "female"], "nurse": ["male", "female"]},
-                                   attribute_classifier=classify, max_iterations=2, debias_options=FAST, held_out=[])
+    out = pipe.debias_concepts({"doctor": ["male", "female"], "nurse": ["male", "female"]},
+                                   classifier=classify, max_iterations=2, options=FAST, held_out=[])
     doctor, nurse = out.report.ratios
     assert doctor["reached"] and doctor["iterations"] == 0 and doctor["weights"] == [0.0, 0.0]
     assert len(doctor["history"]) == 1 and doctor["after"] == [0.5, 0.5]
@@ -117,10 +115,10 @@ def test_reached_concept_freezes_and_stays_debiased(pipe, calls):
 
 
 def test_two_attribute_sets(pipe, calls):
-    out = pipe.apply_concept_edits(
-        debias={"doctor": [["male", "female"], ["young", "old"]]}, debias_ratios={"doctor": [[0.5, 0.5], [0.5, 0.5]]},
-        attribute_classifier=fixed({"male": 0.75, "young": 0.25}), max_iterations=1, held_out=[],
-        debias_options={**FAST, "guidance_scale": 3.0})
+    out = pipe.debias_concepts(
+        {"doctor": [["male", "female"], ["young", "old"]]}, ratios={"doctor": [[0.5, 0.5], [0.5, 0.5]]},
+        classifier=fixed({"male": 0.75, "young": 0.25}), max_iterations=1, held_out=[],
+        options={**FAST, "guidance_scale": 3.0})
     # two measurements (before and after the one solve), each one image set labelled for both attribute sets
     assert [k["guidance_scale"] for k in calls.kwargs] == [3.0, 3.0]
     gender, age = out.report.ratios
@@ -132,40 +130,40 @@ def test_two_attribute_sets(pipe, calls):
 
 @pytest.mark.parametrize("family", ["sd1"])
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(debias_ratios={"doctor": [0.7, 0.7]}), ValueError, "sum to 1"),
-    (dict(debias_ratios=[1.2, -0.2]), ValueError, ">= 0"),
-    (dict(debias_ratios={"doctor": [1.0]}), ValueError, "one ratio per attribute"),
-    (dict(debias_ratios={"nurse": [0.5, 0.5]}), ValueError, "not debiased"),
-    (dict(debias_options={"num_imgs": 3}), TypeError, "num_imgs.*allowed.*num_images"),
-    (dict(debias_options={"prompt_templates": ("photo",)}), ValueError, "prompt_templates"),
-    (dict(debias_options={"step": 0}), ValueError, "step"),
-    (dict(debias_options={"guidance_scale": float("nan")}), ValueError, "guidance_scale finite"),
+    (dict(ratios={"doctor": [0.7, 0.7]}), ValueError, "sum to 1"),
+    (dict(ratios=[1.2, -0.2]), ValueError, ">= 0"),
+    (dict(ratios={"doctor": [1.0]}), ValueError, "one ratio per attribute"),
+    (dict(ratios={"nurse": [0.5, 0.5]}), ValueError, "not debiased"),
+    (dict(options={"num_imgs": 3}), TypeError, "num_imgs.*allowed.*num_images"),
+    (dict(options={"prompt_templates": ("photo",)}), ValueError, "prompt_templates"),
+    (dict(options={"step": 0}), ValueError, "step"),
+    (dict(options={"guidance_scale": float("nan")}), ValueError, "guidance_scale finite"),
     (dict(tolerance=0), ValueError, "tolerance"),
     (dict(max_iterations=0), ValueError, "max_iterations"),
-    (dict(debias={"doctor": []}), ValueError, "needs attributes"),
-    (dict(debias={"doctor": ["male", " "]}), ValueError, "empty"),
-    (dict(debias={"doctor": ["male"]}), ValueError, "at least two"),
-    (dict(attribute_classifier="clip"), TypeError, "callable"),
-    (dict(debias_options={"clip_model": "/nonexistent/clip"}, attribute_classifier=None), OSError,
-     "attribute_classifier="),
+    (dict(concepts={"doctor": []}), ValueError, "needs attributes"),
+    (dict(concepts={"doctor": ["male", " "]}), ValueError, "empty"),
+    (dict(concepts={"doctor": ["male"]}), ValueError, "at least two"),
+    (dict(classifier="clip"), TypeError, "callable"),
+    (dict(options={"clip_model": "/nonexistent/clip"}, classifier=None), OSError,
+     "classifier="),
 ])
 def test_bad_inputs_raise_before_generating(pipe, calls, kwargs, error, match):
-    kwargs = {"debias": GENDER, "attribute_classifier": fixed({"male": 0.5}), **kwargs}
-    kwargs["debias_options"] = {**FAST, **kwargs.get("debias_options", {})}
+    kwargs = {"concepts": GENDER, "classifier": fixed({"male": 0.5}), **kwargs}
+    kwargs["options"] = {**FAST, **kwargs.get("options", {})}
     with pytest.raises(error, match=match):
-        pipe.apply_concept_edits(**kwargs)
+        pipe.debias_concepts(**kwargs)
     assert calls == [] and pipe.concept_edits == ()
 
 
 @pytest.mark.parametrize("family", ["sd1"])  # the labels are checked the same way whatever made the images
 def test_unknown_label_raises_on_first_classification(pipe, calls):
     with pytest.raises(ValueError, match=r"'man'.*allowed labels: \['male', 'female'\]"):
-        pipe.apply_concept_edits(debias=GENDER, attribute_classifier=lambda images, labels: ["man"] * len(images),
-                                 debias_options=FAST)
+        pipe.debias_concepts(GENDER, classifier=lambda images, labels: ["man"] * len(images),
+                                 options=FAST)
     assert len(calls) == 1 and pipe.concept_edits == ()
     with pytest.raises(ValueError, match="one label per image"):
-        pipe.apply_concept_edits(debias=GENDER, attribute_classifier=lambda images, labels: ["male"],
-                                 debias_options=FAST)
+        pipe.debias_concepts(GENDER, classifier=lambda images, labels: ["male"],
+                                 options=FAST)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["processors", "fused"])
@@ -184,8 +182,8 @@ def test_failure_mid_loop_restores_earlier_edits(pipe, fused):
         return fixed({"male": 0.75})(images, labels)
 
     with pytest.raises(KeyboardInterrupt):
-        pipe.apply_concept_edits(debias={"doctor": ["male", "female"]}, attribute_classifier=classify,
-                                 debias_options=FAST, held_out=[])
+        pipe.debias_concepts({"doctor": ["male", "female"]}, classifier=classify,
+                                 options=FAST, held_out=[])
     assert len(count) == 2 and pipe.concept_edits == earlier and pipe._uce_state.fused is fused
     assert len(solutions) == len(groups(pipe))  # FLUX: both groups
     assert all(g.solution is s for g, s in zip(pipe._uce_state.groups, solutions))
@@ -197,10 +195,10 @@ def test_failure_mid_loop_restores_earlier_edits(pipe, fused):
 def test_accelerate_single_process_matches(pipe):
     from accelerate import PartialState
 
-    kwargs = dict(debias=GENDER, attribute_classifier=fixed({"male": 0.75}), max_iterations=1)
-    plain = pipe.apply_concept_edits(**kwargs, debias_options=FAST).report.ratios
+    kwargs = dict(concepts=GENDER, classifier=fixed({"male": 0.75}), max_iterations=1)
+    plain = pipe.debias_concepts(**kwargs, options=FAST).report.ratios
     pipe.unload_concept_edits()
-    split = pipe.apply_concept_edits(**kwargs, debias_options={**FAST, "accelerator": PartialState(cpu=True)})
+    split = pipe.debias_concepts(**kwargs, options={**FAST, "accelerator": PartialState(cpu=True)})
     assert split.report.ratios == plain
 
 
@@ -219,10 +217,11 @@ def test_clip_zero_shot_classifier_on_tiny_random_clip(tmp_path):
     make_demo_clip(tmp_path)
 
     missing = clip_zero_shot_classifier(tmp_path / "missing")  # loaded on first use
-    with pytest.raises(OSError, match="attribute_classifier="):
+    with pytest.raises(OSError, match="classifier="):
         missing.load()
     classify = clip_zero_shot_classifier(tmp_path, device="cpu", template="a photo of a {} person")
-    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)) for i in range(5)]
+    rng = [np.random.default_rng(i) for i in range(5)]
+    images = [Image.fromarray(r.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for r in rng]
     labels = classify(images, ["male", "female", "old"])
     assert len(labels) == 5 and set(labels) <= {"male", "female", "old"}
     assert classify(images[:2], ["young", "old"]) in (["young", "young"], ["young", "old"], ["old", "young"],

@@ -11,13 +11,13 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-from helpers import rel, target_layers, unet_output, weights
-from reference import denoiser, family_of
 
 import diffusers_uce
 from diffusers_uce.core.engine import Solution
 from diffusers_uce.core.solve import Correction
 from diffusers_uce.demo import make_demo_pipeline
+from tests.support.helpers import rel, target_layers, unet_output, weights
+from tests.support.reference import denoiser, family_of
 
 ERASE = ["van gogh", "picasso"]
 PRESERVE = ["monet", "a photo of a dog"]
@@ -136,7 +136,8 @@ class TestEditFiles:
 
     def test_apply_after_load_is_a_joint_solve(self, pipe, family, tmp_path):
         # non-default options are stored and must be given again; FLUX has no key/value projections
-        options = dict(layers=["context_embedder"]) if family == "flux" else dict(edit_keys=False, layers=["up_blocks"])
+        options = (dict(layers=["context_embedder"]) if family == "flux"
+                   else dict(edit_keys=False, layers=["up_blocks"]))
         apply(pipe, ERASE, guide="art", preserve=PRESERVE, technique="tensor", **options)
         pipe.save_concept_edits(tmp_path)
         loaded = fresh(family)
@@ -324,7 +325,8 @@ def test_refuses_a_file_of_another_model(source, target, tmp_path):
     with pytest.raises(ValueError, match="load it onto the base model it was made for") as error:
         other.load_concept_edits(tmp_path)
     message = str(error.value)
-    assert f"tiny/{source} ({PIPELINE_CLASSES[source]}" in message and f"tiny/{target} ({PIPELINE_CLASSES[target]}" in message
+    assert f"tiny/{source} ({PIPELINE_CLASSES[source]}" in message
+    assert f"tiny/{target} ({PIPELINE_CLASSES[target]}" in message
     assert other._uce_state is None and other.concept_edits == ()  # nothing changed
     assert edit_hooks(other) == hooks and all(torch.equal(before[n], w) for n, w in weights(other).items())
 

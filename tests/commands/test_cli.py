@@ -1,8 +1,6 @@
 """The `diffusers-uce` command line, end to end on the tiny offline demo pipelines of every family (in-process, plus
 one subprocess)."""
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -23,14 +21,13 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
-from helpers import rel, target_layers, weights
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 import diffusers_uce
 from diffusers_uce.commands.common import DEMO_MODELS
-from diffusers_uce.commands.uce_cli import main
 from diffusers_uce.demo import make_demo_pipeline
+from tests.support.helpers import rel, run_cli, target_layers, weights
 
 EDIT_OPTIONS = [
     "--model", "--erase", "--guide", "--preserve", "--erase-scale", "--preserve-scale", "--lamb", "--token-mode",
@@ -43,14 +40,6 @@ DEMO_NAME = {family: name for name, family in DEMO_MODELS.items()}
 BASE_CLASSES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
                 "flux": FluxPipeline}
 FAMILY_TAG = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux": "flux"}
-
-
-def run_cli(*argv):
-    """`main(argv)` with stdout/stderr captured: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def edited_names(name):

@@ -147,3 +147,30 @@ def reference_weights(pipe, originals, erase, guides, preserve, mode, erase_scal
             out[name] = reference_layer(originals[name], pairs, kept, erase_scale, preserve_scale, lamb, technique,
                                         bias=module.bias)
     return out
+
+
+def probe_layers(pipe, concept, attributes):
+    """Before an edit: per target group, one value layer (name, weight, bias) and the last tokens of `concept` and of
+    ``"{attribute} {concept}"`` as that group reads them."""
+    probes = []
+    for names, encode in groups(pipe):
+        name = next((n for n in names if n.startswith("mid_block") and n.endswith("to_v")), names[0])
+        module = denoiser(pipe).get_submodule(name)
+        states = full_states(pipe, [concept, *(f"{a} {concept}" for a in attributes)], encode)
+        probes.append((name, module.weight.detach().double().clone(), module.bias, [s[k] for s, k in states.values()]))
+    return probes
+
+
+def attribute_shift(pipe, probes):
+    """After a fused debias edit of the probed concept alone (default scales): per probe, the shift of the concept's
+    output caused by its attribute weights, ``(W' − W'_0) c``, and the attributes' unit outputs ``W c_a / ‖W c_a‖``.
+
+    ``W'_0`` is the oracle's solve of the same target with zero weights: ``W`` itself without a bias; with FLUX's kept
+    bias, whose targets include ``b`` (DESIGN.md §1), it already moves ``c`` by a multiple of ``b``.
+    """
+    out = []
+    for name, w, bias, (c, *attributes) in probes:
+        zero = reference_layer(w, [], [], 1.0, 1.0, 0.5, "replace", [(c, [(a, 0.0) for a in attributes])], bias=bias)
+        edited = denoiser(pipe).get_submodule(name).weight.detach().double()
+        out.append((name, (edited - zero) @ c, [w @ a / (w @ a).norm() for a in attributes], (w @ c).norm()))
+    return out

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import target_layers
-from reference import denoiser, family_of
 
 import diffusers_uce
+from tests.support.helpers import target_layers
+from tests.support.reference import denoiser, family_of
 
 # Every test here runs on every family through the `pipe` fixture of conftest.py.
 

@@ -19,6 +19,7 @@ import diffusers_uce
 from diffusers_uce.commands.uce_cli import main
 from diffusers_uce.demo import make_demo_clip, make_demo_pipeline
 from diffusers_uce.evaluation.evaluate import evaluate_edit, format_summary, load_prompts
+from tests.support import SHARED_DATA
 
 ROWS = [  # case_number, prompt, evaluation_seed, artist
     ("0", "a painting by van gogh", 11, "van gogh"),
@@ -141,7 +142,8 @@ def test_resume_generates_nothing_and_regenerates_missing(run, prompts, tmp_path
     os.remove(out / "images" / "edited" / "1.png")
     summary = evaluate_edit(pipe, prompts, out, metrics="pixel_mae", **FAST)
     assert summary["images"]["generated_here"] == {"base": 0, "edited": 1}
-    assert np.array_equal(pixels(out / "images" / "edited" / "1.png"), pixels(os.path.join(src, "images/edited/1.png")))
+    copied = pixels(os.path.join(src, "images/edited/1.png"))
+    assert np.array_equal(pixels(out / "images" / "edited" / "1.png"), copied)
     with pytest.raises(ValueError, match="other settings .*num_inference_steps"):
         evaluate_edit(pipe, prompts, out, metrics="psnr", **{**FAST, "num_inference_steps": 3})
     summary = evaluate_edit(pipe, prompts, out, metrics="psnr", limit=1, overwrite=True, **FAST)
@@ -196,7 +198,8 @@ def test_fused_model_against_a_base_pipe(run, prompts, tmp_path):
 
 def test_every_family_end_to_end(pipe, family, tiny_clip, tmp_path, monkeypatch):
     """Base and edited images of every row from the same seeds, scored; the base is the unedited model. The CSV's
-    evaluation_guidance is classifier-free guidance: used by SD 1.x/2.x and SDXL, not by the guidance-distilled FLUX."""
+    evaluation_guidance is classifier-free guidance: used by SD 1.x/2.x and SDXL, not by the guidance-distilled
+    FLUX."""
     header = ("case_number", "prompt", "evaluation_seed", "evaluation_guidance", "artist")
     prompts = write_csv(tmp_path / "guided.csv", header, [(c, p, seed, 6.0, a) for c, p, seed, a in ROWS])
     pipe.apply_concept_edits("van gogh", guide="art", held_out=[])
@@ -333,7 +336,7 @@ def test_cli_eval_bad_arguments_exit_2_with_one_line(prompts, tmp_path, extra, m
     assert not (tmp_path / "o").exists()
 
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+SHARED = str(SHARED_DATA)
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the paper's prompt CSVs (../shared/data) are not here")

@@ -1,7 +1,8 @@
 """Shared test helpers: a denoiser output to compare edits by, a relative error, the edited weights (any family)."""
 
 import torch
-from reference import denoiser, family_of, groups
+
+from .reference import denoiser, family_of, groups
 
 
 def unet_output(pipe, prompt="a painting by van gogh"):
@@ -41,3 +42,16 @@ def target_layers(pipe):
 def weights(pipe):
     """Clones of every edited layer's weight, by module name."""
     return {n: m.weight.detach().clone() for n, m in target_layers(pipe)}
+
+
+def run_cli(*argv):
+    """`diffusers-uce` with `argv`, stdout/stderr captured: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from diffusers_uce.commands.uce_cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()

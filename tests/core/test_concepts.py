@@ -1,21 +1,19 @@
 """Concept lists (diffusers_uce.core.concepts): prompt expansion, moderation presets, files, debias prompts."""
 
 import csv
-from pathlib import Path
 
 import pytest
 
 from diffusers_uce.core import concepts
+from tests.support import SHARED_DATA
 
 ART_TEMPLATES, OBJECT_TEMPLATES, DEBIAS_PROMPT_TEMPLATES = (
     concepts.ART_TEMPLATES, concepts.OBJECT_TEMPLATES, concepts.DEBIAS_PROMPT_TEMPLATES)
 I2P_CATEGORY_CONCEPTS, MODERATION_DEFAULTS, MODERATION_PRESETS = (
     concepts.I2P_CATEGORY_CONCEPTS, concepts.MODERATION_DEFAULTS, concepts.MODERATION_PRESETS)
-debias_prompts, expand_prompts, moderation_concepts = (
-    concepts.debias_prompts, concepts.expand_prompts, concepts.moderation_concepts)
+expand_prompts, moderation_concepts = concepts.expand_prompts, concepts.moderation_concepts
 read_concepts, resolve_concept_arg = concepts.read_concepts, concepts.resolve_concept_arg
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # --- prompt expansion -------------------------------------------------------------------------------------------
@@ -184,14 +182,9 @@ def test_resolve_concept_arg_forms(tmp_path, monkeypatch):
         resolve_concept_arg(3)
 
 
-# --- debias prompts -----------------------------------------------------------------------------------------------
+# --- debias prompt templates ---------------------------------------------------------------------------------------
 
-def test_debias_prompts():
+def test_debias_prompt_templates():
     assert DEBIAS_PROMPT_TEMPLATES[-1] == "{}"
-    assert debias_prompts("doctor") == ["image of doctor", "photo of doctor", "portrait of doctor",
-                                        "picture of doctor", "doctor"]
-    # attribute prompts line up with the concept's prompts
-    assert [p.replace("doctor", "female") for p in debias_prompts("doctor")] == debias_prompts(" female ")
-    assert debias_prompts("nurse", templates=("a {}",)) == ["a nurse"]
-    with pytest.raises(ValueError, match="non-empty"):
-        debias_prompts("  ")
+    assert [t.format("doctor") for t in DEBIAS_PROMPT_TEMPLATES] == [
+        "image of doctor", "photo of doctor", "portrait of doctor", "picture of doctor", "doctor"]

@@ -9,7 +9,6 @@ import logging
 
 import pytest
 import torch
-from reference import family_of, full_states, groups, select_tokens
 
 from diffusers_uce.core.concepts import I2P_CATEGORY_CONCEPTS
 from diffusers_uce.core.edits import build_concept_edit
@@ -17,6 +16,7 @@ from diffusers_uce.core.engine import assemble_terms
 from diffusers_uce.core.prompts import encode_prompts, pair_positions, preserve_positions
 from diffusers_uce.core.report import DEFAULT_HOLDOUT_CONCEPTS
 from diffusers_uce.demo import make_clip_tokenizer
+from tests.support.reference import family_of, full_states, groups, select_tokens
 
 # k of "", "dog", "a photo of a dog" per target group: CLIP counts the start token, T5 (FLUX) has none and its "" is
 # the end token alone, a pooled embedding is one token per prompt.
@@ -236,7 +236,8 @@ def test_sdxl_tokenizers(pipe, caplog):
     """k comes from the first tokenizer: both agree on the demo prompts (no warning); where the second one ends a
     prompt elsewhere, a warning names the prompt and positions follow tokenizer 1."""
     group = pipe._uce_family.groups[0]
-    demo = [*DEFAULT_HOLDOUT_CONCEPTS, *(c for cs in I2P_CATEGORY_CONCEPTS.values() for c in cs), "van gogh", "", "art"]
+    i2p = [c for cs in I2P_CATEGORY_CONCEPTS.values() for c in cs]
+    demo = [*DEFAULT_HOLDOUT_CONCEPTS, *i2p, "van gogh", "", "art"]
     with caplog.at_level(logging.WARNING):
         encoded = encode(pipe, group, demo)
     assert "disagree" not in caplog.text

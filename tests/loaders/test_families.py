@@ -3,12 +3,12 @@
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from helpers import target_layers, weights
-from reference import groups, select_tokens
 
 import diffusers_uce
 from diffusers_uce.core.families import FLUX, STABLE_DIFFUSION, STABLE_DIFFUSION_XL
 from diffusers_uce.demo import make_demo_pipeline
+from tests.support.helpers import target_layers, weights
+from tests.support.reference import groups, select_tokens
 
 CONCEPTS = ["van gogh", "picasso", "a cat"]
 

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -26,8 +25,8 @@ from diffusers_uce.hub.cards import (
     save_model_card,
     template_path,
 )
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SD14 = "CompVis/stable-diffusion-v1-4"
 EDITS = [
     ConceptEdit(erase=("van gogh", "pic|asso"), guide=("art", ""), preserve=("monet", "rembrandt"), erase_scale=1.5,

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from helpers import rel, target_layers, unet_output, weights
-from reference import denoiser, family_of, groups, reference_weights, select_tokens
 
 import diffusers_uce
 from diffusers_uce import UCEAttnProcessor, UCEFluxPipeline, UCEStableDiffusionPipeline, UCEStableDiffusionXLPipeline
 from diffusers_uce.demo import make_demo_pipeline
 from diffusers_uce.loaders.processor import LinearEditHook
+from tests.support.helpers import rel, target_layers, unet_output, weights
+from tests.support.reference import denoiser, family_of, groups, reference_weights, select_tokens
 
 ERASE = ["van gogh", "picasso"]
 PRESERVE = ["monet", "rembrandt", "a photo of a dog"]

@@ -9,13 +9,13 @@ import json
 import pytest
 import safetensors
 import torch
-from helpers import rel, target_layers, unet_output, weights
-from reference import denoiser, family_of
 
 from diffusers_uce.core.lowrank import LowRankFactors
 from diffusers_uce.demo import make_demo_pipeline
 from diffusers_uce.loaders.lora import lora_factors, lora_state_dict
 from diffusers_uce.utils.files import atomic_save_safetensors
+from tests.support.helpers import rel, target_layers, unet_output, weights
+from tests.support.reference import denoiser, family_of
 
 pytest.importorskip("peft")
 
@@ -183,5 +183,5 @@ def test_per_module_ranks_load_with_scale_one(family, tmp_path):
     for name, w, up, down in zip(names, originals, ups, downs):
         module = denoiser(plain).get_submodule(name)
         assert hasattr(module, "get_base_layer") == (up.shape[1] > 0), name  # the rank-0 module has no adapter
-        fused = getattr(module, "get_base_layer", lambda: module)().weight.detach().double()
+        fused = getattr(module, "get_base_layer", lambda m=module: m)().weight.detach().double()
         assert rel(fused, w + up @ down) < 1e-6, name

@@ -1,0 +1,238 @@
+"""`diffusers-uce edit`: erase, moderate and debias concepts of a pipeline, print the report, and optionally save the
+edit (fused pipeline, edit file, LoRA) or push it to the Hub."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..core.edits import TECHNIQUES, TOKEN_MODES, ConceptEdit, concept_edit_request
+from .common import (
+    SUPPORTED,
+    add_device_arguments,
+    add_hub_arguments,
+    check_model,
+    check_output,
+    concepts,
+    demo_names,
+    hub_options,
+    load_pipeline,
+    positive_int,
+    progress,
+    resolve_device,
+    write_json_atomic,
+)
+
+REPORT_FILE = "uce_report.json"
+
+HELP = "erase concepts toward guides while preserving others, and optionally save the edited pipeline"
+
+EPILOG = """\
+examples:
+  diffusers-uce edit --erase "Van Gogh; Picasso" --guide art --preserve "Monet; Rembrandt"
+  diffusers-uce edit --model CompVis/stable-diffusion-v1-4 --erase "Kelly McKernan" --guide art \\
+      --device cuda --dtype float16 --output ./sd14-uce
+  diffusers-uce edit --model demo-flux --erase "Van Gogh" --guide art --held-out ""
+  diffusers-uce edit --model black-forest-labs/FLUX.1-dev --erase "Van Gogh" --guide art \\
+      --device cuda --dtype bfloat16 --save-edits ./flux-no-van-gogh
+
+Lists are separated by ";" (names may contain commas). The report shows, per erased concept, the efficacy (1 = its
+keys/values became exactly its guide's) and, per preserved or held-out concept, the relative change of its keys/values.
+"""
+
+_DEBIAS_ONLY = ("--attributes", "--ratios", "--max-iterations", "--tolerance", "--clip-model")
+
+
+def _erase_concepts(text: str) -> list[str]:
+    if not concepts(text):
+        raise argparse.ArgumentTypeError('is empty: give at least one concept to erase, e.g. --erase "Van Gogh"')
+    return concepts(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of `diffusers-uce edit` to its parser."""
+    add = parser.add_argument
+    add("--model", default="demo", metavar="M",
+        help=f"Hub repo id or local folder of {SUPPORTED}; its family, and so the edited layers, follows from the "
+             f"class in its model_index.json. Or a built-in tiny offline demo pipeline (random weights; for trying "
+             f"the tool): {demo_names()}")
+    add("--erase", type=_erase_concepts, metavar='"A; B"',
+        help='concepts to erase, separated by ";"; "@file.txt" (one per line) or "@file.csv:column" reads a file '
+             "(required unless --moderate or --debias)")
+    add("--moderate", type=concepts, metavar='PRESET | "A; B"',
+        help="erase toward the unconditional prompt with the paper's moderation defaults (preserve scale 0.1): a "
+             "preset (i2p, i2p-paper, nudity) or concepts; combines with --erase")
+    add("--expand-prompts", choices=("art", "object"),
+        help="also erase the paper's templates around each erased concept and its guide ('painting by {}', ... / "
+             "'image of {}', ...)")
+    add("--guide", type=concepts, metavar='"G" | "G1; G2"',
+        help="what erased concepts become: one guide for all, or one per erased concept; absent or empty means the "
+             "unconditional (empty) prompt")
+    add("--preserve", type=concepts, default=[], metavar='"P; Q"',
+        help="concepts whose keys/values must not change (default: none)")
+    add("--erase-scale", type=float, default=1.0, metavar="F", help="weight of the erase terms")
+    add("--preserve-scale", type=float, metavar="F",
+        help="weight of the preserve terms (default: 1.0 in 'last' token mode, max(0.1, 1 / (1 + #preserved)) "
+             "in 'paper' mode)")
+    add("--lamb", type=float, default=0.5, metavar="F", help="pull toward the original weights (> 0)")
+    add("--token-mode", choices=TOKEN_MODES, default="last",
+        help="'last': one token per concept; 'paper': the paper's token blocks")
+    add("--technique", choices=TECHNIQUES, default="replace",
+        help="'replace': target = the guide's original keys/values; 'tensor': the guide's with their "
+             "component along the erased concept's removed (per layer)")
+    add("--no-edit-keys", dest="edit_keys", action="store_false",
+        help="SD/SDXL: edit only the cross-attention value projections (to_v), not the keys (to_k) (default: edit "
+             "both). FLUX pipelines edit their text-embedding projections, which have no keys")
+    add("--held-out", type=concepts, metavar='"X; Y"',
+        help='concepts to measure interference on in the report (default: a built-in generic set; "" for none)')
+    add("--output", metavar="DIR",
+        help=f"fuse the edit and save the pipeline to DIR (a plain diffusers pipeline folder) with {REPORT_FILE}; "
+             "without it, only the report is printed")
+    add("--overwrite", action="store_true", help="write into existing non-empty --output/--save-edits/--lora folders")
+    add("--save-edits", metavar="DIR",
+        help="save the edit alone (one small safetensors file and a model card) to DIR, for load_concept_edits()")
+    add("--lora", metavar="DIR", help="export the edit as a diffusers-format LoRA (+ model card) to DIR")
+    add("--rank", type=positive_int, metavar="R",
+        help="with --lora: the LoRA rank (default: exact, the number of edit tokens; lower is approximate)")
+    add("--push-to-hub", metavar="REPO",
+        help="push the edit (edit file, model card, community pipeline.py) to this Hub repository in one commit")
+    add_hub_arguments(parser)
+    add_device_arguments(parser, purpose="load the model and solve", seed_note="the edit itself is deterministic")
+    _add_debias_arguments(parser)
+
+
+def _add_debias_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument_group("debiasing (generates images and classifies them with CLIP)").add_argument
+    add("--debias", type=concepts, metavar='"C; D"',
+        help='concepts to debias, e.g. "doctor; nurse": images of each are generated and classified, and its '
+             "attribute weights move until the ratios are reached (with or without --erase)")
+    add("--attributes", type=concepts, metavar='"A; B"',
+        help='with --debias: the attributes, e.g. "male; female" (the same for every concept)')
+    add("--ratios", type=float, nargs="+", metavar="R",
+        help="with --debias: desired ratio of each attribute, summing to 1 (default: uniform)")
+    add("--max-iterations", type=positive_int, metavar="N", help="with --debias: budget of solves (default: 10)")
+    add("--tolerance", type=float, metavar="F",
+        help="with --debias: largest gap |desired - measured| of a reached concept (default: 0.05)")
+    add("--clip-model", metavar="PATH_OR_ID",
+        help="with --debias: the CLIP model that classifies the images, a local folder or a Hub id (default: "
+             "openai/clip-vit-base-patch32, downloaded if not cached; offline, give a local folder)")
+
+
+def _requests(args: argparse.Namespace) -> tuple[ConceptEdit | None, ConceptEdit | None]:
+    """The validated erase request (`None` without `--erase`/`--moderate`) and debias request (`None` without
+    `--debias`) of the flags; concept files are read here, before any model is loaded."""
+    moderate = None if not args.moderate else args.moderate[0] if len(args.moderate) == 1 else args.moderate
+    if not args.debias:
+        for flag in _DEBIAS_ONLY:
+            if getattr(args, flag[2:].replace("-", "_")) is not None:
+                raise ValueError(f"{flag} only applies with --debias")
+        if not args.erase and moderate is None:
+            raise ValueError('give --erase "A; B" (concepts to erase), --moderate PRESET, or --debias "C; D" '
+                             '--attributes "A; B"')
+    elif not args.attributes:
+        raise ValueError('--debias needs --attributes, e.g. --attributes "male; female"')
+    options = dict(erase_scale=args.erase_scale, preserve_scale=args.preserve_scale, lamb=args.lamb,
+                   token_mode=args.token_mode, technique=args.technique)
+    erase = None
+    if args.erase or moderate is not None:
+        erase = concept_edit_request(args.erase, args.guide or None, args.preserve, moderate=moderate,
+                                     expand_prompts=args.expand_prompts, **options)
+    if not args.debias:
+        return erase, None
+    # Checked against the erase request and with every preserved concept, so that a concept both debiased and erased
+    # or preserved is refused here; the debias solve itself gets the preserved concepts only when nothing is erased.
+    debias = concept_edit_request(None, None, args.preserve, debias={c: args.attributes for c in args.debias},
+                                  earlier=(erase,) if erase else (), **options)
+    from ..loaders.debias import check_debias_settings
+
+    check_debias_settings(debias.debias, args.ratios, _tolerance(args), _max_iterations(args))
+    return erase, debias
+
+
+def _tolerance(args: argparse.Namespace) -> float:
+    return 0.05 if args.tolerance is None else args.tolerance
+
+
+def _max_iterations(args: argparse.Namespace) -> int:
+    return 10 if args.max_iterations is None else args.max_iterations
+
+
+def _as_given(names) -> list[str]:
+    """Resolved concepts as a list to pass on: a concept starting with "@" (given as "@@...") stays a concept rather
+    than naming a file."""
+    return [f"@{name}" if name.startswith("@") else name for name in names]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `diffusers-uce edit`: validate everything, load the model, solve, print the report, then optionally save
+    the edit, export it as a LoRA, push it to the Hub, and fuse it and save the pipeline.
+
+    With `--debias`, the erase edit (if anything is erased) is applied first, then the concepts are debiased jointly
+    with it; `--preserve` goes to the erase edit, or to the debias solve when nothing is erased.
+
+    Returns:
+        `int`: 0; failures raise (the command line turns them into a one-line error and exit code 2).
+    """
+    erase, debias = _requests(args)  # fail fast, before loading anything
+    check_model(args.model)
+    for option, folder in (("--output", args.output), ("--save-edits", args.save_edits), ("--lora", args.lora)):
+        if folder is not None:
+            check_output(folder, args.overwrite, option)
+    if args.rank is not None and args.lora is None:
+        raise ValueError("--rank only applies with --lora DIR")
+    device = resolve_device(args.device)
+    classifier = None
+    if debias is not None:
+        from ..loaders.debias import DebiasOptions, clip_zero_shot_classifier
+
+        clip_model = args.clip_model or DebiasOptions.clip_model
+        progress(f"Loading the CLIP model {clip_model} ...")
+        classifier = clip_zero_shot_classifier(clip_model, device=device).load()
+
+    progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
+    pipe = load_pipeline(args.model, args.dtype, device, args.seed)
+    if not args.edit_keys and not pipe._uce_family.has_keys:
+        raise ValueError(f"--no-edit-keys: {args.model} is a {pipe._uce_family.name} pipeline, whose edited layers "
+                         "(text-embedding projections) have no keys to leave out; drop the flag")
+    preserved = (erase or debias).preserve
+    progress(f"Solving the edit: erase {len(erase.erase) if erase else 0}, preserve {len(preserved)} concept(s)"
+             + (f", debias {len(debias.debias)} (generating and classifying images)" if debias else "") + " ...")
+    if erase is not None:
+        output = pipe.apply_concept_edits(
+            _as_given(erase.erase), list(erase.guide), _as_given(erase.preserve), erase_scale=erase.erase_scale,
+            preserve_scale=erase.preserve_scale, lamb=erase.lamb, token_mode=erase.token_mode,
+            technique=erase.technique, edit_keys=args.edit_keys, held_out=args.held_out,
+        )
+    if debias is not None:
+        output = pipe.debias_concepts(
+            {t.concept: [list(s) for s in t.attribute_sets] for t in debias.debias}, args.ratios,
+            classifier=classifier, tolerance=_tolerance(args), max_iterations=_max_iterations(args),
+            preserve=None if erase else _as_given(debias.preserve), erase_scale=debias.erase_scale,
+            preserve_scale=None if erase else debias.preserve_scale, lamb=debias.lamb, edit_keys=args.edit_keys,
+            held_out=args.held_out,
+        )
+    print(output.report)
+    _save(args, pipe, output)
+    return 0
+
+
+def _save(args: argparse.Namespace, pipe, output) -> None:
+    """Write what `--save-edits`, `--lora`, `--push-to-hub` and `--output` ask for, in that order."""
+    if args.save_edits is not None:
+        path = pipe.save_concept_edits(args.save_edits, overwrite=args.overwrite, overwrite_model_card=args.overwrite)
+        progress(f"Saved the edit to {path}")
+    if args.lora is not None:
+        error = pipe.save_concept_edits_as_lora(args.lora, rank=args.rank, overwrite=args.overwrite)
+        progress(f"Saved the edit as a LoRA to {args.lora} (relative error {error:.2e})")
+    if args.push_to_hub is not None:
+        progress(f"Pushing the edit to {args.push_to_hub} ...")
+        info = pipe.push_concept_edits_to_hub(args.push_to_hub, **hub_options(args))
+        progress(f"Pushed: {info.pr_url or info.commit_url}")
+    if args.output is not None:
+        progress(f"Fusing the edit and saving to {args.output} ...")
+        pipe.fuse_concept_edits()
+        pipe.save_pretrained(args.output)
+        report = {"edits": [record.to_dict() for record in output.edits], "report": output.report.to_dict(),
+                  "model": args.model}
+        write_json_atomic(os.path.join(args.output, REPORT_FILE), report)
+        progress(f"Saved the edited pipeline and {REPORT_FILE} to {args.output}")
