@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from .tokenizers import EOS_TOKEN, cast_models, clip_text_config, make_clip_tokenizer, make_t5_tokenizer
+from .components import cast_models, tiny_vae
+from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer, make_t5_tokenizer
 
 
 def make_demo_flux_pipeline(
@@ -72,20 +73,7 @@ def make_demo_flux_pipeline(
             guidance_embeds=True,
             axes_dims_rope=[4, 4, 8],  # sums to attention_head_dim
         )
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=16,
-            norm_num_groups=8,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-        )
+        vae = tiny_vae(16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
     cast_models((text_encoder, text_encoder_2, transformer, vae), torch_dtype, device)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging
 from transformers import CLIPTextModel
 
+from .components import tiny_vae
 from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer
 
 logger = logging.get_logger(__name__)
@@ -62,16 +63,7 @@ def make_demo_sd_pipeline(
             use_linear_projection=sd2,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-        )
+        vae = tiny_vae()
     for model in (text_encoder, unet, vae):
         # Weights are drawn in float32 whatever `torch_dtype`, so dtypes only differ by rounding. `nn.Module.to`
         # because diffusers' `ModelMixin.to(dtype=...)` warns about "modules kept in float32" even when there are none.

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from .tokenizers import EOS_TOKEN, cast_models, clip_text_config, make_clip_tokenizer
+from .components import cast_models, tiny_vae
+from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer
 
 
 def _clip_with_projection(tokenizer, hidden_size: int, hidden_act: str, projection_dim: int):
@@ -63,17 +64,7 @@ def make_demo_sdxl_pipeline(
             projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            scaling_factor=0.13025,
-        )
+        vae = tiny_vae(scaling_factor=0.13025)
     cast_models((text_encoder, text_encoder_2, unet, vae), torch_dtype, device)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,

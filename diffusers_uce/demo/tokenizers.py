@@ -12,7 +12,6 @@ import tempfile
 from collections import defaultdict
 from functools import lru_cache
 
-import torch
 import transformers
 from transformers import CLIPTextConfig, CLIPTokenizer
 
@@ -170,14 +169,6 @@ def clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str
 
 T5_PAD_TOKEN, T5_EOS_TOKEN, T5_UNK_TOKEN = "<pad>", "</s>", "<unk>"
 _SPACE = "\u2581"  # SentencePiece's "▁", which marks the start of a word
-
-
-def cast_models(models, torch_dtype: torch.dtype, device: str | torch.device | None) -> None:
-    """Move and cast demo models in place, in eval mode (as `from_pretrained` returns them)."""
-    for model in models:
-        # Weights are drawn in float32, then only rounded; `nn.Module.to` because
-        # diffusers' `ModelMixin.to(dtype=...)` warns about "modules kept in float32" even when there are none.
-        torch.nn.Module.to(model, device=device, dtype=torch_dtype).eval()
 
 
 @lru_cache(maxsize=1)
