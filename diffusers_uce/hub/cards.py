@@ -338,6 +338,10 @@ def save_model_card(card: ModelCard | str, save_directory: str | os.PathLike, *,
     if path.exists() and not overwrite:
         logger.warning(f"kept the existing {path}; pass overwrite=True to replace it with the generated model card")
         return False
-    write_text_atomic(path, str(card))
+    try:
+        write_text_atomic(path, str(card), overwrite=overwrite)
+    except FileExistsError:  # another writer's card appeared meanwhile: keep it, as above
+        logger.warning(f"kept the existing {path}; pass overwrite=True to replace it with the generated model card")
+        return False
     logger.info(f"model card written to {path}")
     return True

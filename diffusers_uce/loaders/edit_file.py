@@ -25,7 +25,7 @@ from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.solve import Correction
 from ..utils.checks import is_finite_number
-from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name
+from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
 from .edit_state import EditState
 
@@ -266,12 +266,13 @@ class UCEIOMixin:
             "base_model": self._uce_base_info(len(state.projections)),
             "versions": library_versions(),
         }
-        path = atomic_save_safetensors(tensors, save_directory, weight_name,
-                                       {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
+        with folder_lock(save_directory):  # the edit file and its card, as one unit
+            path = atomic_save_safetensors(tensors, save_directory, weight_name,
+                                           {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
+            if write_model_card:
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
+                                           weight_name=weight_name)
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
-        if write_model_card:
-            self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-            weight_name=weight_name)
         return path
 
     def load_concept_edits(

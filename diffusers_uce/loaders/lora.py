@@ -23,7 +23,7 @@ from diffusers.utils import logging
 from ..core.lowrank import LowRankFactors, per_layer_low_rank, shared_low_rank
 from ..core.solve import Correction, edited_weights
 from ..utils.checks import is_whole_number
-from ..utils.files import atomic_save_safetensors, check_weight_name
+from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
 
 logger = logging.get_logger(__name__)
@@ -138,7 +138,11 @@ class UCELoraMixin:
             "edits": [r.to_dict() for r in state.records], "scale": state.scale, "rank": rank,
             "relative_error": relative_error, "versions": library_versions(),
         })
-        path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
+        with folder_lock(save_directory):  # the LoRA and its card, as one unit
+            path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
+            if write_model_card:
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
+                                           lora_weight_name=weight_name)
         ranks = sorted({r for kept in modules.values() for _, r in kept})
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "
                     f"(exact rank {max(exact)}) on {len(tensors) // 2} modules to {path}; relative "
@@ -146,9 +150,6 @@ class UCELoraMixin:
         if importlib.util.find_spec("peft") is None:
             logger.warning("loading this LoRA with load_lora_weights() needs PEFT: pip install 'diffusers-uce[lora]' "
                            "(or pip install peft)")
-        if write_model_card:
-            self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-                                       lora_weight_name=weight_name)
         return relative_error
 
 

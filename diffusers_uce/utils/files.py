@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failure leaves nothing behind."""
+"""Atomic file writes: a reader never sees a half-written file, a failure leaves nothing behind, and a file that must
+not be overwritten is created exclusively."""
 
 from __future__ import annotations
 
@@ -14,31 +15,51 @@ import torch
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to `path`; when the block succeeds, fsync it and move it into place.
+_TMP_SUFFIX = ".tmp"
 
-    On any failure (including in the block) the temporary file is removed and `path` is left as it was.
 
-    Example:
-    ```py
-    >>> with atomic_path("out/report.json") as tmp:
-    ...     Path(tmp).write_text("{}")
-    ```
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+def _temporary_name(path: str) -> str:
+    """A hidden temporary file next to `path` that names its writer: ``.<name>.<pid>.<random>.tmp``."""
+    return os.path.join(os.path.dirname(path) or ".",
+                        f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that writers killed mid-write left in `folder` (those whose process is gone).
+
+    Returns:
+        `list[str]`: the files removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split(".")
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX) and len(parts) >= 5 and parts[-3].isdigit()):
+            continue
+        if int(parts[-3]) == os.getpid() or _alive(int(parts[-3])):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_folder(folder: str) -> None:
     try:  # make the rename itself durable (POSIX)
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -49,9 +70,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         pass
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8, "\\n" line ends) to `path` atomically."""
-    with atomic_path(path) as tmp:
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary path next to `path`; when the block succeeds, fsync it and move it into place.
+
+    On any failure (including in the block) the temporary file is removed and `path` is left as it was. With
+    `overwrite=False` the file is created exclusively: if `path` exists when the file is moved into place (another
+    writer came first), a `FileExistsError` is raised and the other writer's file is kept.
+
+    Example:
+    ```py
+    >>> with atomic_path("out/report.json") as tmp:
+    ...     Path(tmp).write_text("{}")
+    ```
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists: no check-then-rename race
+            except FileExistsError:
+                raise FileExistsError(f"{path} already exists (written by another process meanwhile?): pass "
+                                      "overwrite=True to replace it, or choose another name") from None
+            os.remove(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the block: writers that save several files which belong together (an
+    edit file and its model card) do it one at a time, so the folder never pairs one writer's file with another's.
+    The lock is taken on the folder itself (no lock file is left); where that is not possible the block runs
+    unlocked."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or a folder that cannot be opened
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> None:
+    """Write `text` (UTF-8, "\\n" line ends) to `path` atomically (exclusively with `overwrite=False`)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
 
@@ -71,10 +153,11 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], save_directory: str | os.PathLike, weight_name: str,
     metadata: dict[str, str], overwrite: bool = False,
 ) -> str:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then `os.replace`.
+    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then moved into place.
 
     A failure leaves neither a partial file nor the temporary file, and an existing file is only replaced when
-    `overwrite` is `True`.
+    `overwrite` is `True`: otherwise the file is created exclusively, so of two writers racing for a new name one
+    gets a `FileExistsError` and the other's file stays.
 
     Args:
         tensors (`dict[str, torch.Tensor]`): the tensors to write.
@@ -98,7 +181,6 @@ def atomic_save_safetensors(
 
     refuse_existing()
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        refuse_existing()
     return path
