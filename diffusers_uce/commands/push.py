@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR",
                         help="a folder written by 'edit --output', '--save-edits' or '--lora'")
     parser.add_argument("repo", metavar="REPO", help="the Hub repository (user/name), created if needed")
+    parser.add_argument("--overwrite-model-card", action="store_true",
+                        help="replace a README.md already in the repository (it is kept otherwise)")
     add_hub_arguments(parser)
 
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub.hub_mixin import upload_folder_to_hub
 
     progress(f"Pushing {args.folder} to {args.repo} ...")
-    info = upload_folder_to_hub(args.folder, args.repo,
+    info = upload_folder_to_hub(args.folder, args.repo, overwrite_model_card=args.overwrite_model_card,
                                 **hub_options(args, commit_message="Upload concept edit (diffusers-uce)"))
     print(info.pr_url or info.commit_url)
     return 0

@@ -265,10 +265,21 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
         return result
 
-    def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, **kwargs):
-        """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused."""
+    def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, overwrite_model_card: bool = False,
+                    **kwargs):
+        """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused.
+
+        Args:
+            fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the repository with
+                the generated card (with the installed plugin; it is kept otherwise).
+        """
         self._uce_require_fused(fuse_concept_edits, "push")
-        return super().push_to_hub(repo_id, *args, **kwargs)
+        self._uce_overwrite_model_card = overwrite_model_card  # read where the card is written, during the upload
+        try:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        finally:
+            del self._uce_overwrite_model_card
 
     def _uce_require_fused(self, fuse: bool, action: str) -> None:
         state = self._uce_state

@@ -102,38 +102,59 @@ def non_negative_number(value, name: str, positive: bool = False) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 # diffusers_uce/utils/files.py
 # --------------------------------------------------------------------------------------------------------------------
-# Atomic file writes: a reader never sees a half-written file, and a failure leaves nothing behind.
+# Atomic file writes: a reader never sees a half-written file, a failure leaves nothing behind, and a file that must
+# not be overwritten is created exclusively.
 
 
 # Files that unpickle when loaded: never read, never written.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to `path`; when the block succeeds, fsync it and move it into place.
+_TMP_SUFFIX = ".tmp"
 
-    On any failure (including in the block) the temporary file is removed and `path` is left as it was.
 
-    Example:
-    ```py
-    >>> with atomic_path("out/report.json") as tmp:
-    ...     Path(tmp).write_text("{}")
-    ```
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+def _temporary_name(path: str) -> str:
+    """A hidden temporary file next to `path` that names its writer: ``.<name>.<pid>.<random>.tmp``."""
+    return os.path.join(os.path.dirname(path) or ".",
+                        f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that writers killed mid-write left in `folder` (those whose process is gone).
+
+    Returns:
+        `list[str]`: the files removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split(".")
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX) and len(parts) >= 5 and parts[-3].isdigit()):
+            continue
+        if int(parts[-3]) == os.getpid() or _alive(int(parts[-3])):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_folder(folder: str) -> None:
     try:  # make the rename itself durable (POSIX)
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -144,9 +165,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         pass
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8, "\\n" line ends) to `path` atomically."""
-    with atomic_path(path) as tmp:
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary path next to `path`; when the block succeeds, fsync it and move it into place.
+
+    On any failure (including in the block) the temporary file is removed and `path` is left as it was. With
+    `overwrite=False` the file is created exclusively: if `path` exists when the file is moved into place (another
+    writer came first), a `FileExistsError` is raised and the other writer's file is kept.
+
+    Example:
+    ```py
+    >>> with atomic_path("out/report.json") as tmp:
+    ...     Path(tmp).write_text("{}")
+    ```
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists: no check-then-rename race
+            except FileExistsError:
+                raise FileExistsError(f"{path} already exists (written by another process meanwhile?): pass "
+                                      "overwrite=True to replace it, or choose another name") from None
+            os.remove(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the block: writers that save several files which belong together (an
+    edit file and its model card) do it one at a time, so the folder never pairs one writer's file with another's.
+    The lock is taken on the folder itself (no lock file is left); where that is not possible the block runs
+    unlocked."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or a folder that cannot be opened
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> None:
+    """Write `text` (UTF-8, "\\n" line ends) to `path` atomically (exclusively with `overwrite=False`)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
 
@@ -166,10 +248,11 @@ def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], save_directory: str | os.PathLike, weight_name: str,
     metadata: dict[str, str], overwrite: bool = False,
 ) -> str:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then `os.replace`.
+    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then moved into place.
 
     A failure leaves neither a partial file nor the temporary file, and an existing file is only replaced when
-    `overwrite` is `True`.
+    `overwrite` is `True`: otherwise the file is created exclusively, so of two writers racing for a new name one
+    gets a `FileExistsError` and the other's file stays.
 
     Args:
         tensors (`dict[str, torch.Tensor]`): the tensors to write.
@@ -193,9 +276,8 @@ def atomic_save_safetensors(
 
     refuse_existing()
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        refuse_existing()
     return path
 
 
@@ -2578,12 +2660,13 @@ class UCEIOMixin:
             "base_model": self._uce_base_info(len(state.projections)),
             "versions": library_versions(),
         }
-        path = atomic_save_safetensors(tensors, save_directory, weight_name,
-                                       {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
+        with folder_lock(save_directory):  # the edit file and its card, as one unit
+            path = atomic_save_safetensors(tensors, save_directory, weight_name,
+                                           {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
+            if write_model_card:
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
+                                           weight_name=weight_name)
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
-        if write_model_card:
-            self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-            weight_name=weight_name)
         return path
 
     def load_concept_edits(
@@ -2810,7 +2893,11 @@ class UCELoraMixin:
             "edits": [r.to_dict() for r in state.records], "scale": state.scale, "rank": rank,
             "relative_error": relative_error, "versions": library_versions(),
         })
-        path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
+        with folder_lock(save_directory):  # the LoRA and its card, as one unit
+            path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
+            if write_model_card:
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
+                                           lora_weight_name=weight_name)
         ranks = sorted({r for kept in modules.values() for _, r in kept})
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "
                     f"(exact rank {max(exact)}) on {len(tensors) // 2} modules to {path}; relative "
@@ -2818,9 +2905,6 @@ class UCELoraMixin:
         if importlib.util.find_spec("peft") is None:
             logger.warning("loading this LoRA with load_lora_weights() needs PEFT: pip install 'diffusers-uce[lora]' "
                            "(or pip install peft)")
-        if write_model_card:
-            self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-                                       lora_weight_name=weight_name)
         return relative_error
 
 
@@ -3383,10 +3467,21 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
         return result
 
-    def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, **kwargs):
-        """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused."""
+    def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, overwrite_model_card: bool = False,
+                    **kwargs):
+        """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused.
+
+        Args:
+            fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the repository with
+                the generated card (with the installed plugin; it is kept otherwise).
+        """
         self._uce_require_fused(fuse_concept_edits, "push")
-        return super().push_to_hub(repo_id, *args, **kwargs)
+        self._uce_overwrite_model_card = overwrite_model_card  # read where the card is written, during the upload
+        try:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        finally:
+            del self._uce_overwrite_model_card
 
     def _uce_require_fused(self, fuse: bool, action: str) -> None:
         state = self._uce_state

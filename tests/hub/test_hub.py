@@ -14,7 +14,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
-from tests.support.helpers import rel, unet_output, weights
+from tests.support.helpers import rel, run_cli, unet_output, weights
 
 ERASE = ["van gogh", "picasso"]
 BASE_CLASSES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline,
@@ -205,3 +205,42 @@ def test_refused_files_from_the_hub(base_models, api, tmp_path):
     with pytest.raises(ValueError, match=sdxl_repo):
         flux.load_concept_edits(sdxl_edit)
     assert pipe.concept_edits == () and flux.concept_edits == ()
+
+
+# --- a card already on the Hub, and pushes that fail ---------------------------------------------------------------
+
+@pytest.mark.parametrize("route", ["edit", "fused", "cli"])
+def test_push_keeps_a_readme_already_on_the_hub(sd1_repo, api, tmp_path, route):
+    """A README.md the user put on the Hub survives a push, unless overwrite_model_card=True."""
+    pipe = edited(sd1_repo)
+    repo_id = new_repo()
+    api.create_repo(repo_id)
+    api.upload_file(path_or_fileobj=b"# MY README", path_in_repo="README.md", repo_id=repo_id)
+
+    def push(overwrite):
+        if route == "edit":
+            return pipe.push_concept_edits_to_hub(repo_id, overwrite_model_card=overwrite)
+        if route == "fused":
+            return pipe.push_to_hub(repo_id, fuse_concept_edits=True, overwrite_model_card=overwrite)
+        folder = tmp_path / f"saved-{overwrite}"
+        pipe.save_concept_edits(folder)
+        code, _, err = run_cli("push", folder, repo_id, *(["--overwrite-model-card"] if overwrite else []))
+        assert code == 0, err
+
+    push(False)
+    files = set(api.list_repo_files(repo_id))
+    assert {"README.md", "model_index.json" if route == "fused" else "uce_edits.safetensors"} <= files
+    assert open(hf_hub_download(repo_id, "README.md", force_download=True)).read() == "# MY README"
+    push(True)
+    card = ModelCard.load(hf_hub_download(repo_id, "README.md", force_download=True))
+    assert "uce" in card.data.tags
+
+
+def test_failed_push_deletes_the_repository_it_created(sd1_repo, hub_server, api, caplog):
+    pipe = edited(sd1_repo)
+    repo_id = new_repo()
+    hub_server.fail_next("/commit/", status=500)
+    with pytest.raises(HfHubHTTPError):
+        pipe.push_concept_edits_to_hub(repo_id)
+    assert not api.repo_exists(repo_id)
+    assert f"the repository {repo_id} it had created was deleted again" in caplog.text

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -72,6 +73,7 @@ _ROUTES = [
     ("GET", r"/api/whoami-v2", "whoami"),
     ("GET", r"/api/agent-harnesses", "agent_harnesses"),  # fetched by the client's user-agent code
     ("POST", r"/api/repos/create", "create_repo"),
+    ("DELETE", r"/api/repos/delete", "delete_repo"),
     ("POST", r"/api/validate-yaml", "validate_yaml"),
     ("GET", rf"/api/{_T}/{_R}(?:/revision/(?P<rev>[^/]+))?", "repo_info"),
     ("GET", rf"/api/{_T}/{_R}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
@@ -300,6 +302,17 @@ class _Handler(BaseHTTPRequestHandler):
             meta = {"private": private, "created": time.time(), "prs": 0, "refs": {"refs/heads/main": sha}}
             self.hub._write(self.hub._dir(t, repo) / "repo.json", json.dumps(meta).encode())
         self._send(200, {"url": self.hub._url(t, repo), "name": repo, "id": repo})
+
+    def h_delete_repo(self, g, body, q):
+        payload = json.loads(body or b"{}")
+        t = (payload.get("type") or "model") + "s"
+        repo = f"{payload.get('organization') or self.hub.USER}/{payload['name']}"
+        with self.hub._lock:
+            folder = self.hub._dir(t, repo)
+            if not (folder / "repo.json").is_file():
+                raise _HTTPError(404, "RepoNotFound", f"Repository {repo} not found")
+            shutil.rmtree(folder)
+        self._send(200, {})
 
     def h_repo_info(self, g, body, q):
         t, repo = g["t"], g["repo"]
