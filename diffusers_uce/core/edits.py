@@ -166,21 +166,9 @@ def build_concept_edit(
         raise ValueError(f"unknown token_mode {token_mode!r}; use one of {', '.join(map(repr, TOKEN_MODES))}")
     if technique not in TECHNIQUES:
         raise ValueError(f"unknown technique {technique!r}; use one of {', '.join(map(repr, TECHNIQUES))}")
-    debiased = [t.concept for t in targets]
     if targets and token_mode != "last":
         raise ValueError("debiasing supports token_mode='last' only; pass token_mode='last' for the debias call")
-    overlap = sorted(set(debiased) & set(erase_list).union(preserve_list, *(e.erase for e in earlier)))
-    if overlap:
-        raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
-                         "a concept can be in one of the three only")
-    erased_all = set(erase_list).union(*(e.erase for e in earlier))
-    preserved_all = set(preserve_list).union(*(e.preserve for e in earlier))
-    clash = sorted(erased_all & preserved_all)
-    if clash:
-        raise ValueError(
-            f"{', '.join(map(repr, clash))} is both erased and preserved (in this call or an earlier one): "
-            "remove it from one of the two lists"
-        )
+    _check_contradictions(erase_list, guides, preserve_list, [t.concept for t in targets], earlier)
     erase_scale = non_negative_number(erase_scale, "erase_scale")
     lamb = non_negative_number(lamb, "lamb", positive=True)
     if preserve_scale is None:
@@ -196,6 +184,46 @@ def build_concept_edit(
         erase=erase_list, guide=guides, preserve=preserve_list, erase_scale=erase_scale,
         preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique, debias=targets,
     )
+
+
+def check_held_out(held_out) -> list[str] | None:
+    """The held-out concepts of a call as a list (`None`: the built-in set); one string is one concept."""
+    return None if held_out is None else list(_concept_list(held_out, "held_out"))
+
+
+def concept_key(concept: str) -> str:
+    """How a concept is compared with others: case and runs of spaces do not matter ("Van Gogh" is "van  gogh"), as
+    for the CLIP tokenizers, which lowercase."""
+    return " ".join(concept.casefold().split())
+
+
+def _check_contradictions(erase, guides, preserve, debiased, earlier: Sequence[ConceptEdit]) -> None:
+    """Refuse requests that contradict themselves or the edits already applied (concepts compared by `concept_key`):
+    a concept erased twice (double weight, or two guides), erased and preserved, or debiased and anything else."""
+    seen: dict[str, str] = {}
+    for concept, guide in zip(erase, guides):
+        if concept_key(concept) in seen:
+            raise ValueError(f"erase lists {concept!r} more than once (concepts are compared ignoring case): "
+                             "give each concept once")
+        seen[concept_key(concept)] = guide
+    for e in earlier:
+        for concept, guide in zip(e.erase, e.guide):
+            if concept_key(concept) in seen:
+                toward = "toward the same guide" if seen[concept_key(concept)] == guide else f"toward {guide!r}"
+                raise ValueError(f"{concept!r} is already erased {toward} by an earlier edit: leave it out of this "
+                                 "call, or call unload_concept_edits() and erase it again")
+    erased = {concept_key(c): c for c in (*erase, *(c for e in earlier for c in e.erase))}
+    preserved = {concept_key(c): c for c in (*preserve, *(c for e in earlier for c in e.preserve))}
+    clash = sorted(erased[k] for k in erased.keys() & preserved.keys())
+    if clash:
+        raise ValueError(
+            f"{', '.join(map(repr, clash))} is both erased and preserved (in this call or an earlier one; concepts "
+            "are compared ignoring case): remove it from one of the two lists"
+        )
+    overlap = sorted(c for c in debiased if concept_key(c) in erased.keys() | preserved.keys())
+    if overlap:
+        raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
+                         "a concept can be in one of the three only")
 
 
 def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:

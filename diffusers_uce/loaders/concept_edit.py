@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from ..core import engine
-from ..core.edits import ConceptEdit, concept_edit_request
+from ..core.edits import ConceptEdit, check_held_out, concept_edit_request
 from ..core.families import STABLE_DIFFUSION, Family, TargetGroup
 from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
@@ -103,7 +103,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
             earlier=self.concept_edits,
         )
-        self._uce_check_options(edit_keys, layers)
+        held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
 
     def debias_concepts(
@@ -147,7 +147,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             None, None, preserve, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
             earlier=self.concept_edits, debias=concepts, debias_weights=weights,
         )
-        self._uce_check_options(edit_keys, layers)
+        held_out = self._uce_check_options(edit_keys, layers, held_out)
         earlier = list(self.concept_edits)
         solve = lambda rec: self._uce_solve([*earlier, rec], edit_keys, layers, held_out)  # noqa: E731
         if weights is not None:
@@ -157,14 +157,26 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         return debias_loop(self, record, solve, ratios=ratios, classifier=classifier, tolerance=tolerance,
                            max_iterations=max_iterations, **(options or {}))
 
-    def _uce_check_options(self, edit_keys, layers) -> None:
-        """Refuse options that must match the edits already applied (they are solved jointly)."""
+    def _uce_check_options(self, edit_keys, layers, held_out) -> list[str] | None:
+        """Check the options every edit shares (the layers they select must be those already edited: edits are
+        solved jointly); returns `held_out` as a list."""
+        if not isinstance(edit_keys, bool):
+            raise TypeError(f"edit_keys must be True or False, got {edit_keys!r}")
+        held_out = check_held_out(held_out)
         state = self._uce_state
         if state is not None and (edit_keys != state.edit_keys or layers != state.layers):
-            raise ValueError(
-                f"edit_keys/layers must match the edits already applied (edit_keys={state.edit_keys}, "
-                f"layers={state.layers!r}); call unload_concept_edits() first to change them"
-            )
+            try:
+                selected = [(g.group.name, p.name) for g in self._uce_groups(EditState(edit_keys, layers))
+                            for p in g.projections]
+            except ValueError:  # selects nothing (or asks for keys FLUX does not have)
+                selected = None
+            if selected != [(g.group.name, p.name) for g in state.groups for p in g.projections]:
+                raise ValueError(
+                    f"edit_keys/layers must match the edits already applied: they select other layers than "
+                    f"edit_keys={state.edit_keys}, layers={state.layers!r}; call unload_concept_edits() first to "
+                    "change them"
+                )
+        return held_out
 
     def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
                    held_out: list[str] | None) -> ConceptEditOutput:

@@ -80,7 +80,7 @@ def resolve_edit_file(name_or_path, *, weight_name, subfolder, revision, token, 
         if os.path.isfile(os.path.join(folder, EDIT_WEIGHT_NAME)):
             return os.path.join(folder, EDIT_WEIGHT_NAME)
         candidates = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and _is_edit_file(
-            os.path.join(folder, f)))
+            os.path.join(folder, f)))  # (regular files only: a FIFO or device is never opened)
         if len(candidates) != 1:
             found = f"several ({', '.join(candidates)})" if candidates else "none"
             raise FileNotFoundError(f"looked for one concept-edit .safetensors file in {folder} and found {found}: "
@@ -105,6 +105,8 @@ def _refuse_pickle(name: str) -> None:
 
 
 def _is_edit_file(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False  # not a regular file (a FIFO would block the read)
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             return METADATA_KEY in (f.metadata() or {})
@@ -128,6 +130,8 @@ def read_edit_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         info = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as error:
         raise ValueError(f"the {METADATA_KEY!r} metadata of {path} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise ValueError(f"the {METADATA_KEY!r} metadata of {path} is nested too deeply for an edit file") from None
     found = info.get("format") if isinstance(info, dict) else None
     if found != FORMAT_NAME:
         raise ValueError(f"{path} is not a diffusers-uce edit file (format {found!r}, expected {FORMAT_NAME!r})")

@@ -1180,21 +1180,9 @@ def build_concept_edit(
         raise ValueError(f"unknown token_mode {token_mode!r}; use one of {', '.join(map(repr, TOKEN_MODES))}")
     if technique not in TECHNIQUES:
         raise ValueError(f"unknown technique {technique!r}; use one of {', '.join(map(repr, TECHNIQUES))}")
-    debiased = [t.concept for t in targets]
     if targets and token_mode != "last":
         raise ValueError("debiasing supports token_mode='last' only; pass token_mode='last' for the debias call")
-    overlap = sorted(set(debiased) & set(erase_list).union(preserve_list, *(e.erase for e in earlier)))
-    if overlap:
-        raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
-                         "a concept can be in one of the three only")
-    erased_all = set(erase_list).union(*(e.erase for e in earlier))
-    preserved_all = set(preserve_list).union(*(e.preserve for e in earlier))
-    clash = sorted(erased_all & preserved_all)
-    if clash:
-        raise ValueError(
-            f"{', '.join(map(repr, clash))} is both erased and preserved (in this call or an earlier one): "
-            "remove it from one of the two lists"
-        )
+    _check_contradictions(erase_list, guides, preserve_list, [t.concept for t in targets], earlier)
     erase_scale = non_negative_number(erase_scale, "erase_scale")
     lamb = non_negative_number(lamb, "lamb", positive=True)
     if preserve_scale is None:
@@ -1210,6 +1198,46 @@ def build_concept_edit(
         erase=erase_list, guide=guides, preserve=preserve_list, erase_scale=erase_scale,
         preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique, debias=targets,
     )
+
+
+def check_held_out(held_out) -> list[str] | None:
+    """The held-out concepts of a call as a list (`None`: the built-in set); one string is one concept."""
+    return None if held_out is None else list(_concept_list(held_out, "held_out"))
+
+
+def concept_key(concept: str) -> str:
+    """How a concept is compared with others: case and runs of spaces do not matter ("Van Gogh" is "van  gogh"), as
+    for the CLIP tokenizers, which lowercase."""
+    return " ".join(concept.casefold().split())
+
+
+def _check_contradictions(erase, guides, preserve, debiased, earlier: Sequence[ConceptEdit]) -> None:
+    """Refuse requests that contradict themselves or the edits already applied (concepts compared by `concept_key`):
+    a concept erased twice (double weight, or two guides), erased and preserved, or debiased and anything else."""
+    seen: dict[str, str] = {}
+    for concept, guide in zip(erase, guides):
+        if concept_key(concept) in seen:
+            raise ValueError(f"erase lists {concept!r} more than once (concepts are compared ignoring case): "
+                             "give each concept once")
+        seen[concept_key(concept)] = guide
+    for e in earlier:
+        for concept, guide in zip(e.erase, e.guide):
+            if concept_key(concept) in seen:
+                toward = "toward the same guide" if seen[concept_key(concept)] == guide else f"toward {guide!r}"
+                raise ValueError(f"{concept!r} is already erased {toward} by an earlier edit: leave it out of this "
+                                 "call, or call unload_concept_edits() and erase it again")
+    erased = {concept_key(c): c for c in (*erase, *(c for e in earlier for c in e.erase))}
+    preserved = {concept_key(c): c for c in (*preserve, *(c for e in earlier for c in e.preserve))}
+    clash = sorted(erased[k] for k in erased.keys() & preserved.keys())
+    if clash:
+        raise ValueError(
+            f"{', '.join(map(repr, clash))} is both erased and preserved (in this call or an earlier one; concepts "
+            "are compared ignoring case): remove it from one of the two lists"
+        )
+    overlap = sorted(c for c in debiased if concept_key(c) in erased.keys() | preserved.keys())
+    if overlap:
+        raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
+                         "a concept can be in one of the three only")
 
 
 def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
@@ -2474,7 +2502,7 @@ def resolve_edit_file(name_or_path, *, weight_name, subfolder, revision, token, 
         if os.path.isfile(os.path.join(folder, EDIT_WEIGHT_NAME)):
             return os.path.join(folder, EDIT_WEIGHT_NAME)
         candidates = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and _is_edit_file(
-            os.path.join(folder, f)))
+            os.path.join(folder, f)))  # (regular files only: a FIFO or device is never opened)
         if len(candidates) != 1:
             found = f"several ({', '.join(candidates)})" if candidates else "none"
             raise FileNotFoundError(f"looked for one concept-edit .safetensors file in {folder} and found {found}: "
@@ -2499,6 +2527,8 @@ def _refuse_pickle(name: str) -> None:
 
 
 def _is_edit_file(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False  # not a regular file (a FIFO would block the read)
     try:
         with safetensors.safe_open(path, framework="pt") as f:
             return METADATA_KEY in (f.metadata() or {})
@@ -2522,6 +2552,8 @@ def read_edit_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
         info = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as error:
         raise ValueError(f"the {METADATA_KEY!r} metadata of {path} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise ValueError(f"the {METADATA_KEY!r} metadata of {path} is nested too deeply for an edit file") from None
     found = info.get("format") if isinstance(info, dict) else None
     if found != FORMAT_NAME:
         raise ValueError(f"{path} is not a diffusers-uce edit file (format {found!r}, expected {FORMAT_NAME!r})")
@@ -3305,7 +3337,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
             earlier=self.concept_edits,
         )
-        self._uce_check_options(edit_keys, layers)
+        held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
 
     def debias_concepts(
@@ -3349,7 +3381,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             None, None, preserve, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
             earlier=self.concept_edits, debias=concepts, debias_weights=weights,
         )
-        self._uce_check_options(edit_keys, layers)
+        held_out = self._uce_check_options(edit_keys, layers, held_out)
         earlier = list(self.concept_edits)
         solve = lambda rec: self._uce_solve([*earlier, rec], edit_keys, layers, held_out)  # noqa: E731
         if weights is not None:
@@ -3359,14 +3391,26 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         return debias_loop(self, record, solve, ratios=ratios, classifier=classifier, tolerance=tolerance,
                            max_iterations=max_iterations, **(options or {}))
 
-    def _uce_check_options(self, edit_keys, layers) -> None:
-        """Refuse options that must match the edits already applied (they are solved jointly)."""
+    def _uce_check_options(self, edit_keys, layers, held_out) -> list[str] | None:
+        """Check the options every edit shares (the layers they select must be those already edited: edits are
+        solved jointly); returns `held_out` as a list."""
+        if not isinstance(edit_keys, bool):
+            raise TypeError(f"edit_keys must be True or False, got {edit_keys!r}")
+        held_out = check_held_out(held_out)
         state = self._uce_state
         if state is not None and (edit_keys != state.edit_keys or layers != state.layers):
-            raise ValueError(
-                f"edit_keys/layers must match the edits already applied (edit_keys={state.edit_keys}, "
-                f"layers={state.layers!r}); call unload_concept_edits() first to change them"
-            )
+            try:
+                selected = [(g.group.name, p.name) for g in self._uce_groups(EditState(edit_keys, layers))
+                            for p in g.projections]
+            except ValueError:  # selects nothing (or asks for keys FLUX does not have)
+                selected = None
+            if selected != [(g.group.name, p.name) for g in state.groups for p in g.projections]:
+                raise ValueError(
+                    f"edit_keys/layers must match the edits already applied: they select other layers than "
+                    f"edit_keys={state.edit_keys}, layers={state.layers!r}; call unload_concept_edits() first to "
+                    "change them"
+                )
+        return held_out
 
     def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
                    held_out: list[str] | None) -> ConceptEditOutput:

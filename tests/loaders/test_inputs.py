@@ -39,6 +39,13 @@ BAD_CALLS = [
     (dict(erase=["a"], erase_scale="1"), TypeError, "erase_scale must be a number"),
     (dict(erase=["a"], erase_scale=float("nan")), ValueError, "erase_scale must be >= 0"),
     (dict(erase=["a"], erase_scale=1e308), ValueError, "non-finite"),
+    (dict(erase=["Van Gogh"], preserve=["van  gogh"]), ValueError, "both erased and preserved"),
+    (dict(erase=["van gogh", "picasso", "Van Gogh "]), ValueError, "'Van Gogh' more than once"),
+    (dict(erase=["a"], guide=3), TypeError, "guide must be a string or a list"),
+    (dict(erase=["a"], held_out=[1]), TypeError, "held_out must contain strings"),
+    (dict(erase=["a"], edit_keys="no"), TypeError, "edit_keys must be True or False"),
+    (dict(erase=["Rembrandt"], guide="sky"), ValueError, "'rembrandt' is already erased toward 'art' by an earlier"),
+    (dict(erase=["rembrandt"], guide="art"), ValueError, "already erased toward the same guide"),
 ]
 
 
@@ -144,3 +151,17 @@ def test_repeated_actions_warn(pipe, caplog):
 def test_attach_refuses_other_objects():
     with pytest.raises(TypeError, match="supports StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline"):
         diffusers_uce.attach(torch.nn.Linear(2, 2))
+
+
+def test_held_out_string_is_one_concept(pipe):
+    out = pipe.apply_concept_edits("van gogh", guide="art", held_out="a photo of a dog")
+    assert [r["concept"] for r in out.report.held_out] == ["a photo of a dog"]
+
+
+def test_layers_compared_by_what_they_select(pipe):
+    layers = ["context_embedder"] if family_of(pipe) == "flux" else ["up_blocks"]
+    pipe.apply_concept_edits("van gogh", guide="art", layers=layers)
+    out = pipe.apply_concept_edits("picasso", guide="art", layers=tuple(layers))  # the same layers, another type
+    assert len(out.edits) == 2
+    with pytest.raises(ValueError, match="edit_keys/layers must match"):
+        pipe.apply_concept_edits("monet", layers=["down_blocks", "transformer_blocks"])

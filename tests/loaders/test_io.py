@@ -380,3 +380,22 @@ class TestHub:
         loaded = fresh(family)
         loaded.load_concept_edits(repo_id, local_files_only=True, cache_dir=tmp_path / "cache")  # now cached
         assert loaded.concept_edits == pipe.concept_edits
+
+
+@pytest.mark.parametrize("family", ["sd1"])  # file handling, the same for every family
+def test_refuses_deep_headers_and_skips_special_files(pipe, family, tmp_path):
+    apply(pipe, ERASE, guide="art")
+    path = pipe.save_concept_edits(tmp_path / "deep")
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    deep = "[" * 100_000 + "]" * 100_000
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "uce": deep})
+    loaded = fresh(family)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loaded.load_concept_edits(path)
+    folder = tmp_path / "fifo"
+    folder.mkdir()
+    os.mkfifo(folder / "stuck.safetensors")  # reading it would block forever
+    pipe.save_concept_edits(folder, weight_name="mine.safetensors")
+    loaded.load_concept_edits(folder)  # the scan skips what is not a regular file
+    assert loaded.concept_edits == pipe.concept_edits
