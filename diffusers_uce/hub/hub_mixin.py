@@ -15,6 +15,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from ..loaders.edit_file import EDIT_WEIGHT_NAME
+from ..loaders.edit_state import serialized
 from .cards import card_for_pipeline, save_model_card
 
 logger = logging.get_logger(__name__)
@@ -108,6 +109,7 @@ class UCEHubMixin:
                          f"by this push; the repository {repo_id} exists (created by it if it was not there before)")
             raise
 
+    @serialized
     def push_concept_edits_to_hub(
         self, repo_id: str, *, private: bool | None = None, token: str | None = None,
         commit_message: str | None = None, create_pr: bool = False, weight_name: str = EDIT_WEIGHT_NAME,

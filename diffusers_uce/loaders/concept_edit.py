@@ -18,7 +18,7 @@ from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.solve import grouped_grams, homogeneous
 from ..core.targets import LayerFilter, find_linear_layers, find_projections
 from .edit_file import UCEIOMixin
-from .edit_state import EditState, GroupEdit, UCEEditStateMixin
+from .edit_state import EditState, GroupEdit, UCEEditStateMixin, serialized
 from .lora import UCELoraMixin
 
 logger = logging.get_logger(__name__)
@@ -53,6 +53,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
 
     _uce_family: Family = STABLE_DIFFUSION
 
+    @serialized
     def apply_concept_edits(
         self, erase: str | list[str] | None = None, guide: str | list[str] | None = None,
         preserve: str | list[str] | None = None, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
@@ -106,6 +107,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
 
+    @serialized
     def debias_concepts(
         self, concepts: dict, ratios: dict | list | None = None, *, weights: dict | None = None,
         classifier=None, tolerance: float = 0.05, max_iterations: int = 10, options: dict | None = None,
@@ -261,6 +263,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             assembled = engine.homogeneous_terms(assembled)
         return grams, solution, assembled, held_tokens
 
+    @serialized
     def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False,
                         overwrite_model_card: bool = False, **kwargs):
         """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused; with the installed plugin
@@ -277,6 +280,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
         return result
 
+    @serialized
     def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, overwrite_model_card: bool = False,
                     **kwargs):
         """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused.

@@ -27,7 +27,7 @@ from ..core.solve import Correction
 from ..utils.checks import is_finite_number
 from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
-from .edit_state import EditState
+from .edit_state import EditState, serialized
 
 logger = logging.get_logger(__name__)
 
@@ -215,6 +215,7 @@ def _describe(info: dict) -> str:
 class UCEIOMixin:
     """`save_concept_edits` / `load_concept_edits`: edit files (part of `UCEMixin`)."""
 
+    @serialized
     def save_concept_edits(
         self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False,
         write_model_card: bool = True, overwrite_model_card: bool = False,
@@ -279,6 +280,7 @@ class UCEIOMixin:
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
         return path
 
+    @serialized
     def load_concept_edits(
         self, pretrained_model_name_or_path: str | os.PathLike, *, weight_name: str | None = None,
         subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,

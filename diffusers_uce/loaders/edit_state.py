@@ -3,6 +3,9 @@ install, fuse, scale and remove it."""
 
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 from diffusers.utils import logging
 
@@ -16,6 +19,23 @@ from ..utils.checks import finite_number
 from .processor import LinearEditHook, ProjectionEdit, UCEAttnProcessor
 
 logger = logging.get_logger(__name__)
+
+
+def serialized(method):
+    """Run a method that reads or changes a pipeline's concept edit under the pipeline's own lock.
+
+    Two threads editing one pipeline then take turns: both edits take effect (the second is solved jointly with the
+    first), and a fuse, strength change or unload never interleaves with another. The lock is re-entrant, so these
+    methods may call each other.
+    """
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        lock = self.__dict__.get("_uce_lock") or self.__dict__.setdefault("_uce_lock", threading.RLock())
+        with lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class GroupEdit:
@@ -171,6 +191,7 @@ class UCEEditStateMixin:
         return {"edit_keys": state.edit_keys, "layers": state.layers, "groups": tuple(g.group for g in state.groups),
                 "scale": state.scale, "fused": state.fused}
 
+    @serialized
     def fuse_concept_edits(self) -> None:
         """Write the applied edit (at its current strength) into the edited weights: no inference overhead.
 
@@ -188,6 +209,7 @@ class UCEEditStateMixin:
             group.write(weights)
         state.fused = True
 
+    @serialized
     def unfuse_concept_edits(self) -> None:
         """Restore the weights saved by `fuse_concept_edits` bit for bit; the edit keeps acting via the processors."""
         state = self._uce_require_state("unfuse")
@@ -199,6 +221,7 @@ class UCEEditStateMixin:
             group.original_weights = None
         state.fused = False
 
+    @serialized
     def set_concept_edit_scale(self, scale: float) -> None:
         """Set the strength of the applied edit: 0 off, 1 full, in between partial, above 1 stronger.
 
@@ -213,6 +236,7 @@ class UCEEditStateMixin:
                 group.write(weights)
         state.scale = float(scale)
 
+    @serialized
     def unload_concept_edits(self) -> None:
         """Remove every concept edit: the original processors and weights come back bit for bit."""
         state = self._uce_state

@@ -25,6 +25,7 @@ from ..core.solve import Correction, edited_weights
 from ..utils.checks import is_whole_number
 from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
+from .edit_state import serialized
 
 logger = logging.get_logger(__name__)
 
@@ -72,6 +73,7 @@ def lora_state_dict(prefix: str, names: list[str], factors: LowRankFactors,
 class UCELoraMixin:
     """`save_concept_edits_as_lora`: LoRA export (part of `UCEMixin`)."""
 
+    @serialized
     def save_concept_edits_as_lora(
         self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str = LORA_WEIGHT_NAME,
         overwrite: bool = False, write_model_card: bool = True, overwrite_model_card: bool = False,

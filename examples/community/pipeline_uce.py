@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import importlib.util
 import json
 import math
 import os
 import re
+import threading
 import types
 import uuid
 from contextlib import contextmanager
@@ -2163,6 +2165,23 @@ class UCEAttnProcessor:
 # install, fuse, scale and remove it.
 
 
+def serialized(method):
+    """Run a method that reads or changes a pipeline's concept edit under the pipeline's own lock.
+
+    Two threads editing one pipeline then take turns: both edits take effect (the second is solved jointly with the
+    first), and a fuse, strength change or unload never interleaves with another. The lock is re-entrant, so these
+    methods may call each other.
+    """
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        lock = self.__dict__.get("_uce_lock") or self.__dict__.setdefault("_uce_lock", threading.RLock())
+        with lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class GroupEdit:
     """One target group's part of an applied edit: ``W'_ℓ = W_ℓ T_ℓ`` for its layers.
 
@@ -2316,6 +2335,7 @@ class UCEEditStateMixin:
         return {"edit_keys": state.edit_keys, "layers": state.layers, "groups": tuple(g.group for g in state.groups),
                 "scale": state.scale, "fused": state.fused}
 
+    @serialized
     def fuse_concept_edits(self) -> None:
         """Write the applied edit (at its current strength) into the edited weights: no inference overhead.
 
@@ -2333,6 +2353,7 @@ class UCEEditStateMixin:
             group.write(weights)
         state.fused = True
 
+    @serialized
     def unfuse_concept_edits(self) -> None:
         """Restore the weights saved by `fuse_concept_edits` bit for bit; the edit keeps acting via the processors."""
         state = self._uce_require_state("unfuse")
@@ -2344,6 +2365,7 @@ class UCEEditStateMixin:
             group.original_weights = None
         state.fused = False
 
+    @serialized
     def set_concept_edit_scale(self, scale: float) -> None:
         """Set the strength of the applied edit: 0 off, 1 full, in between partial, above 1 stronger.
 
@@ -2358,6 +2380,7 @@ class UCEEditStateMixin:
                 group.write(weights)
         state.scale = float(scale)
 
+    @serialized
     def unload_concept_edits(self) -> None:
         """Remove every concept edit: the original processors and weights come back bit for bit."""
         state = self._uce_state
@@ -2637,6 +2660,7 @@ def _describe(info: dict) -> str:
 class UCEIOMixin:
     """`save_concept_edits` / `load_concept_edits`: edit files (part of `UCEMixin`)."""
 
+    @serialized
     def save_concept_edits(
         self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False,
         write_model_card: bool = True, overwrite_model_card: bool = False,
@@ -2701,6 +2725,7 @@ class UCEIOMixin:
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
         return path
 
+    @serialized
     def load_concept_edits(
         self, pretrained_model_name_or_path: str | os.PathLike, *, weight_name: str | None = None,
         subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,
@@ -2859,6 +2884,7 @@ def lora_state_dict(prefix: str, names: list[str], factors: LowRankFactors,
 class UCELoraMixin:
     """`save_concept_edits_as_lora`: LoRA export (part of `UCEMixin`)."""
 
+    @serialized
     def save_concept_edits_as_lora(
         self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str = LORA_WEIGHT_NAME,
         overwrite: bool = False, write_model_card: bool = True, overwrite_model_card: bool = False,
@@ -3287,6 +3313,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
 
     _uce_family: Family = STABLE_DIFFUSION
 
+    @serialized
     def apply_concept_edits(
         self, erase: str | list[str] | None = None, guide: str | list[str] | None = None,
         preserve: str | list[str] | None = None, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
@@ -3340,6 +3367,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
 
+    @serialized
     def debias_concepts(
         self, concepts: dict, ratios: dict | list | None = None, *, weights: dict | None = None,
         classifier=None, tolerance: float = 0.05, max_iterations: int = 10, options: dict | None = None,
@@ -3495,6 +3523,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             assembled = engine.homogeneous_terms(assembled)
         return grams, solution, assembled, held_tokens
 
+    @serialized
     def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False,
                         overwrite_model_card: bool = False, **kwargs):
         """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused; with the installed plugin
@@ -3511,6 +3540,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
         return result
 
+    @serialized
     def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, overwrite_model_card: bool = False,
                     **kwargs):
         """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused.
