@@ -108,11 +108,11 @@ def test_stress_threads_and_processes(sd1, tmp_path):
         for worker in workers:
             worker.start()
 
-        def loads():
+        def loads(folder=folder):
             other.unload_concept_edits()
             other.load_concept_edits(folder)
 
-        run_together(loads, lambda: sd1.save_concept_edits(folder / "copy"))
+        run_together(loads, lambda folder=folder: sd1.save_concept_edits(folder / "copy"))
         for worker in workers:
             worker.join(120)
         assert [queue.get(timeout=10) for _ in workers] == [sorted(CONCEPTS)] * 2
