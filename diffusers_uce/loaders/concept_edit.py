@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.solve import grouped_grams, homogeneous
 from ..core.targets import LayerFilter, find_linear_layers, find_projections
+from ..utils.files import atomic_folder
 from .edit_file import UCEIOMixin
 from .edit_state import EditState, GroupEdit, UCEEditStateMixin, serialized
 from .lora import UCELoraMixin
@@ -274,10 +276,16 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder.
         """
         self._uce_require_fused(fuse_concept_edits, "save")
-        # diffusers splits save_directory as a string when pushing: accept any os.PathLike
-        result = super().save_pretrained(os.fspath(save_directory), *args, **kwargs)
-        if self._uce_state is not None and not kwargs.get("push_to_hub", False):
-            self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
+        save_directory = os.fspath(save_directory)  # diffusers splits it as a string when pushing
+        if kwargs.get("push_to_hub", False) or not self.concept_edits:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        readme = os.path.join(save_directory, "README.md")
+        # Written aside and swapped in (model_index.json last): a save killed midway leaves the folder as it was.
+        with atomic_folder(save_directory, last="model_index.json") as folder:
+            result = super().save_pretrained(folder, *args, **kwargs)
+            if os.path.isfile(readme) and not overwrite_model_card:  # the card already there stays
+                shutil.copy2(readme, os.path.join(folder, "README.md"))
+            self._uce_write_model_card(folder, "finetune", overwrite=overwrite_model_card)
         return result
 
     @serialized

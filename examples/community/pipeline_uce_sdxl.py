@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import threading
 import types
 import uuid
@@ -132,7 +133,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
-    """Remove the temporary files that writers killed mid-write left in `folder` (those whose process is gone).
+    """Remove the temporary files (and folders) that writers killed mid-write left in `folder` (those whose process
+    is gone).
 
     Returns:
         `list[str]`: the files removed.
@@ -149,7 +151,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
         if int(parts[-3]) == os.getpid() or _alive(int(parts[-3])):
             continue
         try:
-            os.remove(os.path.join(folder, name))
+            stale = os.path.join(folder, name)
+            shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)
             removed.append(name)
         except OSError:
             pass
@@ -204,6 +207,49 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
             os.remove(tmp)
         raise
     _fsync_folder(folder)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, last: str | None = None) -> Iterator[str]:
+    """Yield a temporary folder next to `path`; when the block succeeds, move its contents into `path`.
+
+    A new `path` appears at once (one rename). Into an existing folder every entry is swapped in one by one, `last`
+    (e.g. `"model_index.json"`) at the end, and other files already there are kept. On any failure the temporary
+    folder is removed and `path` is left as it was; temporary folders of writers that were killed are removed on the
+    next call.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    remove_stale_temporaries(parent)
+    tmp = _temporary_name(os.path.abspath(path))
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+            if os.path.isdir(path):
+                os.rmdir(path)
+            os.rename(tmp, path)
+        else:
+            names = sorted(os.listdir(tmp), key=lambda name: name == last)
+            for name in names:
+                _swap_in(os.path.join(tmp, name), os.path.join(path, name))
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(parent)
+
+
+def _swap_in(new: str, old: str) -> None:
+    """Replace `old` (a file or a folder, if any) by `new` with renames."""
+    if os.path.isdir(old) and not os.path.islink(old):
+        aside = _temporary_name(old)
+        os.rename(old, aside)
+        os.rename(new, old)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(new, old)
 
 
 @contextmanager
@@ -3534,10 +3580,16 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder.
         """
         self._uce_require_fused(fuse_concept_edits, "save")
-        # diffusers splits save_directory as a string when pushing: accept any os.PathLike
-        result = super().save_pretrained(os.fspath(save_directory), *args, **kwargs)
-        if self._uce_state is not None and not kwargs.get("push_to_hub", False):
-            self._uce_write_model_card(save_directory, "finetune", overwrite=overwrite_model_card)
+        save_directory = os.fspath(save_directory)  # diffusers splits it as a string when pushing
+        if kwargs.get("push_to_hub", False) or not self.concept_edits:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        readme = os.path.join(save_directory, "README.md")
+        # Written aside and swapped in (model_index.json last): a save killed midway leaves the folder as it was.
+        with atomic_folder(save_directory, last="model_index.json") as folder:
+            result = super().save_pretrained(folder, *args, **kwargs)
+            if os.path.isfile(readme) and not overwrite_model_card:  # the card already there stays
+                shutil.copy2(readme, os.path.join(folder, "README.md"))
+            self._uce_write_model_card(folder, "finetune", overwrite=overwrite_model_card)
         return result
 
     @serialized
