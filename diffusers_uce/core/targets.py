@@ -72,6 +72,14 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
             f"{type(denoiser).__name__} has no cross-attention (attn2) layers: UCE edits the text-conditioned "
             "projections of a text-to-image denoiser such as a Stable Diffusion UNet"
         )
+    wrapped = [f"{name}.{kind}" for name, module in attentions for kind in ("to_k", "to_v")
+               if hasattr(getattr(module, kind, None), "base_layer")]
+    if wrapped:
+        raise ValueError(
+            f"a LoRA is loaded on {wrapped[0]} (and {len(wrapped) - 1} more projections): fuse it into the weights "
+            "first (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload it (pipe.unload_lora_weights()) before "
+            "editing concepts, or apply the concept edit before loading the LoRA"
+        )
     fused = [name for name, module in attentions if "Fused" in type(getattr(module, "processor", None)).__name__
              or not isinstance(getattr(module, "to_k", None), torch.nn.Linear)]
     if fused:
@@ -111,13 +119,15 @@ def find_linear_layers(component: torch.nn.Module, names: tuple[str, ...], *, la
             module = component.get_submodule(name)
         except AttributeError:
             module = None
+        if hasattr(module, "base_layer"):
+            raise ValueError(f"a LoRA is loaded on {name}: fuse it into the weights first (pipe.fuse_lora(); "
+                             "pipe.unload_lora_weights()) or unload it before editing concepts")
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{type(component).__name__} has no linear layer {name!r} to edit: this is not the "
                              "model the pipeline family expects")
         if context_dim is not None and module.in_features != context_dim:
             raise ValueError(f"{name} takes {module.in_features}-dim inputs but its text encoder gives "
-                             f"{context_dim}-dim "
-                             "states: this pipeline's denoiser and text encoder do not match")
+                             f"{context_dim}-dim states: this pipeline's denoiser and text encoder do not match")
         if _selected(name, layers):
             found.append(Projection(name, "", module))
     return found

@@ -161,6 +161,11 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         return debias_loop(self, record, solve, ratios=ratios, classifier=classifier, tolerance=tolerance,
                            max_iterations=max_iterations, **(options or {}))
 
+    def __call__(self, *args, **kwargs):
+        # The edit must still act when the pipeline generates: see `_uce_check_installed`.
+        self._uce_check_installed()
+        return super().__call__(*args, **kwargs)
+
     def _uce_check_options(self, edit_keys, layers, held_out) -> list[str] | None:
         """Check the options every edit shares (the layers they select must be those already edited: edits are
         solved jointly); returns `held_out` as a list."""

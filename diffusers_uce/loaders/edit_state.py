@@ -314,3 +314,42 @@ class UCEEditStateMixin:
                 attention = component.get_submodule(name)
                 originals[name] = attention.processor
                 attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
+
+    @serialized
+    def _uce_check_installed(self) -> None:
+        """Before generating: make sure the applied edit still acts. A processor replaced since (for instance by
+        `set_attn_processor`) gets the edit wrapped around it again, with a warning; projections fused since
+        (`fuse_qkv_projections`) cannot carry it, so that raises with what to do. A fused edit is in the weights."""
+        state = self._uce_state
+        if state is None or state.fused:
+            return
+        rewrapped = 0
+        for group in state.groups:
+            if not group.group.cross_attention:
+                continue
+            component = getattr(self, group.group.component)
+            originals = state.original_processors[group.group.name]
+            for name in originals:
+                attention = component.get_submodule(name)
+                if getattr(attention, "fused_projections", False) or any(
+                        getattr(attention, p.kind, None) is not p.module for p in group.projections
+                        if p.attention == name):
+                    raise RuntimeError(
+                        f"the key/value projections of {group.group.component}.{name} changed after the concept edit "
+                        "was applied (fuse_qkv_projections()?), so the edit no longer acts: call "
+                        "unfuse_qkv_projections(), or fuse_concept_edits() before fuse_qkv_projections()")
+                processor = attention.processor
+                if not isinstance(processor, UCEAttnProcessor):
+                    kinds = {p.kind: ProjectionEdit(group, i) for i, p in enumerate(group.projections)
+                             if p.attention == name}
+                    originals[name] = processor  # what unload_concept_edits puts back now
+                    attention.set_processor(UCEAttnProcessor(processor, kinds.get("to_k"), kinds.get("to_v")))
+                    rewrapped += 1
+        hooked = [(g, i, p) for g in state.groups if not g.group.cross_attention for i, p in enumerate(g.projections)]
+        for k, (group, index, projection) in enumerate(hooked):
+            if state.hooks[k].id not in projection.module._forward_hooks:
+                state.hooks[k] = projection.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, index)))
+                rewrapped += 1
+        if rewrapped:
+            logger.warning(f"the concept edit had been removed from {rewrapped} layer(s) (their attention processor "
+                           "or hooks were replaced); it was installed again")

@@ -1724,6 +1724,14 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
             f"{type(denoiser).__name__} has no cross-attention (attn2) layers: UCE edits the text-conditioned "
             "projections of a text-to-image denoiser such as a Stable Diffusion UNet"
         )
+    wrapped = [f"{name}.{kind}" for name, module in attentions for kind in ("to_k", "to_v")
+               if hasattr(getattr(module, kind, None), "base_layer")]
+    if wrapped:
+        raise ValueError(
+            f"a LoRA is loaded on {wrapped[0]} (and {len(wrapped) - 1} more projections): fuse it into the weights "
+            "first (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload it (pipe.unload_lora_weights()) before "
+            "editing concepts, or apply the concept edit before loading the LoRA"
+        )
     fused = [name for name, module in attentions if "Fused" in type(getattr(module, "processor", None)).__name__
              or not isinstance(getattr(module, "to_k", None), torch.nn.Linear)]
     if fused:
@@ -1763,13 +1771,15 @@ def find_linear_layers(component: torch.nn.Module, names: tuple[str, ...], *, la
             module = component.get_submodule(name)
         except AttributeError:
             module = None
+        if hasattr(module, "base_layer"):
+            raise ValueError(f"a LoRA is loaded on {name}: fuse it into the weights first (pipe.fuse_lora(); "
+                             "pipe.unload_lora_weights()) or unload it before editing concepts")
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{type(component).__name__} has no linear layer {name!r} to edit: this is not the "
                              "model the pipeline family expects")
         if context_dim is not None and module.in_features != context_dim:
             raise ValueError(f"{name} takes {module.in_features}-dim inputs but its text encoder gives "
-                             f"{context_dim}-dim "
-                             "states: this pipeline's denoiser and text encoder do not match")
+                             f"{context_dim}-dim states: this pipeline's denoiser and text encoder do not match")
         if _selected(name, layers):
             found.append(Projection(name, "", module))
     return found
@@ -2504,6 +2514,45 @@ class UCEEditStateMixin:
                 attention = component.get_submodule(name)
                 originals[name] = attention.processor
                 attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
+
+    @serialized
+    def _uce_check_installed(self) -> None:
+        """Before generating: make sure the applied edit still acts. A processor replaced since (for instance by
+        `set_attn_processor`) gets the edit wrapped around it again, with a warning; projections fused since
+        (`fuse_qkv_projections`) cannot carry it, so that raises with what to do. A fused edit is in the weights."""
+        state = self._uce_state
+        if state is None or state.fused:
+            return
+        rewrapped = 0
+        for group in state.groups:
+            if not group.group.cross_attention:
+                continue
+            component = getattr(self, group.group.component)
+            originals = state.original_processors[group.group.name]
+            for name in originals:
+                attention = component.get_submodule(name)
+                if getattr(attention, "fused_projections", False) or any(
+                        getattr(attention, p.kind, None) is not p.module for p in group.projections
+                        if p.attention == name):
+                    raise RuntimeError(
+                        f"the key/value projections of {group.group.component}.{name} changed after the concept edit "
+                        "was applied (fuse_qkv_projections()?), so the edit no longer acts: call "
+                        "unfuse_qkv_projections(), or fuse_concept_edits() before fuse_qkv_projections()")
+                processor = attention.processor
+                if not isinstance(processor, UCEAttnProcessor):
+                    kinds = {p.kind: ProjectionEdit(group, i) for i, p in enumerate(group.projections)
+                             if p.attention == name}
+                    originals[name] = processor  # what unload_concept_edits puts back now
+                    attention.set_processor(UCEAttnProcessor(processor, kinds.get("to_k"), kinds.get("to_v")))
+                    rewrapped += 1
+        hooked = [(g, i, p) for g in state.groups if not g.group.cross_attention for i, p in enumerate(g.projections)]
+        for k, (group, index, projection) in enumerate(hooked):
+            if state.hooks[k].id not in projection.module._forward_hooks:
+                state.hooks[k] = projection.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, index)))
+                rewrapped += 1
+        if rewrapped:
+            logger.warning(f"the concept edit had been removed from {rewrapped} layer(s) (their attention processor "
+                           "or hooks were replaced); it was installed again")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -3464,6 +3513,11 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
 
         return debias_loop(self, record, solve, ratios=ratios, classifier=classifier, tolerance=tolerance,
                            max_iterations=max_iterations, **(options or {}))
+
+    def __call__(self, *args, **kwargs):
+        # The edit must still act when the pipeline generates: see `_uce_check_installed`.
+        self._uce_check_installed()
+        return super().__call__(*args, **kwargs)
 
     def _uce_check_options(self, edit_keys, layers, held_out) -> list[str] | None:
         """Check the options every edit shares (the layers they select must be those already edited: edits are

@@ -246,6 +246,8 @@ class TestEditFiles:
         before = open(path, "rb").read()
         with monkeypatch.context() as m:
             m.setattr(*target, boom)
+            if failing == "replace":  # the move into place: a rename, or a link for a file that must be new
+                m.setattr(os, "link", boom)
             with pytest.raises(OSError, match="disk full"):
                 pipe.save_concept_edits(fresh_dir)
             with pytest.raises(OSError, match="disk full"):
