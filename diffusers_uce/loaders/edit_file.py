@@ -27,7 +27,7 @@ from ..core.solve import Correction
 from ..utils.checks import is_finite_number
 from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
-from .edit_state import EditState, serialized
+from .edit_state import MAX_EDIT_SCALE, EditState, serialized
 
 logger = logging.get_logger(__name__)
 
@@ -161,8 +161,9 @@ def read_edit_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not valid:
         raise ValueError(f"the metadata of {path} has invalid edit_keys, layers, projections or base_model")
     scale = info["scale"]
-    if not is_finite_number(scale):
-        raise ValueError(f"the metadata of {path} has an invalid scale {scale!r}")
+    if not is_finite_number(scale) or abs(scale) > MAX_EDIT_SCALE:
+        raise ValueError(f"the metadata of {path} has an invalid scale {scale!r} (a strength between "
+                         f"-{MAX_EDIT_SCALE:g} and {MAX_EDIT_SCALE:g})")
     return info, tensors
 
 
@@ -323,8 +324,8 @@ class UCEIOMixin:
         info, tensors = read_edit_file(path)
         groups, records, solutions = self._uce_validate_edit_file(info, tensors, path)
         device = self._execution_device
+        groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
-        self._uce_state.scale = float(info["scale"])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
 
     def _uce_base_info(self, num_projections: int | None) -> dict:

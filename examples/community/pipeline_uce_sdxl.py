@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata as importlib_metadata
 from logging import Filter, getLogger
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TYPE_CHECKING
 
 import safetensors
 import safetensors.torch
@@ -108,6 +108,9 @@ def non_negative_number(value, name: str, positive: bool = False) -> float:
 # Atomic file writes: a reader never sees a half-written file, a failure leaves nothing behind, and a file that must
 # not be overwritten is created exclusively.
 
+
+if TYPE_CHECKING:
+    import torch
 
 # Files that unpickle when loaded: never read, never written.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -312,6 +315,8 @@ def atomic_save_safetensors(
     Returns:
         `str`: the path written.
     """
+    import safetensors.torch  # here: the command line imports this module and must start fast
+
     check_weight_name(weight_name)
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
@@ -2221,6 +2226,18 @@ class UCEAttnProcessor:
 # install, fuse, scale and remove it.
 
 
+MAX_EDIT_SCALE = 10.0
+
+
+def check_edit_scale(scale, name: str = "scale") -> float:
+    """A concept edit's strength as a float, within ``[-MAX_EDIT_SCALE, MAX_EDIT_SCALE]``."""
+    scale = finite_number(scale, name)
+    if abs(scale) > MAX_EDIT_SCALE:
+        raise ValueError(f"{name} must be between -{MAX_EDIT_SCALE:g} and {MAX_EDIT_SCALE:g} (1 is the full edit, 0 "
+                         f"none, negative reverses it), got {scale:g}")
+    return scale
+
+
 def serialized(method):
     """Run a method that reads or changes a pipeline's concept edit under the pipeline's own lock.
 
@@ -2290,7 +2307,23 @@ class GroupEdit:
             raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]
-        return [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
+        out = [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
+        if not all(bool(torch.isfinite(x)) for w in out for x in w.aminmax()):  # e.g. beyond float16's range
+            raise ValueError(f"the edit at scale {scale} overflows the weights' dtype {originals[0].dtype}; nothing "
+                             "was changed. Lower the edit scale, or fuse in a wider dtype")
+        return out
+
+    def check_acts_finitely(self, scale: float, solution: engine.Solution | None = None) -> None:
+        """Raise unless the edit at strength `scale` is finite in float32, the precision the processors and hooks
+        apply it in (an entry of 1e39 is finite in float64, not in float32), before anything is installed."""
+        s = (solution or self.solution).to(dtype=torch.float32)
+        eye = torch.eye(s.transform.shape[0], dtype=torch.float32, device=s.transform.device)
+        parts = [scale * (s.transform - eye)] + ([] if s.correction is None else [
+            s.correction.tokens, s.correction.solved, scale * s.correction.coef])
+        if not all(bool(torch.isfinite(x).all()) for x in parts):
+            raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "
+                             "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
+                             "edit file changed?)")
 
     @torch.no_grad()
     def write(self, weights: list[torch.Tensor]) -> None:
@@ -2425,11 +2458,17 @@ class UCEEditStateMixin:
     def set_concept_edit_scale(self, scale: float) -> None:
         """Set the strength of the applied edit: 0 off, 1 full, in between partial, above 1 stronger.
 
+        A strength above 1 extrapolates the edit (erased concepts move past their guides); a negative one reverses
+        it (erased concepts move away from their guides: they come out stronger). Strengths are bounded to
+        ``[-MAX_EDIT_SCALE, MAX_EDIT_SCALE]`` (10), far beyond what is useful, so that no strength overflows.
+
         Args:
             scale (`float`): the strength ``s``; the transform becomes ``I + s (T − I)``.
         """
-        scale = finite_number(scale, "scale")
+        scale = check_edit_scale(scale)
         state = self._uce_require_state("scale")
+        for group in state.groups:
+            group.check_acts_finitely(scale)
         if state.fused:
             new = [g.fused_weights(float(scale), self._execution_device) for g in state.groups]
             for group, weights in zip(state.groups, new):
@@ -2485,6 +2524,8 @@ class UCEEditStateMixin:
             fused_weights (`list[list[torch.Tensor]]`, *optional*): new weights per group, when the edit is fused.
         """
         state = groups[0].state
+        for group, solution in zip(groups, solutions):
+            group.check_acts_finitely(state.scale, solution)
         if self._uce_state is None:
             state.groups = list(groups)
             self._uce_install(state)
@@ -2701,8 +2742,9 @@ def read_edit_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not valid:
         raise ValueError(f"the metadata of {path} has invalid edit_keys, layers, projections or base_model")
     scale = info["scale"]
-    if not is_finite_number(scale):
-        raise ValueError(f"the metadata of {path} has an invalid scale {scale!r}")
+    if not is_finite_number(scale) or abs(scale) > MAX_EDIT_SCALE:
+        raise ValueError(f"the metadata of {path} has an invalid scale {scale!r} (a strength between "
+                         f"-{MAX_EDIT_SCALE:g} and {MAX_EDIT_SCALE:g})")
     return info, tensors
 
 
@@ -2863,8 +2905,8 @@ class UCEIOMixin:
         info, tensors = read_edit_file(path)
         groups, records, solutions = self._uce_validate_edit_file(info, tensors, path)
         device = self._execution_device
+        groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
-        self._uce_state.scale = float(info["scale"])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
 
     def _uce_base_info(self, num_projections: int | None) -> dict:

@@ -401,3 +401,39 @@ def test_refuses_deep_headers_and_skips_special_files(pipe, family, tmp_path):
     pipe.save_concept_edits(folder, weight_name="mine.safetensors")
     loaded.load_concept_edits(folder)  # the scan skips what is not a regular file
     assert loaded.concept_edits == pipe.concept_edits
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_refuses_values_that_overflow_where_they_are_applied(pipe, family, tmp_path):
+    """Finite in float64 is not enough: the processors apply the edit in float32, and strengths are bounded."""
+    apply(pipe, ERASE, guide="art")
+    path = pipe.save_concept_edits(tmp_path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["unet.uce.transform"][0, 0] = 1e39
+    safetensors.torch.save_file(tensors, str(tmp_path / "huge.safetensors"), metadata=metadata)
+    loaded = fresh(family)
+    with pytest.raises(ValueError, match="not finite in float32"):
+        loaded.load_concept_edits(tmp_path / "huge.safetensors")
+    rewrite(path, lambda info: info.update(scale=1e30))
+    with pytest.raises(ValueError, match="invalid scale"):
+        loaded.load_concept_edits(path)
+    assert loaded._uce_state is None
+    for scale in (1e30, -11):
+        with pytest.raises(ValueError, match="between -10 and 10"):
+            pipe.set_concept_edit_scale(scale)
+    pipe.set_concept_edit_scale(-1.0)  # allowed: the edit reversed
+    assert pipe.concept_edit_scale == -1.0
+
+
+def test_fusing_refuses_to_overflow_half_precision(tmp_path):
+    pipe = diffusers_uce.attach(make_demo_pipeline("sd1", torch_dtype=torch.float16))
+    pipe.apply_concept_edits(ERASE, guide="art", held_out=[])
+    original = {n: m.weight.clone() for n, m in target_layers(pipe)}
+    for group in pipe._uce_state.groups:  # an edit whose weights exceed float16 (65504), as a tampered file could
+        group.set_solution(group.solution.to(dtype=torch.float64))
+        group.solution.transform.mul_(1e6)
+        group.solution.low_rank = None
+    with pytest.raises(ValueError, match="overflows the weights' dtype"):
+        pipe.fuse_concept_edits()
+    assert all(torch.equal(m.weight, original[n]) for n, m in target_layers(pipe))
