@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -176,3 +177,16 @@ def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
     except TypeError:
         raise _unsupported(model, type(pipe).__name__) from None
     return pipe.to(device)
+
+
+class _NoBackendNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def hide_backend_notices() -> None:
+    """Keep transformers' "requires torchvision (not installed); falling back to ..." notices, printed when diffusers
+    is imported without torchvision, out of the command line's output: they say nothing about the edit."""
+    log = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoBackendNotice) for f in log.filters):
+        log.addFilter(_NoBackendNotice())

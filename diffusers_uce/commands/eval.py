@@ -36,7 +36,7 @@ Several GPUs: 'accelerate launch -m diffusers_uce.commands.uce_cli eval ...' spl
 
 
 def _metric_names(text: str) -> tuple[str, ...]:
-    from ..evaluation.metrics import check_metrics
+    from ..evaluation.metric_names import check_metrics
 
     try:
         return check_metrics(text)
@@ -46,7 +46,7 @@ def _metric_names(text: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of `diffusers-uce eval` to its parser."""
-    from ..evaluation.metrics import METRICS
+    from ..evaluation.metric_names import METRICS
 
     add = parser.add_argument
     add("--prompts", required=True, metavar="CSV",

@@ -22,6 +22,7 @@ from ..utils.versions import __version__
 from . import edit as edit_command
 from . import eval as eval_command
 from . import push as push_command
+from .common import hide_backend_notices
 
 PROG = "diffusers-uce"
 
@@ -81,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         `int`: the exit code: 0 on success, 2 for bad arguments or a failure to load, edit or save (with a one-line
         reason on stderr), 130 if interrupted.
     """
+    hide_backend_notices()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

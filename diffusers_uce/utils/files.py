@@ -7,10 +7,10 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import safetensors.torch
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Files that unpickle when loaded: never read, never written.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -215,6 +215,8 @@ def atomic_save_safetensors(
     Returns:
         `str`: the path written.
     """
+    import safetensors.torch  # here: the command line imports this module and must start fast
+
     check_weight_name(weight_name)
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
