@@ -13,8 +13,8 @@ tokens ``[c, 1]`` and transforms ``[[T, 0], [uᵀ, 1]]`` (pass ``biased=True``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -68,13 +68,16 @@ def _tokens(name: str, tokens: torch.Tensor, width: int, biased: bool) -> torch.
     return tokens
 
 
-def stacked_gram(weights: torch.Tensor | Sequence[torch.Tensor], chunk_size: int = 4096) -> torch.Tensor:
+def stacked_gram(weights: torch.Tensor | Sequence[torch.Tensor], chunk_size: int = 4096,
+                 compute_dtype: torch.dtype = _F64) -> torch.Tensor:
     """``G = W_allᵀ W_all``: the Gram matrix of the weights of all edited layers stacked along rows.
 
     Args:
         weights (`torch.Tensor` or list of `torch.Tensor`): the stacked weights ``W_all`` (R×d), or the weights of
             each layer (each out_ℓ×d). For layers with a bias pass ``[W | b]`` (d+1 columns).
         chunk_size (`int`, *optional*, defaults to 4096): rows upcast to float64 at a time, bounding the memory.
+        compute_dtype (`torch.dtype`, *optional*, defaults to `torch.float64`): dtype of each chunk's product (the
+            sum is always float64); `torch.float32` is several times faster on a CPU, with ~1e-7 relative error.
 
     Returns:
         `torch.Tensor`: ``G`` (d×d), float64, on the device of the weights.
@@ -83,8 +86,8 @@ def stacked_gram(weights: torch.Tensor | Sequence[torch.Tensor], chunk_size: int
     gram = torch.zeros(parts[0].shape[-1], parts[0].shape[-1], dtype=_F64, device=parts[0].device)
     for part in parts:
         for start in range(0, part.shape[0], chunk_size):
-            rows = part[start : start + chunk_size].to(_F64)
-            gram.addmm_(rows.T, rows)
+            rows = part[start : start + chunk_size].to(compute_dtype)
+            gram += (rows.T @ rows).to(_F64)
     _finite(weights=gram)
     return gram
 
