@@ -117,6 +117,11 @@ def adversarial_embeddings(
     if transform.shape != gram.shape:
         raise ValueError(f"transform must be {tuple(gram.shape)} like the Gram matrix, got {tuple(transform.shape)}")
     _finite(gram=gram, transform=transform, tokens=tokens)
+    return _attack(gram, transform, tokens, reg, biased)
+
+
+def _attack(gram, transform, tokens, reg, biased) -> torch.Tensor:
+    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`)."""
     gt = gram @ transform
     m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
     if biased:

@@ -42,3 +42,20 @@ def test_robust_prompt_sets():
     assert set(load_robust_prompts("ring-a-bell-vangogh")[0]) == {"sensitive prompt", "normal prompt"}
     with pytest.raises(ValueError, match="unknown robustness prompt set"):
         load_robust_prompts("i2p")
+
+
+def test_robust_erasure_example_parses_help(capsys):
+    import importlib.util
+
+    from tests.support import REPO
+
+    spec = importlib.util.spec_from_file_location("robust_erasure", REPO / "examples" / "robust_erasure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports nothing heavy, downloads nothing
+    with pytest.raises(SystemExit) as exit_:
+        module.parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--clip-model" in out and "--skip-objects" in out
+    args = module.parse_args(["--limit", "2"])
+    assert args.model == "CompVis/stable-diffusion-v1-4" and args.limit == 2
