@@ -780,6 +780,11 @@ def adversarial_embeddings(
     if transform.shape != gram.shape:
         raise ValueError(f"transform must be {tuple(gram.shape)} like the Gram matrix, got {tuple(transform.shape)}")
     _finite(gram=gram, transform=transform, tokens=tokens)
+    return _attack(gram, transform, tokens, reg, biased)
+
+
+def _attack(gram, transform, tokens, reg, biased) -> torch.Tensor:
+    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`)."""
     gt = gram @ transform
     m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
     if biased:
@@ -1558,18 +1563,22 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
     return blocks
 
 
-def recovery_sums(gram, transform, block: HardenBlock, adversarial, biased: bool) -> torch.Tensor:
-    """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``."""
+def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
+    """``Σ rowᵀ metric row`` (or ``Σ ‖row‖²``) over the rows of each concept of `block`."""
+    squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
+    out = torch.zeros(block.num_concepts, dtype=torch.float64, device=rows.device)
+    return out.index_add_(0, block.concept, squares)
+
+
+def recovery_sums(gram, transform, block: HardenBlock, adversarial, biased: bool, fixed=None) -> torch.Tensor:
+    """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
+
+    `fixed` is the second and fourth row when already computed (they do not depend on the round)."""
     k = gram.shape[0] - biased
-
-    def per_concept(rows, metric=None):
-        squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
-        out = torch.zeros(block.num_concepts, dtype=torch.float64, device=gram.device)
-        return out.index_add_(0, block.concept, squares)
-
-    return torch.stack([per_concept(adversarial @ transform.T - block.erase, gram),
-                        per_concept(block.erase - block.guide, gram),
-                        per_concept(adversarial[:, :k]), per_concept(block.erase[:, :k])])
+    if fixed is None:
+        fixed = (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]))
+    return torch.stack([_per_concept(block, adversarial @ transform.T - block.erase, gram), fixed[0],
+                        _per_concept(block, adversarial[:, :k]), fixed[1]])
 
 
 def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
@@ -1583,24 +1592,29 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
     """
     current = transform.to(gram.device, torch.float64)
     sums: list = [None] * len(blocks)
+    for b in blocks:  # checked once here; the rounds then call the unchecked math (same formulas)
+        _positive("reg", b.reg)
+        _edit_inputs(gram, b.erase, b.guide, b.preserve, biased, b.lamb, 1.0, b.preserve_weight)
+        if not bool(torch.isfinite(b.erase).all()):
+            raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
-        rows = []
-        for r in range(b.rounds):
-            step, adversarial = hardening_round(gram, current, b.erase, b.guide, b.preserve, reg=b.reg, lamb=b.lamb,
-                                                preserve_scale=b.preserve_weight, biased=biased)
-            rows.append(recovery_sums(gram, current, b, adversarial, biased))
-            current = current @ step
-            if not bool(torch.isfinite(current).all()):
-                raise ValueError(f"hardening round {r + 1} produced non-finite values; nothing was changed: use a "
+        rows, fixed = [], None
+        for r in range(b.rounds + 1):
+            adversarial = _attack(gram, current, b.erase, b.reg, biased)
+            if not bool(torch.isfinite(adversarial).all()):
+                raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
+            rows.append(recovery_sums(gram, current, b, adversarial, biased, fixed))
+            fixed = (rows[-1][1], rows[-1][3])
+            if r == b.rounds:
+                break
+            current = current @ _further_edit(adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight,
+                                              biased)
         if b.rounds:
-            rows.append(recovery_sums(gram, current, b, adversarial_embeddings(gram, current, b.erase, b.reg,
-                                                                               biased), biased))
             sums[i] = torch.stack(rows)
     for i, b in enumerate(blocks):
         if not b.rounds:
-            adversarial = adversarial_embeddings(gram, current, b.erase, b.reg, biased)
-            sums[i] = recovery_sums(gram, current, b, adversarial, biased)[None]
+            sums[i] = recovery_sums(gram, current, b, _attack(gram, current, b.erase, b.reg, biased), biased)[None]
     return current, sums
 
 
