@@ -193,15 +193,22 @@ def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
     return out.index_add_(0, block.concept, squares)
 
 
-def recovery_sums(gram, transform, block: HardenBlock, adversarial, biased: bool, fixed=None) -> torch.Tensor:
+def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
     """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
 
-    `fixed` is the second and fourth row when already computed (they do not depend on the round)."""
+    `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per token (from the attack), `fixed` what does not depend on the
+    round (`fixed_sums`)."""
+    k = adversarial.shape[1] - biased
+    squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
+    recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
+    return torch.stack([recovered, fixed[0], _per_concept(block, adversarial[:, :k]), fixed[1]])
+
+
+def fixed_sums(gram, block: HardenBlock, biased: bool):
+    """``Σ‖W c − W c*‖²`` and ``Σ‖c‖²`` per concept and ``‖W c‖²`` per token (the round-invariant parts)."""
     k = gram.shape[0] - biased
-    if fixed is None:
-        fixed = (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]))
-    return torch.stack([_per_concept(block, adversarial @ transform.T - block.erase, gram), fixed[0],
-                        _per_concept(block, adversarial[:, :k]), fixed[1]])
+    return (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]),
+            ((block.erase @ gram) * block.erase).sum(-1))
 
 
 def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
@@ -221,14 +228,13 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
         if not bool(torch.isfinite(b.erase).all()):
             raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
-        rows, fixed = [], None
+        rows, fixed = [], fixed_sums(gram, b, biased)
         for r in range(b.rounds + 1):
-            adversarial = _attack(gram, current, b.erase, b.reg, biased)
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
             if not bool(torch.isfinite(adversarial).all()):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
-            rows.append(recovery_sums(gram, current, b, adversarial, biased, fixed))
-            fixed = (rows[-1][1], rows[-1][3])
+            rows.append(recovery_sums(b, adversarial, moved, fixed, biased))
             if r == b.rounds:
                 break
             current = current @ _further_edit(adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight,
@@ -237,7 +243,8 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
             sums[i] = torch.stack(rows)
     for i, b in enumerate(blocks):
         if not b.rounds:
-            sums[i] = recovery_sums(gram, current, b, _attack(gram, current, b.erase, b.reg, biased), biased)[None]
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
     return current, sums
 
 

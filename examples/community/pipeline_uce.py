@@ -783,10 +783,15 @@ def adversarial_embeddings(
     return _attack(gram, transform, tokens, reg, biased)
 
 
-def _attack(gram, transform, tokens, reg, biased) -> torch.Tensor:
-    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`)."""
+def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
+    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`).
+
+    With `terms`, also returns ``‖W T c' − W c‖² − ‖W c‖²`` per token without any further d×d product: with
+    ``(ρI + M) x = r`` the attack's own system, it is ``−xᵀr − ρ‖x‖²`` (plus ``M_11 − 2 (TᵀGc)_1`` with a bias).
+    """
     gt = gram @ transform
     m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
+    full = rhs
     if biased:
         rhs = rhs[:k] - m[:k, k:]
     system = m[:k, :k] + reg * torch.eye(k, dtype=_F64, device=m.device)
@@ -795,7 +800,10 @@ def _attack(gram, transform, tokens, reg, biased) -> torch.Tensor:
         raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
                          "nothing was changed: check the weights and use a larger reg")
     out = torch.cholesky_solve(rhs, factor).T
-    return torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
+    if terms:
+        moved = -(out * rhs.T).sum(-1) - reg * (out * out).sum(-1) + ((m[k, k] - 2 * full[k]) if biased else 0.0)
+    out = torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
+    return (out, moved) if terms else out
 
 
 def adversarial_recovery(
@@ -1570,15 +1578,22 @@ def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
     return out.index_add_(0, block.concept, squares)
 
 
-def recovery_sums(gram, transform, block: HardenBlock, adversarial, biased: bool, fixed=None) -> torch.Tensor:
+def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
     """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
 
-    `fixed` is the second and fourth row when already computed (they do not depend on the round)."""
+    `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per token (from the attack), `fixed` what does not depend on the
+    round (`fixed_sums`)."""
+    k = adversarial.shape[1] - biased
+    squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
+    recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
+    return torch.stack([recovered, fixed[0], _per_concept(block, adversarial[:, :k]), fixed[1]])
+
+
+def fixed_sums(gram, block: HardenBlock, biased: bool):
+    """``Σ‖W c − W c*‖²`` and ``Σ‖c‖²`` per concept and ``‖W c‖²`` per token (the round-invariant parts)."""
     k = gram.shape[0] - biased
-    if fixed is None:
-        fixed = (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]))
-    return torch.stack([_per_concept(block, adversarial @ transform.T - block.erase, gram), fixed[0],
-                        _per_concept(block, adversarial[:, :k]), fixed[1]])
+    return (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]),
+            ((block.erase @ gram) * block.erase).sum(-1))
 
 
 def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
@@ -1598,14 +1613,13 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
         if not bool(torch.isfinite(b.erase).all()):
             raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
-        rows, fixed = [], None
+        rows, fixed = [], fixed_sums(gram, b, biased)
         for r in range(b.rounds + 1):
-            adversarial = _attack(gram, current, b.erase, b.reg, biased)
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
             if not bool(torch.isfinite(adversarial).all()):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
-            rows.append(recovery_sums(gram, current, b, adversarial, biased, fixed))
-            fixed = (rows[-1][1], rows[-1][3])
+            rows.append(recovery_sums(b, adversarial, moved, fixed, biased))
             if r == b.rounds:
                 break
             current = current @ _further_edit(adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight,
@@ -1614,7 +1628,8 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
             sums[i] = torch.stack(rows)
     for i, b in enumerate(blocks):
         if not b.rounds:
-            sums[i] = recovery_sums(gram, current, b, _attack(gram, current, b.erase, b.reg, biased), biased)[None]
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
     return current, sums
 
 

@@ -47,3 +47,27 @@ def test_needs_erased_concepts_and_valid_records():
                 {**good, "extra": 1}, "3 rounds"):
         with pytest.raises(ValueError):
             check_harden_record(bad, ["dog"])
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_replay_equals_robust_harden(biased):
+    """`replay_hardening` (checked once, recovery from the attack's own system) equals `robust.harden`."""
+    import torch
+
+    from diffusers_uce.core.hardening import HardenBlock, replay_hardening
+    from diffusers_uce.core.robust import harden, stacked_gram
+    from tests.core.test_robust import hom, setup
+
+    s = setup(biased=biased)
+    layers = [torch.cat([w, b[:, None]], 1) for w, b in zip(s["layers"], s["biases"])] if biased else s["layers"]
+    gram = stacked_gram(layers)
+    tokens = [hom(s[k]) if biased else s[k] for k in ("erase", "guide", "preserve")]
+    weight = torch.full((4,), 0.3, dtype=torch.float64)
+    block = HardenBlock(tokens[0], tokens[1], s["group"], 3, tokens[2], weight, 3, 0.1, 0.2)
+    hardened, (sums,) = replay_hardening(gram, s["transform"], [block], biased)
+    expected = harden(gram, s["transform"], s["erase"], s["guide"], s["preserve"], 3, reg=0.1, lamb=0.2,
+                      preserve_scale=weight, biased=biased, group_index=s["group"])
+    assert torch.allclose(hardened, expected.transform, rtol=1e-10, atol=1e-12)
+    moved, gap, top, bottom = sums.unbind(1)
+    assert torch.allclose(1 - (moved / gap).sqrt(), expected.recovery, atol=1e-8)
+    assert torch.allclose((top / bottom).sqrt(), expected.norm_ratio, atol=1e-10)
