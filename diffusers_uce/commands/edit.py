@@ -80,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--technique", choices=TECHNIQUES, default="replace",
         help="'replace': target = the guide's original keys/values; 'tensor': the guide's with their "
              "component along the erased concept's removed (per layer)")
+    add("--harden", type=int, default=0, metavar="K",
+        help="after the edit, run K hardening rounds (RECE) against adversarial embeddings of the erased concepts; "
+             "the report then shows each concept's adversarial recovery before and after every round (default: 0)")
+    add("--harden-reg", type=float, metavar="F",
+        help="with --harden: the attacker's regulariser rho (default: 0.1; 1e-3 with --expand-prompts)")
     add("--no-edit-keys", dest="edit_keys", action="store_false",
         help="SD/SDXL: edit only the cross-attention value projections (to_v), not the keys (to_k) (default: edit "
              "both). FLUX pipelines edit their text-embedding projections, which have no keys")
@@ -134,9 +139,14 @@ def _requests(args: argparse.Namespace) -> tuple[ConceptEdit | None, ConceptEdit
     options = dict(erase_scale=args.erase_scale, preserve_scale=args.preserve_scale, lamb=args.lamb,
                    token_mode=args.token_mode, technique=args.technique)
     erase = None
+    if args.harden_reg is not None and not args.harden:
+        raise ValueError("--harden-reg only applies with --harden K")
     if args.erase or moderate is not None:
         erase = concept_edit_request(args.erase, args.guide or None, args.preserve, moderate=moderate,
-                                     expand_prompts=args.expand_prompts, **options)
+                                     expand_prompts=args.expand_prompts, harden=args.harden,
+                                     harden_options=_harden_options(args), **options)
+    elif args.harden:
+        raise ValueError("--harden needs erased concepts (--erase or --moderate)")
     if not args.debias:
         return erase, None
     # Checked against the erase request and with every preserved concept, so that a concept both debiased and erased
@@ -147,6 +157,19 @@ def _requests(args: argparse.Namespace) -> tuple[ConceptEdit | None, ConceptEdit
 
     check_debias_settings(debias.debias, args.ratios, _tolerance(args), _max_iterations(args))
     return erase, debias
+
+
+def _harden_options(args: argparse.Namespace) -> dict | None:
+    return None if args.harden_reg is None else {"reg": args.harden_reg}
+
+
+def _resolved_harden(record: ConceptEdit) -> dict:
+    """The record's resolved hardening as `apply_concept_edits` arguments (its presets were resolved with the
+    request's moderation and prompt expansion, which the expanded concepts passed on no longer carry)."""
+    if not record.harden:
+        return {}
+    return {"harden": record.harden["rounds"], "harden_options": {k: v for k, v in record.harden.items()
+                                                                  if k != "rounds"}}
 
 
 def _tolerance(args: argparse.Namespace) -> float:
@@ -202,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             _as_given(erase.erase), list(erase.guide), _as_given(erase.preserve), erase_scale=erase.erase_scale,
             preserve_scale=erase.preserve_scale, lamb=erase.lamb, token_mode=erase.token_mode,
             technique=erase.technique, edit_keys=args.edit_keys, held_out=args.held_out,
+            **_resolved_harden(erase),
         )
     if debias is not None:
         output = pipe.debias_concepts(

@@ -7,6 +7,7 @@ from typing import Sequence
 
 from ..utils.checks import finite_number, non_negative_number
 from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg
+from .hardening import check_harden_record, resolve_harden
 
 TOKEN_MODES = ("last", "paper")
 TECHNIQUES = ("replace", "tensor")
@@ -50,6 +51,8 @@ class ConceptEdit:
         lamb (`float`): the regulariser ``λ`` towards the original weights.
         token_mode (`str`): `"last"` (one token per concept) or `"paper"` (the paper's token blocks).
         technique (`str`): `"replace"` (target = the guide's original output) or `"tensor"`.
+        harden (`dict`, *optional*): the hardening rounds run after the edit is solved: ``{"rounds", "reg", "lamb",
+            "preserve_scale", "preserve", "tokens"}`` (see `diffusers_uce.core.hardening.HardenOptions`).
     """
 
     erase: tuple[str, ...]
@@ -61,6 +64,7 @@ class ConceptEdit:
     token_mode: str = "last"
     technique: str = "replace"
     debias: tuple[DebiasTarget, ...] = ()
+    harden: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +82,7 @@ class ConceptEdit:
             **{k: data[k] for k in ("erase_scale", "preserve_scale", "lamb", "token_mode", "technique") if k in data},
             debias={t.get("concept"): t.get("attribute_sets") for t in debias} or None,
             debias_weights={t.get("concept"): t.get("weights") for t in debias} or None,
+            harden=data.get("harden"),
         )
         if _as_lists(record.to_dict()) != _as_lists({**record.to_dict(), **data}):
             raise ValueError(f"edit record does not round-trip (was it edited by hand?): {data!r}")
@@ -142,6 +147,7 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
+    harden=None,
 ) -> ConceptEdit:
     """Validate one request and resolve its defaults; raises before any weight is touched.
 
@@ -155,6 +161,7 @@ def build_concept_edit(
             set (`{"doctor": ["male", "female"]}`) or several (`{"doctor": [["male", "female"], ["young", "old"]]}`).
         debias_weights (`dict[str, list[float] | list[list[float]]]`, *optional*): attribute weights, shaped like
             `debias` (zeros by default).
+        harden (`dict`, *optional*): resolved hardening (`hardening.resolve_harden`), checked again here.
     """
     erase_list = _concept_list(erase, "erase")
     targets = _debias_targets(debias, debias_weights)
@@ -180,9 +187,12 @@ def build_concept_edit(
                 f"lamb={lamb} differs from the lamb={e.lamb} of the edits already applied; edits are solved jointly "
                 "with one lamb: pass the same value, or call unload_concept_edits() first"
             )
+    harden = check_harden_record(harden, erase_list)
+    _check_hardening_compatible(harden, technique, targets, earlier)
     return ConceptEdit(
         erase=erase_list, guide=guides, preserve=preserve_list, erase_scale=erase_scale,
         preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique, debias=targets,
+        harden=harden,
     )
 
 
@@ -224,6 +234,18 @@ def _check_contradictions(erase, guides, preserve, debiased, earlier: Sequence[C
     if overlap:
         raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
                          "a concept can be in one of the three only")
+
+
+def _check_hardening_compatible(harden, technique, targets, earlier) -> None:
+    """Hardening acts on the one transform every layer shares: refuse it next to per-layer edits."""
+    per_layer = technique == "tensor" or bool(targets)
+    earlier_per_layer = any(e.technique == "tensor" or e.debias for e in earlier)
+    if harden and (per_layer or earlier_per_layer):
+        raise ValueError("harden does not support the 'tensor' technique or debiasing (their transform differs per "
+                         "layer): use technique='replace', or edit without harden")
+    if per_layer and any(e.harden for e in earlier):
+        raise ValueError("a hardened edit is applied: the 'tensor' technique and debiasing cannot join it; call "
+                         "unload_concept_edits() first, or use technique='replace'")
 
 
 def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
@@ -270,7 +292,7 @@ def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
 def concept_edit_request(
     erase=None, guide=None, preserve=None, *, moderate=None, expand_prompts=None, erase_scale=1.0,
     preserve_scale=None, lamb=0.5, token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
-    debias=None, debias_weights=None,
+    debias=None, debias_weights=None, harden=False, harden_options=None,
 ) -> ConceptEdit:
     r"""Everything `apply_concept_edits`, `debias_concepts` and the command line accept, as one validated record.
 
@@ -283,15 +305,17 @@ def concept_edit_request(
             as `apply_concept_edits` takes them.
         earlier (`Sequence[ConceptEdit]`): edits already applied, checked for conflicts.
         debias, debias_weights: debiased concepts and their attribute weights, as `build_concept_edit` takes them.
+        harden, harden_options: hardening rounds and their options, as `apply_concept_edits` takes them.
 
     Returns:
         [`ConceptEdit`]: the record.
     """
     erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
+    harden = resolve_harden(harden, harden_options, erase=erase, moderate=moderate, expand_prompts=expand_prompts)
     if moderate is not None and preserve_scale is None:
         preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
     return build_concept_edit(
         erase, guide, resolve_concept_arg(preserve), erase_scale=erase_scale, preserve_scale=preserve_scale,
         lamb=lamb, token_mode=token_mode, technique=technique, earlier=earlier, debias=debias,
-        debias_weights=debias_weights,
+        debias_weights=debias_weights, harden=harden,
     )

@@ -309,21 +309,23 @@ def _generate(pipe, base_pipe, rows, image_dir, *, batch_size, overwrite, progre
     return counts
 
 
-def make_grid(pairs: list[list[str | Image.Image]], captions: list[str], cell: int = 256) -> Image.Image:
+def make_grid(pairs: list[list[str | Image.Image]], captions: list[str], cell: int = 256,
+              titles: tuple[str, ...] = ("base", "edited")) -> Image.Image:
     """A before/after grid: one row per pair of images (or paths), its caption on the left; columns base | edited.
 
     Args:
         pairs (`list[list[str | PIL.Image.Image]]`): `[base, edited]` per row.
         captions (`list[str]`): one per row, e.g. `"case 12"` (never the prompt).
         cell (`int`, defaults to 256): the largest cell side; images are shown at their size within 64 and `cell`.
+        titles (`tuple[str, ...]`, defaults to `("base", "edited")`): the column titles, one per image of a row.
     """
     pairs = [[Image.open(p) if isinstance(p, (str, os.PathLike)) else p for p in pair] for pair in pairs]
     size = max(64, min(cell, max(max(im.size) for pair in pairs for im in pair)))
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     margin, header = 12 + int(max(draw.textlength(c) for c in captions)), 18
-    grid = Image.new("RGB", (margin + 2 * size, header + len(pairs) * size), "white")
+    grid = Image.new("RGB", (margin + len(titles) * size, header + len(pairs) * size), "white")
     draw = ImageDraw.Draw(grid)
-    for column, title in enumerate(("base", "edited")):
+    for column, title in enumerate(titles):
         draw.text((margin + column * size + 4, 3), title, fill="black")
     for row, (pair, caption) in enumerate(zip(pairs, captions)):
         draw.text((4, header + row * size + size // 2 - 6), caption, fill="black")

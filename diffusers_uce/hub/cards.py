@@ -144,7 +144,17 @@ def _edit_row(index: int, data: Mapping) -> dict[str, str]:
         **{key: _number(data[key]) if data.get(key) is not None else "—"
            for key in ("erase_scale", "preserve_scale", "lamb")},
         **{key: _md(data[key]) if data.get(key) else "—" for key in ("token_mode", "technique")},
+        **_harden_cell(data.get("technique"), data.get("harden")),
     }
+
+
+def _harden_cell(technique, harden) -> dict:
+    """A hardened edit's technique cell also gives its rounds and ``ρ`` (e.g. "replace, hardened: 3 rounds, ρ 0.1")."""
+    if not harden:
+        return {}
+    rounds = harden.get("rounds")
+    return {"technique": f"{_md(technique or 'replace')}, hardened: {rounds} round{'s' * (rounds != 1)}, "
+                         f"ρ {_number(harden.get('reg'))} ({_md(harden.get('tokens'))} tokens)"}
 
 
 def _report_view(report: Any) -> dict | None:
@@ -161,6 +171,10 @@ def _report_view(report: Any) -> dict | None:
     rows += [{"role": role, "concept": _concept(r["concept"]), "guide": "", "metric": "interference",
               "value": fmt(r["interference"])} for role, part in (("preserved", preserved), ("held-out", held))
              for r in part]
+    rows += [{"role": "robustness", "concept": _concept(r["concept"]),
+              "guide": f"ρ {_number(r['reg'])}, {r['rounds']} rounds: " + " → ".join(f"{v:.2f}"
+                                                                                   for v in r["recovery"]),
+              "metric": "adversarial recovery", "value": fmt(r["recovery"][-1])} for r in report.robustness]
     hidden = len(rows) - MAX_REPORT_ROWS
     return {
         "mean_efficacy": fmt(summary["mean_efficacy"]),

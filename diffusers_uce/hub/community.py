@@ -31,9 +31,10 @@ logger = logging.get_logger(__name__)
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "utils.versions", "utils.checks", "utils.files", "utils.generation", "core.solve", "core.lowrank", "core.edits",
+    "utils.versions", "utils.checks", "utils.files", "utils.generation", "core.solve", "core.lowrank", "core.robust",
+    "core.hardening", "core.edits",
     "core.concepts", "core.prompts", "core.families", "core.targets", "core.engine", "core.report",
-    "loaders.processor", "loaders.edit_state", "loaders.edit_file", "loaders.lora", "loaders.debias",
+    "loaders.processor", "loaders.edit_state", "loaders.edit_file", "loaders.lora", "loaders.debias", "loaders.robust",
     "loaders.concept_edit",
 )
 PIPELINE_BASE = "StableDiffusionPipeline"

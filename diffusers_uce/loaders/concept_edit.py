@@ -14,6 +14,7 @@ from diffusers.utils import logging
 from ..core import engine
 from ..core.edits import ConceptEdit, check_held_out, concept_edit_request
 from ..core.families import STABLE_DIFFUSION, Family, TargetGroup
+from ..core.hardening import hardening_prompts, needs_full_states, robustness_rows
 from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.solve import grouped_grams, homogeneous
@@ -22,6 +23,7 @@ from ..utils.files import atomic_folder
 from .edit_file import UCEIOMixin
 from .edit_state import EditState, GroupEdit, UCEEditStateMixin, serialized
 from .lora import UCELoraMixin
+from .robust import UCERobustMixin
 
 logger = logging.get_logger(__name__)
 
@@ -42,7 +44,7 @@ class ConceptEditOutput:
         return str(self.report)
 
 
-class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
+class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
     """Unified Concept Editing (Gandikota et al., WACV 2024) for a text-to-image pipeline.
 
     Erases concepts toward guides while preserving others by rewriting, in closed form, the layers that read the text
@@ -61,7 +63,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         preserve: str | list[str] | None = None, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
         layers: LayerFilter = None, held_out: list[str] | None = None, moderate: str | list[str] | None = None,
-        expand_prompts: str | None = None,
+        expand_prompts: str | None = None, harden: bool | int = False, harden_options: dict | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
@@ -89,9 +91,20 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
                 categories), `"nudity"` (see `diffusers_uce.core.concepts.MODERATION_PRESETS`).
             expand_prompts (`str`, *optional*): `"art"` or `"object"`: add the paper's templates around every erased
                 concept and its guide ("painting by {}", ... / "image of {}", ...).
+            harden (`bool` or `int`, defaults to `False`): after the edit is solved, run this many hardening rounds
+                for its erased concepts (RECE, Gong et al., ECCV 2024): each round finds, in closed form, the text
+                embedding that best brings an erased concept back and edits it to the guide too. `True` uses the
+                authors' settings: 3 rounds at `reg=0.1` for moderation and "nudity", 1 round at `reg=1e-3` for
+                `expand_prompts` edits (artists, objects), 2 rounds at `reg=0.1` otherwise. Hardening trades
+                preservation for robustness; not available with the "tensor" technique or debiasing.
+            harden_options (`dict` or `HardenOptions`, *optional*): `reg` (the attacker's ``ρ``), `lamb` (0.1),
+                `preserve_scale` (0.1), `preserve` (`" "` once per erased concept) and `tokens` (`"all"`: every
+                position of the concept and guide prompts, as the authors; `"record"`: the edit's own tokens); see
+                `diffusers_uce.core.hardening.HardenOptions`.
 
         Returns:
-            [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it).
+            [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it; its `robustness`
+            rows give each erased concept's adversarial recovery before hardening and after each round).
 
         Example:
         ```py
@@ -104,7 +117,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         record = concept_edit_request(
             erase, guide, preserve, moderate=moderate, expand_prompts=expand_prompts, erase_scale=erase_scale,
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
-            earlier=self.concept_edits,
+            earlier=self.concept_edits, harden=harden, harden_options=harden_options,
         )
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
@@ -195,20 +208,25 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         device = self._execution_device
         named = {c for r in records for c in (*r.erase, *r.preserve)}
         held = [c for c in (DEFAULT_HOLDOUT_CONCEPTS if held_out is None else held_out) if c not in named]
-        prompts = engine.prompts_of(records) + held
-        solutions, parts = [], []
+        prompts = engine.prompts_of(records) + held + hardening_prompts(records)
+        last_only = all(r.token_mode == "last" for r in records) and not needs_full_states(records)
+        solutions, parts, robust = [], [], []
         for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
             weights, row_layer = group.stacked(device)
             plain = weights[:, :-1] if group.biased else weights
-            encoded = self._uce_encode(group.group, prompts, all(r.token_mode == "last" for r in records), device)
+            encoded = self._uce_encode(group.group, prompts, last_only, device)
             assembled = engine.assemble_terms(records, encoded)
             solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
             if not solution.is_finite():
                 raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
                                  "preserve_scale or raise lamb")
+            solution, sums = self._uce_harden(group, weights, solution, records, encoded)
+            robust.append(sums)
             solutions.append(solution)
             parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
         report = build_report(parts, sum(len(g.projections) for g in groups))
+        if all(sums is not None for sums in robust):
+            report.robustness = robustness_rows(records, robust)
         fused = None
         if state is not None and state.fused:
             fused = [g.fused_weights(state.scale, device, s) for g, s in zip(groups, solutions)]

@@ -13,6 +13,7 @@ from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.families import TargetGroup
 from ..core.report import EditReport
+from ..core.robust import stacked_gram
 from ..core.solve import edited_weights, scaled
 from ..core.targets import LayerFilter, Projection
 from ..utils.checks import finite_number
@@ -68,6 +69,7 @@ class GroupEdit:
         self.solution: engine.Solution | None = None
         self.original_weights: list[torch.Tensor] | None = None  # saved while fused
         self._device_terms: dict = {}
+        self._gram: torch.Tensor | None = None
 
     def set_solution(self, solution: engine.Solution) -> None:
         self.solution, self._device_terms = solution, {}
@@ -119,6 +121,14 @@ class GroupEdit:
             raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")
+
+    def gram(self, weights: torch.Tensor) -> torch.Tensor:
+        """``G = W_allᵀ W_all`` of the original weights `weights` (from `stacked`), float64, cached: the original
+        weights never change while the edit lives. Chunk products run in float32 unless the weights are float64."""
+        if self._gram is None or self._gram.device != weights.device:
+            compute = torch.float64 if weights.dtype == torch.float64 else torch.float32
+            self._gram = stacked_gram(weights, compute_dtype=compute)
+        return self._gram
 
     @torch.no_grad()
     def write(self, weights: list[torch.Tensor]) -> None:

@@ -174,3 +174,71 @@ def attribute_shift(pipe, probes):
         edited = denoiser(pipe).get_submodule(name).weight.detach().double()
         out.append((name, (edited - zero) @ c, [w @ a / (w @ a).norm() for a in attributes], (w @ c).norm()))
     return out
+
+
+def _harden_tokens(pipe, erase, guides, token_mode, tokens, preserve, encode):
+    """RECE's tokens (DESIGN.md §8.1) per concept: "all" pairs every position of the concept with the same position of
+    its guide (an empty guide encoded as " "); "record" uses the edit's own pairs. Preserved prompts contribute every
+    position ("all" or "paper") or their last token."""
+    if tokens == "all":
+        states = full_states(pipe, list(erase) + [g or " " for g in guides] + list(preserve), encode)
+        pairs = []
+        for e, g in zip(erase, guides):
+            se, sg = states[e][0], states[g or " "][0]
+            pairs.append([(se[i], sg[i]) for i in range(se.shape[0])])
+    else:
+        pairs, _ = select_tokens(pipe, erase, guides, [], token_mode, encode)
+        states = full_states(pipe, list(preserve), encode)
+    kept = []
+    for p in preserve:
+        sp, kp = states[p]
+        kept.extend([sp[kp]] if tokens != "all" and token_mode == "last" else [sp[i] for i in range(sp.shape[0])])
+    return pairs, kept
+
+
+def reference_hardening(pipe, originals, edited, erase, guides, token_mode, rounds, reg, lamb=0.1, preserve_scale=0.1,
+                        tokens="all", preserve=None):
+    """RECE rounds on top of `edited` (name → weight after the UCE edit), layer by layer, explicit inverses.
+
+    Each round, per target group: ``c' = (ρI + Σ_ℓ W'_ℓᵀ W'_ℓ)⁻¹ (Σ_ℓ W'_ℓᵀ W_ℓ) c`` for every erased token, then per
+    layer the UCE edit from the current weights that maps ``c'`` to ``c*`` and preserves ``p`` (targets include a
+    layer's bias). Returns the hardened weights and, per round (before the first and after each), the recovery
+    ``1 − ‖W'c' − Wc‖ / ‖Wc − Wc*‖`` of each concept, summed over layers and groups.
+    """
+    preserve = [" "] * len(erase) if preserve is None else list(preserve)
+    current = {n: w.double().clone() for n, w in edited.items()}
+    sums = torch.zeros(rounds + 1, 2, len(erase), dtype=torch.float64)
+    for names, encode in groups(pipe):
+        pairs, kept = _harden_tokens(pipe, erase, guides, token_mode, tokens, preserve, encode)
+        d = pairs[0][0][0].shape[0]
+        biases = {n: denoiser(pipe).get_submodule(n).bias for n in names}
+        for r in range(rounds + 1):
+            a = reg * torch.eye(d, dtype=torch.float64) + sum(current[n].T @ current[n] for n in names)
+            b = sum(current[n].T @ originals[n].double() for n in names)
+            attack = torch.linalg.inv(a) @ b
+            adversarial = [[attack @ c for c, _ in block] for block in pairs]
+            for i, block in enumerate(pairs):
+                for (c, g), x in zip(block, adversarial[i]):
+                    for n in names:
+                        w = originals[n].double()
+                        sums[r, 0, i] += (current[n] @ x - w @ c).square().sum()
+                        sums[r, 1, i] += (w @ c - w @ g).square().sum()
+            if r == rounds:
+                break
+            flat = [(x, g) for block, xs in zip(pairs, adversarial) for (_, g), x in zip(block, xs)]
+            inv = lamb * torch.eye(d, dtype=torch.float64)
+            for x, _ in flat:
+                inv = inv + torch.outer(x, x)
+            for p in kept:
+                inv = inv + preserve_scale * torch.outer(p, p)
+            inv = torch.linalg.inv(inv)
+            for n in names:
+                w = current[n]
+                bias = torch.zeros(w.shape[0], dtype=torch.float64) if biases[n] is None else biases[n].double()
+                num = lamb * w
+                for x, g in flat:
+                    num = num + torch.outer(w @ g + bias, x)
+                for p in kept:
+                    num = num + preserve_scale * torch.outer(w @ p + bias, p)
+                current[n] = num @ inv
+    return current, 1 - (sums[:, 0] / sums[:, 1]).sqrt()

@@ -1,0 +1,264 @@
+"""Hardening as part of an edit: its options, the tokens it reads, its replay on a solved edit, and the robustness
+numbers of the report.
+
+A hardened edit is solved as usual (jointly with every other edit, from the original weights), then the hardening
+rounds of each hardened edit run on top of the solution, in edit order (`robust.hardening_round`): ``T ← T S_1 ⋯ S_k``.
+Every erased concept gets its adversarial recovery ``1 − ‖W'c' − Wc‖ / ‖Wc − Wc*‖`` and norm ratio ``‖c'‖/‖c‖``,
+summed over the layers of every target group before the ratios are taken.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..utils.checks import is_finite_number, is_whole_number
+from .prompts import EncodedPrompts, pair_positions, preserve_positions
+from .robust import _attack, _edit_inputs, _further_edit, _positive
+from .solve import homogeneous
+
+HARDEN_TOKENS = ("all", "record")
+HARDEN_OPTIONS = ("reg", "lamb", "preserve_scale", "preserve", "tokens")
+REPORT_REG = 0.1  # the attacker's ρ of the robustness numbers of an edit that is not hardened
+
+
+@dataclass(frozen=True)
+class HardenOptions:
+    """Options of the hardening rounds (RECE, Gong et al., ECCV 2024); the defaults are the authors'.
+
+    Args:
+        reg (`float`, *optional*): the attacker's regulariser ``ρ`` (> 0): smaller lets the attacker go further from
+            the concept's embedding, so the rounds harden against stronger attacks (and change the model more). By
+            default 0.1, and 1e-3 for `expand_prompts="art"` / `"object"` edits.
+        lamb (`float`, defaults to 0.1): the regulariser ``λ`` of each round's edit (> 0).
+        preserve_scale (`float`, defaults to 0.1): weight of the preserved prompts in each round (> 0).
+        preserve (`list[str]`, *optional*): prompts each round preserves; by default `" "` once per erased concept.
+        tokens (`str`, defaults to `"all"`): `"all"`: every position of the erased prompt, paired with every position
+            of the guide's (an empty guide encoded as `" "`), preserved prompts at every position; `"record"`: the same
+            tokens as the edit itself (its `token_mode`).
+    """
+
+    reg: float | None = None
+    lamb: float = 0.1
+    preserve_scale: float = 0.1
+    preserve: tuple[str, ...] | None = None
+    tokens: str = "all"
+
+
+def harden_preset(erase, moderate=None, expand_prompts=None) -> tuple[int, float]:
+    """Rounds and ``ρ`` of `harden=True` (the authors' settings): moderation and "nudity" 3 rounds at 0.1, artists and
+    objects (`expand_prompts`) 1 round at 1e-3, other concepts 2 rounds at 0.1 (as the authors' I2P concepts)."""
+    if moderate is not None or [e.lower() for e in erase] == ["nudity"]:
+        return 3, 0.1
+    if expand_prompts is not None:
+        return 1, 1e-3
+    return 2, 0.1
+
+
+def _positive_option(options: dict, name: str) -> float:
+    value = options[name]
+    if not is_finite_number(value) or value <= 0:
+        raise ValueError(f"harden_options[{name!r}] must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def resolve_harden(harden, options=None, *, erase, moderate=None, expand_prompts=None) -> dict | None:
+    """Validate `harden` / `harden_options` of one edit into the dict its record stores (`None`: not hardened).
+
+    Args:
+        harden (`bool` or `int`): `True` for the preset of the edit (`harden_preset`), or a number of rounds (>= 0).
+        options (`dict` or `HardenOptions`, *optional*): see `HardenOptions`.
+        erase (`Sequence[str]`): the erased prompts of the edit (hardening needs at least one).
+
+    Returns:
+        `dict` or `None`: ``{"rounds", "reg", "lamb", "preserve_scale", "preserve", "tokens"}``, all resolved.
+    """
+    if harden is None:
+        harden = False
+    if not (isinstance(harden, bool) or is_whole_number(harden)):
+        raise ValueError(f"harden must be True/False or a number of rounds >= 0, got {harden!r}")
+    if isinstance(options, HardenOptions):
+        options = {k: v for k, v in options.__dict__.items() if v is not None}
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"harden_options must be a dict or a HardenOptions, got {type(options).__name__}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(HARDEN_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown harden_options {unknown}; use {', '.join(HARDEN_OPTIONS)}")
+    if harden is False or harden == 0:
+        if options:
+            raise ValueError("harden_options given without harden: pass harden=True or a number of rounds")
+        return None
+    if not erase:
+        raise ValueError("harden needs erased concepts: hardening protects erased concepts, and this edit erases none")
+    rounds, reg = harden_preset(erase, moderate, expand_prompts)
+    rounds = rounds if harden is True else int(harden)
+    options = {"reg": reg, "lamb": 0.1, "preserve_scale": 0.1, "tokens": "all", **options}
+    resolved = {"rounds": rounds, **{k: _positive_option(options, k) for k in ("reg", "lamb", "preserve_scale")}}
+    preserve = options.get("preserve")
+    if preserve is None:
+        preserve = [" "] * len(erase)
+    elif isinstance(preserve, str):
+        preserve = [preserve]
+    if not isinstance(preserve, (list, tuple)) or not all(isinstance(p, str) for p in preserve):
+        raise ValueError(f"harden_options['preserve'] must be a string or a list of strings, got {preserve!r}")
+    if options["tokens"] not in HARDEN_TOKENS:
+        raise ValueError(f"harden_options['tokens'] must be one of {HARDEN_TOKENS}, got {options['tokens']!r}")
+    return {**resolved, "preserve": tuple(preserve), "tokens": options["tokens"]}
+
+
+def check_harden_record(data, erase) -> dict | None:
+    """Validate the stored hardening of an edit record (`ConceptEdit.harden`), as `resolve_harden` made it."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or set(data) != {"rounds", *HARDEN_OPTIONS}:
+        raise ValueError(f"invalid hardening in edit record: {data!r}")
+    if not is_whole_number(data["rounds"], 1):
+        raise ValueError(f"harden rounds must be an integer >= 1, got {data['rounds']!r}")
+    return resolve_harden(data["rounds"], {k: data[k] for k in HARDEN_OPTIONS}, erase=erase)
+
+
+def hardening_prompts(records) -> list[str]:
+    """The prompts the hardening (and robustness numbers) of `records` read, beyond the edits' own."""
+    out = []
+    for record in records:
+        if record.harden and record.harden["tokens"] == "all":
+            out += [g or " " for g in record.guide]
+        if record.harden:
+            out += list(record.harden["preserve"])
+    return out
+
+
+def needs_full_states(records) -> bool:
+    """Whether some hardening reads every position of its prompts (no causal cut of the encoding)."""
+    return any(r.harden and r.harden["tokens"] == "all" for r in records)
+
+
+@dataclass
+class HardenBlock:
+    """The tokens and options of one edit's hardening (or of its robustness measurement, with ``rounds = 0``)."""
+
+    erase: torch.Tensor
+    guide: torch.Tensor
+    concept: torch.Tensor
+    num_concepts: int
+    preserve: torch.Tensor
+    preserve_weight: torch.Tensor
+    rounds: int
+    reg: float
+    lamb: float
+
+
+def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[HardenBlock]:
+    """One block per record that erases something, in record order; homogeneous tokens for a biased group."""
+    states, last, length = encoded.states, encoded.last, encoded.max_length
+    blocks = []
+    for record in records:
+        if not record.erase:
+            continue
+        options = record.harden or {"rounds": 0, "reg": REPORT_REG, "lamb": 0.1, "preserve_scale": 0.1,
+                                    "preserve": (), "tokens": "record"}
+        rows_e = encoded.rows(record.erase)
+        if options["tokens"] == "all":
+            rows_g = encoded.rows([g or " " for g in record.guide])
+            positions = torch.arange(length, device=states.device)
+            pair = torch.arange(len(rows_e), device=states.device).repeat_interleave(length)
+            pos_e = pos_g = positions.repeat(len(rows_e))
+        else:
+            rows_g = encoded.rows([record.guide_prompt(g) for g in record.guide])
+            pair, pos_e, pos_g = pair_positions(last[rows_e], last[rows_g], record.token_mode, length)
+        preserve, weight = [], []
+        for prompt, count in Counter(options["preserve"]).items():
+            row = encoded.rows([prompt])
+            _, pos = preserve_positions(last[row], "paper" if options["tokens"] == "all" else record.token_mode,
+                                        length)
+            preserve.append(states[row[0], pos])
+            weight.append(torch.full((len(pos),), options["preserve_scale"] * count, dtype=torch.float64,
+                                     device=states.device))
+        empty = states.new_zeros((0, states.shape[-1]))
+        tokens = [states[rows_e[pair], pos_e], states[rows_g[pair], pos_g], torch.cat(preserve) if preserve else empty]
+        tokens = [homogeneous(t.double()) if biased else t.double() for t in tokens]
+        blocks.append(HardenBlock(tokens[0], tokens[1], pair, len(record.erase), tokens[2],
+                                  torch.cat(weight) if weight else tokens[2][:, 0], options["rounds"],
+                                  options["reg"], options["lamb"]))
+    return blocks
+
+
+def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
+    """``Σ rowᵀ metric row`` (or ``Σ ‖row‖²``) over the rows of each concept of `block`."""
+    squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
+    out = torch.zeros(block.num_concepts, dtype=torch.float64, device=rows.device)
+    return out.index_add_(0, block.concept, squares)
+
+
+def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
+    """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
+
+    `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per token (from the attack), `fixed` what does not depend on the
+    round (`fixed_sums`)."""
+    k = adversarial.shape[1] - biased
+    squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
+    recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
+    return torch.stack([recovered, fixed[0], _per_concept(block, adversarial[:, :k]), fixed[1]])
+
+
+def fixed_sums(gram, block: HardenBlock, biased: bool):
+    """``Σ‖W c − W c*‖²`` and ``Σ‖c‖²`` per concept and ``‖W c‖²`` per token (the round-invariant parts)."""
+    k = gram.shape[0] - biased
+    return (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]),
+            ((block.erase @ gram) * block.erase).sum(-1))
+
+
+def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
+    """Run the hardening rounds of every block in order on `transform`, measuring recovery before and after each.
+
+    Blocks without rounds are measured (at their ``ρ``) against the final transform.
+
+    Returns:
+        `tuple[torch.Tensor, list[torch.Tensor]]`: the hardened transform (float64) and, per block, the sums of
+        `recovery_sums` before hardening and after each round, shape ``(rounds + 1, 4, n)``.
+    """
+    current = transform.to(gram.device, torch.float64)
+    sums: list = [None] * len(blocks)
+    for b in blocks:  # checked once here; the rounds then call the unchecked math (same formulas)
+        _positive("reg", b.reg)
+        _edit_inputs(gram, b.erase, b.guide, b.preserve, biased, b.lamb, 1.0, b.preserve_weight)
+        if not bool(torch.isfinite(b.erase).all()):
+            raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
+    for i, b in enumerate(blocks):
+        rows, fixed = [], fixed_sums(gram, b, biased)
+        for r in range(b.rounds + 1):
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            if not bool(torch.isfinite(adversarial).all()):
+                raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
+                                 "larger reg or lamb, or fewer rounds")
+            rows.append(recovery_sums(b, adversarial, moved, fixed, biased))
+            if r == b.rounds:
+                break
+            current = current @ _further_edit(adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight,
+                                              biased)
+        if b.rounds:
+            sums[i] = torch.stack(rows)
+    for i, b in enumerate(blocks):
+        if not b.rounds:
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
+    return current, sums
+
+
+def robustness_rows(records, group_sums: list[list[torch.Tensor]]) -> list[dict]:
+    """The report's robustness rows from the sums of every target group (added up before the ratios are taken)."""
+    total = [sum(parts) for parts in zip(*group_sums)]
+    out, erasing = [], [r for r in records if r.erase]
+    for record, sums in zip(erasing, total):
+        moved, gap, top, bottom = sums.unbind(1)
+        recovery = torch.where(gap > 0, 1 - (moved / gap.clamp_min(1e-300)).sqrt(), 0.0)
+        ratio = torch.where(bottom > 0, (top / bottom.clamp_min(1e-300)).sqrt(), 0.0)
+        harden = record.harden or {}
+        for j, (concept, guide) in enumerate(zip(record.erase, record.guide)):
+            out.append({"concept": concept, "guide": guide, "reg": harden.get("reg", REPORT_REG),
+                        "rounds": harden.get("rounds", 0), "tokens": harden.get("tokens", "record"),
+                        "recovery": recovery[:, j].tolist(), "norm_ratio": ratio[:, j].tolist()})
+    return out
