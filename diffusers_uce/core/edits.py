@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from ..utils.checks import finite_number, non_negative_number
 from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg
+from .speed_options import check_speed_record, resolve_method_options
 
 TOKEN_MODES = ("last", "paper")
 TECHNIQUES = ("replace", "tensor")
@@ -50,6 +51,8 @@ class ConceptEdit:
         lamb (`float`): the regulariser ``λ`` towards the original weights.
         token_mode (`str`): `"last"` (one token per concept) or `"paper"` (the paper's token blocks).
         technique (`str`): `"replace"` (target = the guide's original output) or `"tensor"`.
+        method (`str`): `"uce"` or `"speed"` (precise erasure; `preserve` is then its retain set).
+        method_options (`dict`): the options of `method`, defaults filled in (empty for `"uce"`).
     """
 
     erase: tuple[str, ...]
@@ -61,6 +64,8 @@ class ConceptEdit:
     token_mode: str = "last"
     technique: str = "replace"
     debias: tuple[DebiasTarget, ...] = ()
+    method: str = "uce"
+    method_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +80,8 @@ class ConceptEdit:
             raise ValueError(f"invalid debias targets in edit record: {debias!r}")
         record = build_concept_edit(
             data["erase"], data.get("guide", None), data.get("preserve"), earlier=earlier,
-            **{k: data[k] for k in ("erase_scale", "preserve_scale", "lamb", "token_mode", "technique") if k in data},
+            **{k: data[k] for k in ("erase_scale", "preserve_scale", "lamb", "token_mode", "technique", "method",
+                                    "method_options") if k in data},
             debias={t.get("concept"): t.get("attribute_sets") for t in debias} or None,
             debias_weights={t.get("concept"): t.get("weights") for t in debias} or None,
         )
@@ -142,6 +148,7 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
+    method="uce", method_options=None,
 ) -> ConceptEdit:
     """Validate one request and resolve its defaults; raises before any weight is touched.
 
@@ -155,7 +162,10 @@ def build_concept_edit(
             set (`{"doctor": ["male", "female"]}`) or several (`{"doctor": [["male", "female"], ["young", "old"]]}`).
         debias_weights (`dict[str, list[float] | list[list[float]]]`, *optional*): attribute weights, shaped like
             `debias` (zeros by default).
+        method (`str`, defaults to `"uce"`): `"uce"` or `"speed"`; every edit of a pipeline uses the same method.
+        method_options (`dict`, *optional*): options of `method` (see `speed_options.SPEED_DEFAULTS`).
     """
+    method_options = resolve_method_options(method, method_options)
     erase_list = _concept_list(erase, "erase")
     targets = _debias_targets(debias, debias_weights)
     if not erase_list and not targets:
@@ -174,6 +184,12 @@ def build_concept_edit(
         raise ValueError(f"{', '.join(map(repr, overlap))} is debiased and also erased or preserved: "
                          "a concept can be in one of the three only")
     erased_all = set(erase_list).union(*(e.erase for e in earlier))
+    if method == "speed" or any(e.method != method for e in earlier):
+        check_speed_record(method, method_options, earlier, erased_all, preserve_list, targets,
+                           erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode,
+                           technique=technique)
+        return ConceptEdit(erase=erase_list, guide=guides, preserve=preserve_list, preserve_scale=1.0,
+                           method=method, method_options=method_options)
     preserved_all = set(preserve_list).union(*(e.preserve for e in earlier))
     clash = sorted(erased_all & preserved_all)
     if clash:
@@ -242,7 +258,7 @@ def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
 def concept_edit_request(
     erase=None, guide=None, preserve=None, *, moderate=None, expand_prompts=None, erase_scale=1.0,
     preserve_scale=None, lamb=0.5, token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
-    debias=None, debias_weights=None,
+    debias=None, debias_weights=None, method="uce", method_options=None,
 ) -> ConceptEdit:
     r"""Everything `apply_concept_edits`, `debias_concepts` and the command line accept, as one validated record.
 
@@ -255,6 +271,7 @@ def concept_edit_request(
             as `apply_concept_edits` takes them.
         earlier (`Sequence[ConceptEdit]`): edits already applied, checked for conflicts.
         debias, debias_weights: debiased concepts and their attribute weights, as `build_concept_edit` takes them.
+        method, method_options: the edit method and its options, as `build_concept_edit` takes them.
 
     Returns:
         [`ConceptEdit`]: the record.
@@ -265,5 +282,5 @@ def concept_edit_request(
     return build_concept_edit(
         erase, guide, resolve_concept_arg(preserve), erase_scale=erase_scale, preserve_scale=preserve_scale,
         lamb=lamb, token_mode=token_mode, technique=technique, earlier=earlier, debias=debias,
-        debias_weights=debias_weights,
+        debias_weights=debias_weights, method=method, method_options=method_options,
     )

@@ -13,9 +13,12 @@ from diffusers.utils import logging
 from ..core import engine
 from ..core.edits import ConceptEdit, concept_edit_request
 from ..core.families import STABLE_DIFFUSION, Family, TargetGroup
+from ..core.layerwise import StackedWeights
+from ..core.precise import smallest_right_singular_vectors
 from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.solve import grouped_grams, homogeneous
+from ..core.speed_solve import assemble_speed, solve_speed, speed_prompts
 from ..core.targets import LayerFilter, find_linear_layers, find_projections
 from .edit_file import UCEIOMixin
 from .edit_state import EditState, GroupEdit, UCEEditStateMixin
@@ -58,7 +61,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         preserve: str | list[str] | None = None, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
         layers: LayerFilter = None, held_out: list[str] | None = None, moderate: str | list[str] | None = None,
-        expand_prompts: str | None = None,
+        expand_prompts: str | None = None, method: str = "uce", method_options: dict | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
@@ -86,6 +89,17 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
                 categories), `"nudity"` (see `diffusers_uce.core.concepts.MODERATION_PRESETS`).
             expand_prompts (`str`, *optional*): `"art"` or `"object"`: add the paper's templates around every erased
                 concept and its guide ("painting by {}", ... / "image of {}", ...).
+            method (`str`, defaults to `"uce"`): `"uce"`, or `"speed"` for precise erasure (SPEED, Li et al., ICLR
+                2026): the change is confined to the directions the retain set (`preserve`, e.g.
+                `diffusers_uce.retain_set("artists")`; `""` when empty) does not use, and invariant tokens are kept
+                exactly. Retain prompts naming an erased concept as a whole word are left out. Every edit of a
+                pipeline uses one method; `erase_scale`, `preserve_scale`, `lamb`, `token_mode` and `technique` apply
+                to `"uce"` only.
+            method_options (`dict`, *optional*): options of `"speed"`, the same for every edit: `threshold` (0.1),
+                `retain_scale` (1.0; 0.05 suits 10–100 celebrities), `invariant_lamb` (0.0: invariants exact),
+                `augment` (10 copies per retain token; 0 turns prior refinement off), `filter` (`True`), `seed` (0),
+                `invariants` (`"auto"`, a list of prompts or a `(k, d)` tensor). See
+                `diffusers_uce.core.speed_options.SPEED_DEFAULTS`.
 
         Returns:
             [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it).
@@ -101,7 +115,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         record = concept_edit_request(
             erase, guide, preserve, moderate=moderate, expand_prompts=expand_prompts, erase_scale=erase_scale,
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
-            earlier=self.concept_edits,
+            earlier=self.concept_edits, method=method, method_options=method_options,
         )
         self._uce_check_options(edit_keys, layers)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
@@ -174,14 +188,19 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         device = self._execution_device
         named = {c for r in records for c in (*r.erase, *r.preserve)}
         held = [c for c in (DEFAULT_HOLDOUT_CONCEPTS if held_out is None else held_out) if c not in named]
-        prompts = engine.prompts_of(records) + held
+        precise = records[-1].method == "speed"
+        prompts = (speed_prompts(records) if precise else engine.prompts_of(records)) + held
         solutions, parts = [], []
         for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
             weights, row_layer = group.stacked(device)
             plain = weights[:, :-1] if group.biased else weights
-            encoded = self._uce_encode(group.group, prompts, all(r.token_mode == "last" for r in records), device)
-            assembled = engine.assemble_terms(records, encoded)
-            solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
+            last_only = not precise and all(r.token_mode == "last" for r in records)
+            encoded = self._uce_encode(group.group, prompts, last_only, device)
+            if precise:
+                assembled, solution = self._uce_solve_precise(group, records, encoded, plain, row_layer)
+            else:
+                assembled = engine.assemble_terms(records, encoded)
+                solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
             if not solution.is_finite():
                 raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
                                  "preserve_scale or raise lamb")
@@ -196,6 +215,17 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         self._uce_set_edit(groups, records, solutions, fused).report = report
         logger.info(f"Applied {len(records)} concept edit(s) to {report.layers} layers")
         return ConceptEditOutput(edits=tuple(records), report=report)
+
+    @staticmethod
+    def _uce_solve_precise(group: GroupEdit, records, encoded, plain, row_layer):
+        """Precise erasure of one group (`method="speed"`); the weights' weakest directions are cached per group."""
+        assembled = assemble_speed(records, encoded)
+        options = records[-1].method_options
+        if options["augment"] > 0 and group.singular is None:
+            group.singular = smallest_right_singular_vectors(plain, row_layer, len(group.projections))
+        solution, _ = solve_speed(assembled, options, plain, row_layer, len(group.projections), group.biased,
+                                  group.singular if options["augment"] > 0 else None)
+        return assembled, solution
 
     def _uce_groups(self, state: EditState) -> list[GroupEdit]:
         """The family's target groups with the layers `state.edit_keys`/`state.layers` select (checked)."""
@@ -233,7 +263,11 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
     def _uce_report_part(group: GroupEdit, weights, solution, assembled, encoded, held, records):
         """What `build_report` needs from one group: its Gram matrices (or weights) and its tokens."""
         num_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
-        if solution.correction is not None:
+        if solution.layerwise is not None:  # precise erasure: one change per layer, measured on the stacked weights
+            grams = StackedWeights(weights, torch.repeat_interleave(
+                torch.arange(len(group.projections), device=weights.device),
+                torch.tensor([p.module.weight.shape[0] for p in group.projections], device=weights.device)))
+        elif solution.correction is not None:
             grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
         elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
             grams = weights

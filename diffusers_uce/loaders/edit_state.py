@@ -36,16 +36,29 @@ class GroupEdit:
         self.solution: engine.Solution | None = None
         self.original_weights: list[torch.Tensor] | None = None  # saved while fused
         self._device_terms: dict = {}
+        self.singular: torch.Tensor | None = None  # precise erasure: the weights' weakest input directions (cached)
 
     def set_solution(self, solution: engine.Solution) -> None:
         self.solution, self._device_terms = solution, {}
 
     def device_terms(self, device):
-        """``Δ = T − I`` and the correction in float32 on `device` (cached), for the processors and hooks."""
+        """``Δ = T − I`` and the correction in float32 on `device` (cached), for the processors and hooks; ``Δ`` is
+        `None` for a precise-erasure solution (its change is `device_layerwise`)."""
+        return self._device_cache(device)[:2]
+
+    def device_layerwise(self, device):
+        """The precise-erasure change ``Uᵀ D_ℓ`` in float32 on `device` (cached), or `None`."""
+        return self._device_cache(device)[2]
+
+    def _device_cache(self, device):
         if device not in self._device_terms:
-            s = self.solution.to(device=device, dtype=torch.float32)
-            eye = torch.eye(s.transform.shape[0], device=device)
-            self._device_terms[device] = (s.transform - eye, s.correction)
+            layerwise = self.solution.layerwise
+            if layerwise is not None:
+                self._device_terms[device] = (None, None, layerwise.to(device, torch.float32))
+            else:
+                s = self.solution.to(device=device, dtype=torch.float32)
+                eye = torch.eye(s.transform.shape[0], device=device)
+                self._device_terms[device] = (s.transform - eye, s.correction, None)
         return self._device_terms[device]
 
     def originals(self) -> list[torch.Tensor]:
@@ -64,8 +77,12 @@ class GroupEdit:
         originals = self.originals()
         weights, row_layer = self.stacked(device)
         s = (solution or self.solution).to(device=weights.device, dtype=weights.dtype)
-        transform, correction = scaled(s.transform if s.low_rank is None else s.low_rank, s.correction, scale)
-        new = edited_weights(weights, transform, correction, row_layer)[:, : originals[0].shape[1]]
+        if s.layerwise is not None:  # precise erasure: T_ℓ = I + s·Uᵀ D_ℓ
+            new = edited_weights(weights, None, None, row_layer, layerwise=s.layerwise.times(scale))
+        else:
+            transform, correction = scaled(s.transform if s.low_rank is None else s.low_rank, s.correction, scale)
+            new = edited_weights(weights, transform, correction, row_layer)
+        new = new[:, : originals[0].shape[1]]
         if not all(bool(torch.isfinite(x)) for x in new.aminmax()):  # one reduction (NaN, inf propagate), no copy
             raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
                              "erase/preserve scales or the edit scale, or raise lamb")
