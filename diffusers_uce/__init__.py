@@ -6,6 +6,7 @@ key/value projections; many concepts at once, in seconds, without training.
 
 from .core.edits import ConceptEdit, DebiasTarget
 from .core.report import EditReport
+from .core.speed_options import retain_set
 from .hub.hub_mixin import UCEHubMixin
 from .loaders.concept_edit import ConceptEditOutput, UCEMixin
 from .loaders.processor import UCEAttnProcessor
@@ -15,4 +16,5 @@ from .utils.versions import __version__
 __all__ = [
     "ConceptEdit", "ConceptEditOutput", "DebiasTarget", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",
     "UCEFluxPipeline", "UCEStableDiffusionPipeline", "UCEStableDiffusionXLPipeline", "attach", "__version__",
+    "retain_set",
 ]

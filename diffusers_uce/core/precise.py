@@ -6,7 +6,9 @@ Tokens are rows: ``T``, ``A`` (m×d) the erased tokens and their position-aligne
     ΔW_ℓ = W_ℓ (A − T)ᵀ/n · D_ℓ,   D_ℓ = T P_ℓ (I − M_ℓ Kᵀ (K P_ℓ M_ℓ Kᵀ + μI)⁻¹ K P_ℓ) M_ℓ,   M_ℓ = (S_tt P_ℓ + αI)⁻¹,
 
 where ``P_ℓ`` projects onto the eigenvectors of the retain covariance with eigenvalue below ``τ`` (the directions the
-retain set does not use); ``μ = 0`` keeps the invariant tokens exactly (``W'K = WK``). It is an exact rank-m LoRA.
+retain set does not use); ``μ = 0`` keeps the invariant tokens exactly (``W'K = WK``). ``D_ℓ`` depends on ``K`` only
+through the span of ``P_ℓ Kᵀ`` (a token in the retained directions is kept anyway), so with ``μ = 0`` an orthonormal
+basis of that span replaces ``K``: invariants inside the retained directions or repeating each other are fine. It is an exact rank-m LoRA.
 Prior refinement (a filter of the retain tokens and copies ``r + s v_ℓ`` along the layer's weakest input direction)
 makes ``P_ℓ`` per layer. No d×d matrix is formed per layer: the retain covariance has rank ≤ kept tokens + 1, so
 ``P_ℓ = I − B_ℓB_ℓᵀ`` with a thin ``B_ℓ``, and ``M_ℓ`` is the identity plus rank m (Woodbury): every solve is m×m.
@@ -255,17 +257,19 @@ def _down(erase, num_concepts, basis, invariants, alpha, mu):
     if invariants.shape[0] == 0:
         return tpm
     kp = invariants - (invariants @ basis) @ basis.mT  # K P
+    shift = mu * torch.eye(invariants.shape[0], dtype=_F64, device=erase.device)
+    if mu == 0:  # D depends on K only through span(P K): keep it exactly via an orthonormal basis of that span
+        _, values, kp = torch.linalg.svd(kp, full_matrices=False)
+        unused = values <= 1e-9 * float(invariants.norm(dim=1).max())  # inside the retained directions: kept anyway
+        kp, invariants = kp * ~unused[..., None], kp * ~unused[..., None]
+        shift = torch.diag_embed(unused.to(_F64))  # a zero row of K solves to zero
     kpm = (kp - (kp @ erase.T / num_concepts) @ tpm) / alpha  # K P M
-    lhs = kpm @ invariants.T + mu * torch.eye(invariants.shape[0], dtype=_F64, device=erase.device)
+    lhs = kpm @ invariants.mT + shift
     solved, info = torch.linalg.solve_ex(lhs, kpm)
-    scale = float(invariants.norm(dim=1).max()) ** 2 / alpha + mu  # the size K P M Kᵀ + μI has when P K ≈ K
-    if bool((info != 0).any()) or bool((torch.linalg.svdvals(lhs)[:, -1] <= 1e-12 * scale).any()) or not bool(
-        torch.isfinite(solved).all()
-    ):
-        raise ValueError("the invariant tokens cannot be kept exactly: they lie (almost) in the directions the retain "
-                         "set uses, or repeat each other; use invariant_lamb > 0, a larger threshold, or fewer "
-                         "invariant tokens")
-    return tpm - (tpm @ invariants.T) @ solved
+    if bool((info != 0).any()) or not bool(torch.isfinite(solved).all()):
+        raise ValueError("the invariant tokens cannot be kept: the system is singular; use invariant_lamb > 0 or "
+                         "fewer invariant tokens")
+    return tpm - (tpm @ invariants.mT) @ solved
 
 
 def speed_update(

@@ -80,9 +80,12 @@ def _invariant_tokens(invariants, encoded: EncodedPrompts) -> torch.Tensor:
     if invariants == "auto":
         states = encoded.states[encoded.index[""]]
         return default_invariants(states, num_centres=min(3, states.shape[0] - 1))
-    if isinstance(invariants[0], str):
+    if isinstance(invariants[0], str):  # every real token of each prompt, once (CLIP's start token is shared)
         rows = encoded.rows(invariants)
-        return torch.cat([encoded.states[r, : int(k) + 1] for r, k in zip(rows, encoded.last[rows])]).double()
+        tokens = torch.cat([encoded.states[r, : int(k) + 1] for r, k in zip(rows, encoded.last[rows])]).double()
+        distance = torch.cdist(tokens, tokens)
+        repeat = (distance <= 1e-6 * tokens.norm(dim=1).clamp_min(1e-12)[None]).tril(-1).any(1)
+        return tokens[~repeat]
     tokens = torch.tensor(invariants, dtype=torch.float64, device=encoded.states.device)
     if tokens.shape[1] != d:
         raise ValueError(f"method_options['invariants'] has tokens of width {tokens.shape[1]}, but the edited layers "
