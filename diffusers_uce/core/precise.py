@@ -8,7 +8,8 @@ Tokens are rows: ``T``, ``A`` (m×d) the erased tokens and their position-aligne
 where ``P_ℓ`` projects onto the eigenvectors of the retain covariance with eigenvalue below ``τ`` (the directions the
 retain set does not use); ``μ = 0`` keeps the invariant tokens exactly (``W'K = WK``). ``D_ℓ`` depends on ``K`` only
 through the span of ``P_ℓ Kᵀ`` (a token in the retained directions is kept anyway), so with ``μ = 0`` an orthonormal
-basis of that span replaces ``K``: invariants inside the retained directions or repeating each other are fine. It is an exact rank-m LoRA.
+basis of that span replaces ``K``: invariants inside the retained directions or repeating each other are fine.
+The update is an exact rank-m LoRA.
 Prior refinement (a filter of the retain tokens and copies ``r + s v_ℓ`` along the layer's weakest input direction)
 makes ``P_ℓ`` per layer. No d×d matrix is formed per layer: the retain covariance has rank ≤ kept tokens + 1, so
 ``P_ℓ = I − B_ℓB_ℓᵀ`` with a thin ``B_ℓ``, and ``M_ℓ`` is the identity plus rank m (Woodbury): every solve is m×m.
