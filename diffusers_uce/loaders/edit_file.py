@@ -8,7 +8,9 @@ header
 holds one JSON string (metadata key ``"uce"``): format name and version, the family, the edit records, the edited
 projections with their group and shape, the options every later edit must share, the strength, the base model and
 library versions. Version 1 (before families) wrote SD 1.x/2.x files without ``"family"`` or per-projection
-``"group"``; they still load.
+``"group"``; they still load. Version 3 adds precise erasure (``method="speed"``): its solution is stored as the
+per-layer factors ``<group>.uce.layerwise.up`` (``m×d``) and ``<group>.uce.layerwise.down`` (``L×m×d``, or ``1×m×d``
+without prior refinement) of ``T_ℓ = I + upᵀ down_ℓ``, and no transform.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from diffusers.utils import logging
 
 from ..core import engine
 from ..core.edits import ConceptEdit
+from ..core.layerwise import Layerwise
 from ..core.solve import Correction
 from ..utils.checks import is_finite_number
 from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name
@@ -32,7 +35,8 @@ from .edit_state import EditState
 logger = logging.get_logger(__name__)
 
 FORMAT_NAME = "diffusers-uce-edit"
-FORMAT_VERSION = 2  # 2: a family and one solution per target group (FLUX has two); 1: SD 1.x/2.x, one group
+FORMAT_VERSION = 3  # 3: precise erasure's per-layer factors; 2: a family and one solution per target group (FLUX has
+# two); 1: SD 1.x/2.x, one group
 METADATA_KEY = "uce"
 EDIT_WEIGHT_NAME = "uce_edits.safetensors"
 CORRECTION_PARTS = ("tokens", "solved", "coef")
@@ -41,6 +45,8 @@ CORRECTION_PARTS = ("tokens", "solved", "coef")
 def solution_tensors(prefix: str, solution: engine.Solution) -> dict[str, torch.Tensor]:
     """The tensors of one group's solution, in float64 on the CPU: ``<prefix>.transform`` (and the correction)."""
     solution = solution.to(device="cpu", dtype=torch.float64)
+    if solution.layerwise is not None:
+        return {f"{prefix}.layerwise.up": solution.layerwise.up, f"{prefix}.layerwise.down": solution.layerwise.down}
     tensors = {f"{prefix}.transform": solution.transform}
     if solution.correction is not None:
         tensors.update({f"{prefix}.correction.{p}": getattr(solution.correction, p) for p in CORRECTION_PARTS})
@@ -172,6 +178,8 @@ def solution_from(tensors: dict, prefix: str, d: int, num_layers: int, records: 
         num_layers (`int`): the group's number of edited layers (rows of the correction coefficients).
         records (`list[ConceptEdit]`): the stored edit records ("tensor" technique ones need the correction).
     """
+    if records[-1].method == "speed":
+        return _layerwise_from(tensors, prefix, d, num_layers)
     transform = tensors.get(f"{prefix}.transform")
     if transform is None or tuple(transform.shape) != (d, d) or not transform.is_floating_point():
         raise ValueError(f"the edit file's {prefix}.transform is missing or is not a {d}x{d} float tensor")
@@ -193,6 +201,24 @@ def solution_from(tensors: dict, prefix: str, d: int, num_layers: int, records: 
     if extra:
         raise ValueError(f"the edit file has unexpected tensors: {', '.join(sorted(extra))}")
     solution = engine.Solution(transform.to(torch.float64), correction)
+    if not solution.is_finite():
+        raise ValueError("the edit file's solution has non-finite values")
+    return solution
+
+
+def _layerwise_from(tensors: dict, prefix: str, d: int, num_layers: int) -> engine.Solution:
+    """A stored precise-erasure solution, its shapes checked: ``up`` (m, d) and ``down`` (L or 1, m, d)."""
+    up, down = tensors.get(f"{prefix}.layerwise.up"), tensors.get(f"{prefix}.layerwise.down")
+    if up is None or down is None or up.dim() != 2 or down.dim() != 3 or up.shape[1] != d or down.shape[
+            0] not in (1, num_layers) or tuple(down.shape[1:]) != tuple(up.shape) or not up.is_floating_point():
+        raise ValueError(f"the edit file's {prefix}.layerwise factors are missing or are not (m, {d}) and "
+                         f"({num_layers} or 1, m, {d}) float tensors")
+    extra = [k for k in tensors if k.startswith(prefix + ".") and k not in (f"{prefix}.layerwise.up",
+                                                                            f"{prefix}.layerwise.down")]
+    if extra:
+        raise ValueError(f"the edit file has unexpected tensors: {', '.join(sorted(extra))}")
+    solution = engine.Solution(torch.eye(d, dtype=torch.float64), None,
+                               layerwise=Layerwise(up.to(torch.float64), down.to(torch.float64)))
     if not solution.is_finite():
         raise ValueError("the edit file's solution has non-finite values")
     return solution

@@ -169,7 +169,7 @@ class TestEditFiles:
         groups = file_groups(pipe)
         parts = ("transform", "correction.tokens", "correction.solved", "correction.coef")
         assert keys == {f"{g}.uce.{part}" for g in groups for part in parts}  # FLUX: both groups' tensors
-        assert info["format"] == "diffusers-uce-edit" and info["format_version"] == 2
+        assert info["format"] == "diffusers-uce-edit" and info["format_version"] == 3
         assert info["family"] == FAMILY_NAMES[family]
         assert info["denoiser"] == ("transformer" if family == "flux" else "unet")
         assert info["edits"] == json.loads(json.dumps([e.to_dict() for e in out.edits]))

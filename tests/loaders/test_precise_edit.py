@@ -207,3 +207,45 @@ def test_methods_and_options_cannot_mix():
         pipe.apply_concept_edits(erase=["Van Gogh"], guide="art")
     with pytest.raises(ValueError, match="one set of options"):
         pipe.apply_concept_edits(erase=["Van Gogh"], guide="art", method="speed", method_options=dict(threshold=0.2))
+
+
+def test_edit_file_round_trip_and_older_versions_load(family, tmp_path):
+    import json
+
+    import safetensors
+
+    pipe = diffusers_uce.attach(make_demo_pipeline(family))
+    pipe.apply_concept_edits(erase=ERASE, guide=GUIDE, preserve=RETAIN, method="speed",
+                             method_options=dict(threshold=1e-3))
+    pipe.set_concept_edit_scale(0.7)
+    expected = unet_output(pipe)
+    path = pipe.save_concept_edits(tmp_path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        info, keys = json.loads(f.metadata()["uce"]), set(f.keys())
+    assert info["format_version"] == 3 and info["edits"][0]["method"] == "speed"
+    assert all(".layerwise." in k for k in keys)
+    loaded = diffusers_uce.attach(make_demo_pipeline(family))
+    loaded.load_concept_edits(tmp_path)
+    assert loaded.concept_edits == pipe.concept_edits and loaded.concept_edit_scale == 0.7
+    assert rel(unet_output(loaded), expected) < 1e-5
+    loaded.apply_concept_edits(erase=["Monet"], guide="art", method="speed", method_options=dict(threshold=1e-3))
+    assert len(loaded.concept_edits) == 2
+
+
+def test_lora_export_is_exact(family, tmp_path):
+    pytest.importorskip("peft")
+    import safetensors
+
+    pipe = diffusers_uce.attach(make_demo_pipeline(family))
+    pipe.apply_concept_edits(erase=ERASE, guide=GUIDE, preserve=RETAIN, method="speed",
+                             method_options=dict(threshold=1e-3))
+    assert pipe.save_concept_edits_as_lora(tmp_path) < 1e-6
+    with safetensors.safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        ranks = {f.get_tensor(k).shape[0] for k in f.keys() if "lora_A" in k}
+    assert ranks == {len(ERASE)}  # one erased token per concept
+    pipe.fuse_concept_edits()
+    expected = unet_output(pipe)
+    plain = make_demo_pipeline(family)
+    plain.load_lora_weights(tmp_path)
+    assert rel(unet_output(plain), expected) < 1e-4
+    assert pipe.save_concept_edits_as_lora(tmp_path / "r1", rank=1) > 0
