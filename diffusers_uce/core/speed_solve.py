@@ -37,6 +37,26 @@ def speed_prompts(records: list[ConceptEdit]) -> list[str]:
     return [*(p for r in records for p in (*r.erase, *r.guide)), *retain_prompts(records)[0], *extra]
 
 
+def full_length_prompts(records: list[ConceptEdit]) -> list[str]:
+    """The prompts whose every position is read (the others only up to their last token, so a causal text encoder
+    may stop there): `""` (automatic invariants, a retain set of just `""`) and erased "nudity" with its guide."""
+    full = [p for r in records for e, g in zip(r.erase, r.guide) if e in FULL_PROMPT_CONCEPTS for p in (e, g)]
+    if records[-1].method_options["invariants"] == "auto" or retain_prompts(records)[0] == [""]:
+        full.append("")
+    return list(dict.fromkeys(full))
+
+
+def merge_encoded(cut: EncodedPrompts, full: EncodedPrompts) -> EncodedPrompts:
+    """One `EncodedPrompts` from states encoded up to the last tokens (`cut`) and at full length (`full`)."""
+    states = full.states.new_zeros((len(cut.index) + len(full.index), full.states.shape[1], full.states.shape[2]))
+    states[: len(cut.index), : cut.states.shape[1]] = cut.states
+    states[len(cut.index):] = full.states
+    index = {**{p: i + len(cut.index) for p, i in full.index.items()}, **{p: i for p, i in cut.index.items()
+                                                                            if p not in full.index}}
+    return EncodedPrompts(index=index, states=states, last=torch.cat([cut.last, full.last]),
+                          max_length=full.max_length)
+
+
 def _positions(length: int) -> torch.Tensor:
     return torch.arange(1, length) if length > 1 else torch.zeros(1, dtype=torch.long)
 

@@ -18,7 +18,7 @@ from ..core.precise import smallest_right_singular_vectors
 from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.solve import grouped_grams, homogeneous
-from ..core.speed_solve import assemble_speed, solve_speed, speed_prompts
+from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
 from ..core.targets import LayerFilter, find_linear_layers, find_projections
 from .edit_file import UCEIOMixin
 from .edit_state import EditState, GroupEdit, UCEEditStateMixin
@@ -194,8 +194,13 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCEEditStateMixin):
         for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
             weights, row_layer = group.stacked(device)
             plain = weights[:, :-1] if group.biased else weights
-            last_only = not precise and all(r.token_mode == "last" for r in records)
-            encoded = self._uce_encode(group.group, prompts, last_only, device)
+            if precise:  # the prompts read at full length are encoded apart; the others stop at their last token
+                full = full_length_prompts(records)
+                encodings = [self._uce_encode(group.group, batch, cut, device) for batch, cut in (
+                    ([p for p in prompts if p not in full], True), (full, False)) if batch]
+                encoded = encodings[0] if len(encodings) == 1 else merge_encoded(*encodings)
+            else:
+                encoded = self._uce_encode(group.group, prompts, all(r.token_mode == "last" for r in records), device)
             if precise:
                 assembled, solution = self._uce_solve_precise(group, records, encoded, plain, row_layer)
             else:
