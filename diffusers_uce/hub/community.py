@@ -33,6 +33,7 @@ logger = logging.get_logger(__name__)
 COMMUNITY_MODULES: tuple[str, ...] = (
     "utils.versions", "utils.checks", "utils.files", "utils.generation", "core.solve", "core.lowrank", "core.edits",
     "core.concepts", "core.prompts", "core.families", "core.targets", "core.engine", "core.report",
+    "core.layerwise", "core.speed_options", "core.precise", "core.speed_solve",
     "loaders.processor", "loaders.edit_state", "loaders.edit_file", "loaders.lora", "loaders.debias",
     "loaders.concept_edit",
 )
