@@ -2406,15 +2406,20 @@ def _used_basis(retain, threshold, weight, shift=None, shift2=None, direction=No
 
     The covariance of layer ℓ is ``(1/N_ℓ) Σ_r [w_r r rᵀ + c1_r (r vᵀ + v rᵀ) + c2_r v vᵀ]`` with ``w_r`` the
     multiplicity of token r (itself plus its kept copies, 0 when dropped), ``c1_r = Σ s``, ``c2_r = Σ s²`` over its
-    kept copies. It lives in the span of the kept tokens and ``v_ℓ``: an orthonormal basis Q of that span reduces the
-    eigenproblem to ``Qᵀ Σ Q``; unused basis columns get eigenvalue 0 and so land in the null space.
+    kept copies. It lives in the span of the retain tokens and ``v_ℓ``: an orthonormal basis Q of that span (one QR of
+    the tokens shared by every layer, plus the part of ``v_ℓ`` outside it) reduces the eigenproblem to ``Qᵀ Σ Q``;
+    basis columns no kept token uses get eigenvalue 0 and so land in the null space.
     """
     num_layers, (num_retain, d) = weight.shape[0], retain.shape
-    spanning = retain.expand(num_layers, num_retain, d) * (weight > 0)[..., None]
-    if direction is not None:
-        spanning = torch.cat([spanning, direction[:, None]], 1)
-    if spanning.shape[1] < d:
-        basis = torch.linalg.qr(spanning.mT).Q  # (L, d, q)
+    if num_retain + (direction is not None) < d:  # one QR of every retain token, then each layer's v_ℓ residual
+        shared = torch.linalg.qr(retain.T).Q  # (d, |R|)
+        basis = shared.expand(num_layers, d, num_retain)
+        if direction is not None:
+            residual = direction - (direction @ shared) @ shared.T
+            residual = residual - (residual @ shared) @ shared.T  # twice is enough (Gram–Schmidt)
+            norm = residual.norm(dim=1, keepdim=True)
+            residual = torch.where(norm > 1e-12, residual / norm.clamp_min(1e-300), 0.0)
+            basis = torch.cat([basis, residual[..., None]], 2)  # (L, d, q)
     else:
         basis = torch.eye(d, dtype=_F64, device=retain.device).expand(num_layers, d, d)
     coords = retain @ basis  # (L, |R|, q)
