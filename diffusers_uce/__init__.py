@@ -19,17 +19,19 @@ _EXPORTS = {
     "ConceptEdit": "core.edits", "DebiasTarget": "core.edits", "EditReport": "core.report",
     "UCEHubMixin": "hub.hub_mixin", "ConceptEditOutput": "loaders.concept_edit", "UCEMixin": "loaders.concept_edit",
     "UCEAttnProcessor": "loaders.processor", "UCEFluxPipeline": "pipelines", "UCEStableDiffusionPipeline": "pipelines",
-    "UCEStableDiffusionXLPipeline": "pipelines", "attach": "pipelines",
+    "UCEStableDiffusionXLPipeline": "pipelines", "attach": "pipelines", "retain_set": "core.speed_options",
 }
 
 __all__ = [
     "ConceptEdit", "ConceptEditOutput", "DebiasTarget", "EditReport", "UCEAttnProcessor", "UCEHubMixin", "UCEMixin",
     "UCEFluxPipeline", "UCEStableDiffusionPipeline", "UCEStableDiffusionXLPipeline", "attach", "__version__",
+    "retain_set",
 ]
 
 if TYPE_CHECKING:
     from .core.edits import ConceptEdit, DebiasTarget
     from .core.report import EditReport
+    from .core.speed_options import retain_set
     from .hub.hub_mixin import UCEHubMixin
     from .loaders.concept_edit import ConceptEditOutput, UCEMixin
     from .loaders.processor import UCEAttnProcessor

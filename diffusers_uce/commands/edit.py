@@ -4,9 +4,11 @@ edit (fused pipeline, edit file, LoRA) or push it to the Hub."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from ..core.edits import TECHNIQUES, TOKEN_MODES, ConceptEdit, concept_edit_request
+from ..core.speed_options import METHODS, retain_set
 from .common import (
     SUPPORTED,
     add_device_arguments,
@@ -35,6 +37,8 @@ examples:
   diffusers-uce edit --model demo-flux --erase "Van Gogh" --guide art --held-out ""
   diffusers-uce edit --model black-forest-labs/FLUX.1-dev --erase "Van Gogh" --guide art \\
       --device cuda --dtype bfloat16 --save-edits ./flux-no-van-gogh
+  diffusers-uce edit --erase "Van Gogh; Picasso" --guide art --preserve @retain:artists --method speed \\
+      --method-option threshold=0.1 --method-option augment=10
 
 Lists are separated by ";" (names may contain commas). The report shows, per erased concept, the efficacy (1 = its
 keys/values became exactly its guide's) and, per preserved or held-out concept, the relative change of its keys/values.
@@ -47,6 +51,24 @@ def _erase_concepts(text: str) -> list[str]:
     if not concepts(text):
         raise argparse.ArgumentTypeError('is empty: give at least one concept to erase, e.g. --erase "Van Gogh"')
     return concepts(text)
+
+
+def _method_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, e.g. threshold=0.1")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value.strip()
+
+
+def _retain_sets(names: list[str]) -> list[str]:
+    """`--preserve` with every "@retain:NAME" replaced by that shipped retain vocabulary."""
+    out = []
+    for name in names:
+        out.extend(retain_set(name[len("@retain:"):]) if name.startswith("@retain:") else [name])
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what erased concepts become: one guide for all, or one per erased concept; absent or empty means the "
              "unconditional (empty) prompt")
     add("--preserve", type=concepts, default=[], metavar='"P; Q"',
-        help="concepts whose keys/values must not change (default: none)")
+        help="concepts whose keys/values must not change (default: none); with --method speed, the retain set. "
+             "@retain:NAME adds a shipped retain vocabulary (artists, instances, celebrities)")
+    add("--method", choices=METHODS, default="uce",
+        help="'uce' (default), or 'speed': precise erasure, the change confined to what the retain set (--preserve) "
+             "does not use, with invariant tokens kept exactly")
+    add("--method-option", dest="method_options", action="append", type=_method_option, default=[],
+        metavar="KEY=VALUE", help="an option of --method speed (repeatable): threshold, retain_scale, invariant_lamb, "
+                                  "augment, filter, seed, invariants (JSON values, e.g. filter=false)")
     add("--erase-scale", type=float, default=1.0, metavar="F", help="weight of the erase terms")
     add("--preserve-scale", type=float, metavar="F",
         help="weight of the preserve terms (default: 1.0 in 'last' token mode, max(0.1, 1 / (1 + #preserved)) "
@@ -138,15 +167,19 @@ def _requests(args: argparse.Namespace) -> tuple[ConceptEdit | None, ConceptEdit
         raise ValueError('--debias needs --attributes, e.g. --attributes "male; female"')
     options = dict(erase_scale=args.erase_scale, preserve_scale=args.preserve_scale, lamb=args.lamb,
                    token_mode=args.token_mode, technique=args.technique)
+    args.preserve = _retain_sets(args.preserve)
     erase = None
     if args.harden_reg is not None and not args.harden:
         raise ValueError("--harden-reg only applies with --harden K")
     if args.erase or moderate is not None:
         erase = concept_edit_request(args.erase, args.guide or None, args.preserve, moderate=moderate,
                                      expand_prompts=args.expand_prompts, harden=args.harden,
-                                     harden_options=_harden_options(args), **options)
+                                     harden_options=_harden_options(args), method=args.method,
+                                     method_options=dict(args.method_options), **options)
     elif args.harden:
         raise ValueError("--harden needs erased concepts (--erase or --moderate)")
+    elif args.method != "uce" or args.method_options:
+        raise ValueError("--method/--method-option apply to --erase/--moderate edits")
     if not args.debias:
         return erase, None
     # Checked against the erase request and with every preserved concept, so that a concept both debiased and erased
@@ -224,8 +257,8 @@ def run(args: argparse.Namespace) -> int:
         output = pipe.apply_concept_edits(
             _as_given(erase.erase), list(erase.guide), _as_given(erase.preserve), erase_scale=erase.erase_scale,
             preserve_scale=erase.preserve_scale, lamb=erase.lamb, token_mode=erase.token_mode,
-            technique=erase.technique, edit_keys=args.edit_keys, held_out=args.held_out,
-            **_resolved_harden(erase),
+            technique=erase.technique, edit_keys=args.edit_keys, held_out=args.held_out, method=erase.method,
+            method_options=erase.method_options or None, **_resolved_harden(erase),
         )
     if debias is not None:
         output = pipe.debias_concepts(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from ..utils.checks import finite_number, non_negative_number
 from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg
 from .hardening import check_harden_record, resolve_harden
+from .speed_options import check_speed_record, resolve_method_options
 
 TOKEN_MODES = ("last", "paper")
 TECHNIQUES = ("replace", "tensor")
@@ -53,6 +54,8 @@ class ConceptEdit:
         technique (`str`): `"replace"` (target = the guide's original output) or `"tensor"`.
         harden (`dict`, *optional*): the hardening rounds run after the edit is solved: ``{"rounds", "reg", "lamb",
             "preserve_scale", "preserve", "tokens"}`` (see `diffusers_uce.core.hardening.HardenOptions`).
+        method (`str`): `"uce"` or `"speed"` (precise erasure; `preserve` is then its retain set).
+        method_options (`dict`): the options of `method`, defaults filled in (empty for `"uce"`).
     """
 
     erase: tuple[str, ...]
@@ -65,6 +68,8 @@ class ConceptEdit:
     technique: str = "replace"
     debias: tuple[DebiasTarget, ...] = ()
     harden: dict | None = None
+    method: str = "uce"
+    method_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,7 +84,8 @@ class ConceptEdit:
             raise ValueError(f"invalid debias targets in edit record: {debias!r}")
         record = build_concept_edit(
             data["erase"], data.get("guide", None), data.get("preserve"), earlier=earlier,
-            **{k: data[k] for k in ("erase_scale", "preserve_scale", "lamb", "token_mode", "technique") if k in data},
+            **{k: data[k] for k in ("erase_scale", "preserve_scale", "lamb", "token_mode", "technique", "method",
+                                    "method_options") if k in data},
             debias={t.get("concept"): t.get("attribute_sets") for t in debias} or None,
             debias_weights={t.get("concept"): t.get("weights") for t in debias} or None,
             harden=data.get("harden"),
@@ -147,7 +153,7 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
-    harden=None,
+    harden=None, method="uce", method_options=None,
 ) -> ConceptEdit:
     """Validate one request and resolve its defaults; raises before any weight is touched.
 
@@ -162,7 +168,10 @@ def build_concept_edit(
         debias_weights (`dict[str, list[float] | list[list[float]]]`, *optional*): attribute weights, shaped like
             `debias` (zeros by default).
         harden (`dict`, *optional*): resolved hardening (`hardening.resolve_harden`), checked again here.
+        method (`str`, defaults to `"uce"`): `"uce"` or `"speed"`; every edit of a pipeline uses the same method.
+        method_options (`dict`, *optional*): options of `method` (see `speed_options.SPEED_DEFAULTS`).
     """
+    method_options = resolve_method_options(method, method_options)
     erase_list = _concept_list(erase, "erase")
     targets = _debias_targets(debias, debias_weights)
     if not erase_list and not targets:
@@ -175,7 +184,19 @@ def build_concept_edit(
         raise ValueError(f"unknown technique {technique!r}; use one of {', '.join(map(repr, TECHNIQUES))}")
     if targets and token_mode != "last":
         raise ValueError("debiasing supports token_mode='last' only; pass token_mode='last' for the debias call")
-    _check_contradictions(erase_list, guides, preserve_list, [t.concept for t in targets], earlier)
+    precise = method == "speed" or any(e.method != method for e in earlier)
+    # precise erasure drops retain prompts that name an erased concept instead of refusing them
+    _check_contradictions(erase_list, guides, preserve_list, [t.concept for t in targets], earlier,
+                          preserved_may_be_erased=precise)
+    if precise:
+        erased_all = set(erase_list).union(*(e.erase for e in earlier))
+        check_speed_record(method, method_options, earlier, erased_all, preserve_list, targets,
+                           erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode,
+                           technique=technique)
+        if harden:
+            raise ValueError("harden applies to method='uce' edits: leave it out with method='speed'")
+        return ConceptEdit(erase=erase_list, guide=guides, preserve=preserve_list, preserve_scale=1.0,
+                           method=method, method_options=method_options)
     erase_scale = non_negative_number(erase_scale, "erase_scale")
     lamb = non_negative_number(lamb, "lamb", positive=True)
     if preserve_scale is None:
@@ -207,7 +228,8 @@ def concept_key(concept: str) -> str:
     return " ".join(concept.casefold().split())
 
 
-def _check_contradictions(erase, guides, preserve, debiased, earlier: Sequence[ConceptEdit]) -> None:
+def _check_contradictions(erase, guides, preserve, debiased, earlier: Sequence[ConceptEdit], *,
+                          preserved_may_be_erased: bool = False) -> None:
     """Refuse requests that contradict themselves or the edits already applied (concepts compared by `concept_key`):
     a concept erased twice (double weight, or two guides), erased and preserved, or debiased and anything else."""
     seen: dict[str, str] = {}
@@ -225,7 +247,7 @@ def _check_contradictions(erase, guides, preserve, debiased, earlier: Sequence[C
     erased = {concept_key(c): c for c in (*erase, *(c for e in earlier for c in e.erase))}
     preserved = {concept_key(c): c for c in (*preserve, *(c for e in earlier for c in e.preserve))}
     clash = sorted(erased[k] for k in erased.keys() & preserved.keys())
-    if clash:
+    if clash and not preserved_may_be_erased:
         raise ValueError(
             f"{', '.join(map(repr, clash))} is both erased and preserved (in this call or an earlier one; concepts "
             "are compared ignoring case): remove it from one of the two lists"
@@ -292,7 +314,7 @@ def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
 def concept_edit_request(
     erase=None, guide=None, preserve=None, *, moderate=None, expand_prompts=None, erase_scale=1.0,
     preserve_scale=None, lamb=0.5, token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
-    debias=None, debias_weights=None, harden=False, harden_options=None,
+    debias=None, debias_weights=None, harden=False, harden_options=None, method="uce", method_options=None,
 ) -> ConceptEdit:
     r"""Everything `apply_concept_edits`, `debias_concepts` and the command line accept, as one validated record.
 
@@ -306,16 +328,17 @@ def concept_edit_request(
         earlier (`Sequence[ConceptEdit]`): edits already applied, checked for conflicts.
         debias, debias_weights: debiased concepts and their attribute weights, as `build_concept_edit` takes them.
         harden, harden_options: hardening rounds and their options, as `apply_concept_edits` takes them.
+        method, method_options: the edit method and its options, as `build_concept_edit` takes them.
 
     Returns:
         [`ConceptEdit`]: the record.
     """
     erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
     harden = resolve_harden(harden, harden_options, erase=erase, moderate=moderate, expand_prompts=expand_prompts)
-    if moderate is not None and preserve_scale is None:
+    if moderate is not None and preserve_scale is None and method == "uce":
         preserve_scale = MODERATION_DEFAULTS["preserve_scale"]
     return build_concept_edit(
         erase, guide, resolve_concept_arg(preserve), erase_scale=erase_scale, preserve_scale=preserve_scale,
         lamb=lamb, token_mode=token_mode, technique=technique, earlier=earlier, debias=debias,
-        debias_weights=debias_weights, harden=harden,
+        debias_weights=debias_weights, harden=harden, method=method, method_options=method_options,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .edits import ConceptEdit
+from .layerwise import Layerwise
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
 from .solve import (
     Correction,
@@ -43,6 +44,8 @@ class AssembledTerms:
     token_preserved: torch.Tensor
     debias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     debiased_concepts: tuple[str, ...] = ()
+    invariants: torch.Tensor | None = None  # precise erasure: tokens kept exactly
+    retain_dropped: tuple[str, ...] = ()  # precise erasure: retain prompts dropped for naming an erased concept
 
 
 def prompts_of(records: list[ConceptEdit]) -> list[str]:
@@ -123,16 +126,20 @@ class Solution:
 
     `low_rank`, when there are few erased tokens, is ``T − I`` in low-rank form (`solve.low_rank_delta`): fusing uses
     it instead of ``T`` (cheaper, same weights). It is derived data: edit files store ``T`` only.
+
+    `layerwise` (precise erasure) adds ``Uᵀ D_ℓ`` to every ``T_ℓ`` (`layerwise.Layerwise`); ``T`` is then ``I``.
     """
 
     transform: torch.Tensor
     correction: Correction | None
     low_rank: Correction | None = None
+    layerwise: Layerwise | None = None
 
     def is_finite(self) -> bool:
         tensors = [self.transform] + ([] if self.correction is None else [
             self.correction.tokens, self.correction.solved, self.correction.coef])
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        return all(bool(torch.isfinite(t).all()) for t in tensors) and (
+            self.layerwise is None or self.layerwise.is_finite())
 
     def to(self, device=None, dtype=None) -> "Solution":
         def move(c):
@@ -140,7 +147,8 @@ class Solution:
                 return Correction(move(c.tokens), move(c.solved), move(c.coef))
             return None if c is None else c.to(device=device, dtype=dtype)
 
-        return Solution(move(self.transform), move(self.correction), move(self.low_rank))
+        layerwise = None if self.layerwise is None else self.layerwise.to(device=device, dtype=dtype)
+        return Solution(move(self.transform), move(self.correction), move(self.low_rank), layerwise)
 
 
 def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int,
@@ -171,5 +179,6 @@ def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Ten
 def homogeneous_terms(assembled: AssembledTerms) -> AssembledTerms:
     """The same terms with every token as ``[c; 1]``: what the homogeneous solution of a biased group acts on."""
     t = assembled.terms
+    invariants = None if assembled.invariants is None else homogeneous(assembled.invariants)
     return replace(assembled, terms=replace(t, erase=homogeneous(t.erase), guide=homogeneous(t.guide),
-                                            preserve=homogeneous(t.preserve)))
+                                            preserve=homogeneous(t.preserve)), invariants=invariants)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layerwise import Layerwise, add_layerwise
+
 
 @dataclass
 class LowRankFactors:
@@ -101,3 +103,21 @@ def per_layer_low_rank(deltas: list[torch.Tensor], rank: int | None = None, rtol
             total += float((s[k] ** 2).sum())
     error = (dropped / total) ** 0.5 if total > 0 else 0.0
     return LowRankFactors(up=ups, down=downs, exact_rank=exact, relative_error=error)
+
+
+def layerwise_low_rank(weights: torch.Tensor, row_layer: torch.Tensor, sizes: list[int], change: Layerwise,
+                       width: int, rank: int | None = None) -> LowRankFactors:
+    """LoRA factors of a precise-erasure change ``ΔW_ℓ = (W_ℓ Uᵀ) D_ℓ``: exactly ``up_ℓ = W_ℓ Uᵀ``, ``down_ℓ = D_ℓ``
+    (rank = number of erased tokens), or the per-layer truncated SVD when `rank` is smaller.
+
+    Args:
+        weights (`torch.Tensor`): ``W_all`` (or ``[W | b]`` for a biased group, whose bias is left unchanged).
+        width (`int`): the columns of ``W`` (the LoRA's input width).
+    """
+    m = change.up.shape[0]
+    if rank is not None and rank < m:
+        delta = add_layerwise(torch.zeros_like(weights, dtype=torch.float64), weights, change, row_layer)
+        return per_layer_low_rank(list(delta[:, :width].split(sizes)), rank)
+    ups = list((weights.to(torch.float64) @ change.up.to(torch.float64).T).split(sizes))
+    downs = [change.layer_down(i)[:, :width].to(torch.float64) for i in range(len(sizes))]
+    return LowRankFactors(up=ups, down=downs, exact_rank=[m] * len(sizes), relative_error=0.0)

@@ -6,7 +6,10 @@ Tokens are rows: ``T``, ``A`` (m×d) the erased tokens and their position-aligne
     ΔW_ℓ = W_ℓ (A − T)ᵀ/n · D_ℓ,   D_ℓ = T P_ℓ (I − M_ℓ Kᵀ (K P_ℓ M_ℓ Kᵀ + μI)⁻¹ K P_ℓ) M_ℓ,   M_ℓ = (S_tt P_ℓ + αI)⁻¹,
 
 where ``P_ℓ`` projects onto the eigenvectors of the retain covariance with eigenvalue below ``τ`` (the directions the
-retain set does not use); ``μ = 0`` keeps the invariant tokens exactly (``W'K = WK``). It is an exact rank-m LoRA.
+retain set does not use); ``μ = 0`` keeps the invariant tokens exactly (``W'K = WK``). ``D_ℓ`` depends on ``K`` only
+through the span of ``P_ℓ Kᵀ`` (a token in the retained directions is kept anyway), so with ``μ = 0`` an orthonormal
+basis of that span replaces ``K``: invariants inside the retained directions or repeating each other are fine.
+The update is an exact rank-m LoRA.
 Prior refinement (a filter of the retain tokens and copies ``r + s v_ℓ`` along the layer's weakest input direction)
 makes ``P_ℓ`` per layer. No d×d matrix is formed per layer: the retain covariance has rank ≤ kept tokens + 1, so
 ``P_ℓ = I − B_ℓB_ℓᵀ`` with a thin ``B_ℓ``, and ``M_ℓ`` is the identity plus rank m (Woodbury): every solve is m×m.
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-_F64 = torch.float64
+_DOUBLE = torch.float64
 
 
 @dataclass
@@ -107,16 +110,16 @@ def smallest_right_singular_vectors(weights, row_layer: torch.Tensor | None = No
     elif row_layer is None or num_layers is None:
         raise ValueError("pass row_layer and num_layers with the stacked weights (or a list of per-layer weights)")
     d = weights.shape[1]
-    out = torch.zeros(num_layers, d, dtype=_F64, device=weights.device)
+    out = torch.zeros(num_layers, d, dtype=_DOUBLE, device=weights.device)
     for layers, index in _layer_groups(row_layer, num_layers):
-        w = weights[index].to(_F64)  # (g, c, d)
+        w = weights[index].to(_DOUBLE)  # (g, c, d)
         if index.shape[1] >= d:
             v = torch.linalg.eigh(w.mT @ w).eigenvectors[..., 0]
         else:  # the smallest eigenvector u of W Wᵀ gives v = Wᵀu / σ: an out×out problem instead of d×d
             v = (w.mT @ torch.linalg.eigh(w @ w.mT).eigenvectors[..., :1])[..., 0]
             norm = v.norm(dim=-1, keepdim=True)
             weak = norm[:, 0] <= 1e-12 * w.flatten(1).norm(dim=1)
-            v = v / norm.clamp_min(torch.finfo(_F64).tiny)
+            v = v / norm.clamp_min(torch.finfo(_DOUBLE).tiny)
             if bool(weak.any()):  # rank-deficient layer: any unit vector with singular value 0 will do
                 v[weak] = torch.linalg.svd(w[weak], full_matrices=False).Vh[:, -1]
         sign = torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))
@@ -128,12 +131,12 @@ def augmentation_scalars(num_layers: int, num_retain: int, augment: int, seed: i
     """The steps ``s ~ N(0, 1)`` of the augmented copies, ``(num_layers, num_retain, augment)`` float64 on the CPU,
     drawn in one call from a `torch.Generator` seeded with `seed` (the same seed always gives the same steps)."""
     generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn(num_layers, num_retain, augment, generator=generator, dtype=_F64)
+    return torch.randn(num_layers, num_retain, augment, generator=generator, dtype=_DOUBLE)
 
 
 def augmented_copies(retain: torch.Tensor, singular: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
     """The augmented copies ``r + s v_ℓ``, ``(num_layers, num_retain, augment, d)`` (the solve never forms them)."""
-    retain, singular = retain.to(_F64), singular.to(_F64)
+    retain, singular = retain.to(_DOUBLE), singular.to(_DOUBLE)
     return retain[None, :, None] + scalars.to(retain)[..., None] * singular[:, None, None]
 
 
@@ -142,17 +145,22 @@ def _used_basis(retain, threshold, weight, shift=None, shift2=None, direction=No
 
     The covariance of layer ℓ is ``(1/N_ℓ) Σ_r [w_r r rᵀ + c1_r (r vᵀ + v rᵀ) + c2_r v vᵀ]`` with ``w_r`` the
     multiplicity of token r (itself plus its kept copies, 0 when dropped), ``c1_r = Σ s``, ``c2_r = Σ s²`` over its
-    kept copies. It lives in the span of the kept tokens and ``v_ℓ``: an orthonormal basis Q of that span reduces the
-    eigenproblem to ``Qᵀ Σ Q``; unused basis columns get eigenvalue 0 and so land in the null space.
+    kept copies. It lives in the span of the retain tokens and ``v_ℓ``: an orthonormal basis Q of that span (one QR of
+    the tokens shared by every layer, plus the part of ``v_ℓ`` outside it) reduces the eigenproblem to ``Qᵀ Σ Q``;
+    basis columns no kept token uses get eigenvalue 0 and so land in the null space.
     """
     num_layers, (num_retain, d) = weight.shape[0], retain.shape
-    spanning = retain.expand(num_layers, num_retain, d) * (weight > 0)[..., None]
-    if direction is not None:
-        spanning = torch.cat([spanning, direction[:, None]], 1)
-    if spanning.shape[1] < d:
-        basis = torch.linalg.qr(spanning.mT).Q  # (L, d, q)
+    if num_retain + (direction is not None) < d:  # one QR of every retain token, then each layer's v_ℓ residual
+        shared = torch.linalg.qr(retain.T).Q  # (d, |R|)
+        basis = shared.expand(num_layers, d, num_retain)
+        if direction is not None:
+            residual = direction - (direction @ shared) @ shared.T
+            residual = residual - (residual @ shared) @ shared.T  # twice is enough (Gram–Schmidt)
+            norm = residual.norm(dim=1, keepdim=True)
+            residual = torch.where(norm > 1e-12, residual / norm.clamp_min(1e-300), 0.0)
+            basis = torch.cat([basis, residual[..., None]], 2)  # (L, d, q)
     else:
-        basis = torch.eye(d, dtype=_F64, device=retain.device).expand(num_layers, d, d)
+        basis = torch.eye(d, dtype=_DOUBLE, device=retain.device).expand(num_layers, d, d)
     coords = retain @ basis  # (L, |R|, q)
     cov = (coords * weight[..., None]).mT @ coords
     if direction is not None:
@@ -167,8 +175,8 @@ def _used_basis(retain, threshold, weight, shift=None, shift2=None, direction=No
 def retain_directions(retain: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
     """Orthonormal basis ``B`` (d×q) of the directions the retain set uses: the eigenvectors of ``Σ_R = RᵀR/|R|``
     with eigenvalue ``>= threshold``. The null-space projector of the edit is ``P = I − B Bᵀ``."""
-    retain = retain.to(_F64)
-    basis, _ = _used_basis(retain, threshold, torch.ones(1, retain.shape[0], dtype=_F64, device=retain.device))
+    retain = retain.to(_DOUBLE)
+    basis, _ = _used_basis(retain, threshold, torch.ones(1, retain.shape[0], dtype=_DOUBLE, device=retain.device))
     return basis[0][:, basis[0].norm(dim=0) > 0]
 
 
@@ -179,7 +187,7 @@ def kmeans(points: torch.Tensor, num_centres: int, seed: int = 0, iterations: in
     Returns:
         `torch.Tensor`: the centres, ``(num_centres, d)`` float64, in the order of their initialisation.
     """
-    x = points.to(_F64)
+    x = points.to(_DOUBLE)
     if not 0 < num_centres <= x.shape[0]:
         raise ValueError(f"num_centres must be between 1 and the number of points ({x.shape[0]}); got {num_centres}")
     generator = torch.Generator().manual_seed(int(seed))
@@ -187,7 +195,7 @@ def kmeans(points: torch.Tensor, num_centres: int, seed: int = 0, iterations: in
     dist2 = ((x - x[chosen[0]]) ** 2).sum(1)
     for _ in range(1, num_centres):
         total = float(dist2.sum())
-        weights = (dist2 / total).cpu() if total > 0 else torch.ones(x.shape[0], dtype=_F64)
+        weights = (dist2 / total).cpu() if total > 0 else torch.ones(x.shape[0], dtype=_DOUBLE)
         chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
         dist2 = torch.minimum(dist2, ((x - x[chosen[-1]]) ** 2).sum(1))
     centres = x[chosen]
@@ -214,7 +222,7 @@ def default_invariants(states: torch.Tensor, num_centres: int = 3, seed: int = 0
     Returns:
         `torch.Tensor`: ``(1 + num_centres, d)`` float64, the start token first.
     """
-    states = states.reshape(-1, states.shape[-1]).to(_F64)
+    states = states.reshape(-1, states.shape[-1]).to(_DOUBLE)
     if num_centres == 0:
         return states[:1].clone()
     return torch.cat([states[:1], kmeans(states[1:], num_centres, seed=seed)])
@@ -227,14 +235,14 @@ def _filter_terms(weights, row_layer, num_layers, erase, up_tokens, num_concepts
     of ``W_all`` (in float64 chunks), then per-layer sums.
     """
     m = erase.shape[0]
-    gram = torch.eye(m, dtype=_F64, device=erase.device) + erase @ erase.T / num_concepts
+    gram = torch.eye(m, dtype=_DOUBLE, device=erase.device) + erase @ erase.T / num_concepts
     probe = torch.cholesky_solve(erase, torch.linalg.cholesky(gram)) @ torch.cat([retain, singular]).T
     num_retain = retain.shape[0]
-    er2 = torch.zeros(num_layers, num_retain, dtype=_F64, device=erase.device)
-    cross, ev2 = torch.zeros_like(er2), torch.zeros(num_layers, dtype=_F64, device=erase.device)
+    er2 = torch.zeros(num_layers, num_retain, dtype=_DOUBLE, device=erase.device)
+    cross, ev2 = torch.zeros_like(er2), torch.zeros(num_layers, dtype=_DOUBLE, device=erase.device)
     for start in range(0, weights.shape[0], chunk_size):
         layer = row_layer[start : start + chunk_size]
-        z = (weights[start : start + chunk_size].to(_F64) @ up_tokens.T) @ probe
+        z = (weights[start : start + chunk_size].to(_DOUBLE) @ up_tokens.T) @ probe
         er, ev = z[:, :num_retain], z[:, num_retain:].gather(1, layer[:, None])
         er2.index_add_(0, layer, er * er)
         cross.index_add_(0, layer, er * ev)
@@ -247,7 +255,7 @@ def _down(erase, num_concepts, basis, invariants, alpha, mu):
     ``Y M = (Y − (Y Tᵀ/n) C⁻¹ T P)/α`` (Woodbury); the only solves are m×m and k×k."""
     m = erase.shape[0]
     tp = erase - (erase @ basis) @ basis.mT  # (L, m, d)
-    core = alpha * torch.eye(m, dtype=_F64, device=erase.device) + tp @ erase.T / num_concepts
+    core = alpha * torch.eye(m, dtype=_DOUBLE, device=erase.device) + tp @ erase.T / num_concepts
     factor, info = torch.linalg.cholesky_ex(core)
     if bool((info != 0).any()):
         raise ValueError("the SPEED system is not positive definite; check that the tokens are finite")
@@ -255,17 +263,19 @@ def _down(erase, num_concepts, basis, invariants, alpha, mu):
     if invariants.shape[0] == 0:
         return tpm
     kp = invariants - (invariants @ basis) @ basis.mT  # K P
+    shift = mu * torch.eye(invariants.shape[0], dtype=_DOUBLE, device=erase.device)
+    if mu == 0:  # D depends on K only through span(P K): keep it exactly via an orthonormal basis of that span
+        _, values, kp = torch.linalg.svd(kp, full_matrices=False)
+        unused = values <= 1e-9 * float(invariants.norm(dim=1).max())  # inside the retained directions: kept anyway
+        kp, invariants = kp * ~unused[..., None], kp * ~unused[..., None]
+        shift = torch.diag_embed(unused.to(_DOUBLE))  # a zero row of K solves to zero
     kpm = (kp - (kp @ erase.T / num_concepts) @ tpm) / alpha  # K P M
-    lhs = kpm @ invariants.T + mu * torch.eye(invariants.shape[0], dtype=_F64, device=erase.device)
+    lhs = kpm @ invariants.mT + shift
     solved, info = torch.linalg.solve_ex(lhs, kpm)
-    scale = float(invariants.norm(dim=1).max()) ** 2 / alpha + mu  # the size K P M Kᵀ + μI has when P K ≈ K
-    if bool((info != 0).any()) or bool((torch.linalg.svdvals(lhs)[:, -1] <= 1e-12 * scale).any()) or not bool(
-        torch.isfinite(solved).all()
-    ):
-        raise ValueError("the invariant tokens cannot be kept exactly: they lie (almost) in the directions the retain "
-                         "set uses, or repeat each other; use invariant_lamb > 0, a larger threshold, or fewer "
-                         "invariant tokens")
-    return tpm - (tpm @ invariants.T) @ solved
+    if bool((info != 0).any()) or not bool(torch.isfinite(solved).all()):
+        raise ValueError("the invariant tokens cannot be kept: the system is singular; use invariant_lamb > 0 or "
+                         "fewer invariant tokens")
+    return tpm - (tpm @ invariants.mT) @ solved
 
 
 def speed_update(
@@ -320,14 +330,15 @@ def speed_update(
     if invariants is not None and (invariants.dim() != 2 or invariants.shape[1] != d):
         raise ValueError(f"invariants must be a (k, {d}) tensor like the other tokens (got {tuple(invariants.shape)})")
     device = erase.device if weights is None else weights.device
-    erase, guide, retain = (x.to(device, _F64) for x in (erase, guide, retain))
-    invariants = torch.zeros(0, d, dtype=_F64, device=device) if invariants is None else invariants.to(device, _F64)
+    erase, guide, retain = (x.to(device, _DOUBLE) for x in (erase, guide, retain))
+    invariants = (torch.zeros(0, d, dtype=_DOUBLE, device=device) if invariants is None
+                  else invariants.to(device, _DOUBLE))
     if not all(bool(torch.isfinite(x).all()) for x in (erase, guide, retain, invariants)):
         raise ValueError("the erase, guide, retain and invariant tokens must be finite")
     up_tokens = (guide - erase) / num_concepts
     extra = {}
     if augment == 0:
-        basis, null_dim = _used_basis(retain, threshold, torch.ones(1, retain.shape[0], dtype=_F64, device=device))
+        basis, null_dim = _used_basis(retain, threshold, torch.ones(1, retain.shape[0], dtype=_DOUBLE, device=device))
     else:
         if weights is None or row_layer is None or num_layers is None or weights.dim() != 2 or weights.shape[1] != d:
             raise ValueError(f"augmentation (augment > 0) needs weights (R, {d}), row_layer and num_layers; pass them "
@@ -339,7 +350,7 @@ def speed_update(
             singular = smallest_right_singular_vectors(weights, row_layer, num_layers)
         if singular.shape != (num_layers, d):
             raise ValueError(f"singular must have shape ({num_layers}, {d}), got {tuple(singular.shape)}")
-        singular = singular.to(device, _F64)
+        singular = singular.to(device, _DOUBLE)
         er2, cross, ev2 = _filter_terms(weights, row_layer.to(device), num_layers, erase, up_tokens, num_concepts,
                                         retain, singular, chunk_size)
         if not bool(torch.isfinite(er2).all() and torch.isfinite(ev2).all()):
@@ -353,7 +364,7 @@ def speed_update(
         norms = (er2[..., None] + 2 * scalars * cross[..., None] + scalars**2 * ev2[:, None, None]).clamp_min(0).sqrt()
         copies = (norms > norms.mean(-1, keepdim=True)) & kept[..., None]
         kept_steps = scalars * copies
-        basis, null_dim = _used_basis(retain, threshold, kept + copies.sum(-1).to(_F64), kept_steps.sum(-1),
+        basis, null_dim = _used_basis(retain, threshold, kept + copies.sum(-1).to(_DOUBLE), kept_steps.sum(-1),
                                       (kept_steps * scalars).sum(-1), singular)
         extra = {"retain_kept": kept, "copies_kept": copies, "scalars": scalars}
     if bool((null_dim == 0).any()):

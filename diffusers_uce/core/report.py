@@ -4,6 +4,8 @@
 its
   edited keys/values are exactly its guide's original ones, 0 means they did not move toward the guide.
 - interference of a preserved or held-out concept: ``‖W' P − W P‖ / ‖W P‖``, the relative change of its keys/values.
+- precise erasure also reports the relative change of each invariant token (≈ 0) and the retain prompts dropped for
+  naming an erased concept; its preserved concepts are the retain set.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from .layerwise import StackedWeights, layerwise_distances
 from .solve import output_distances
 
 # Generic concepts used to measure interference on what was neither erased nor preserved.
@@ -42,6 +45,8 @@ class EditReport:
             is not hardened, measured at ``ρ = 0.1``). Recovery ``1 − ‖W'c' − Wc‖ / ‖Wc − Wc*‖``: 1 means the
             attacker's embedding ``c'`` gives the concept's original keys/values back exactly, 0 only the guide's;
             norm ratio ``‖c'‖ / ‖c‖``: how far from ordinary embeddings the attacker must go.
+        invariants (`list[dict]`): precise erasure: ``{"token", "change"}`` per invariant token, its relative change.
+        retain_dropped (`list[str]`): precise erasure: retain prompts left out because they name an erased concept.
     """
 
     erased: list[dict] = field(default_factory=list)
@@ -51,6 +56,8 @@ class EditReport:
     ratios: list[dict] = field(default_factory=list)
     layers: int = 0
     robustness: list[dict] = field(default_factory=list)
+    invariants: list[dict] = field(default_factory=list)
+    retain_dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         mean = lambda rows, key: (sum(r[key] for r in rows) / len(rows)) if rows else None  # noqa: E731
@@ -58,6 +65,7 @@ class EditReport:
             "mean_efficacy": mean(self.erased, "efficacy"),
             "mean_preserved_interference": mean(self.preserved, "interference"),
             "mean_held_out_interference": mean(self.held_out, "interference"),
+            "max_invariant_change": max((r["change"] for r in self.invariants), default=None),
         }
 
     def to_dict(self) -> dict:
@@ -91,6 +99,11 @@ class EditReport:
         lines.append(f"{self.layers} projections edited; mean efficacy {_fmt(s['mean_efficacy'])}, "
                      f"mean interference preserved {_fmt(s['mean_preserved_interference'])}, "
                      f"held-out {_fmt(s['mean_held_out_interference'])}")
+        if self.invariants or self.retain_dropped:
+            lines.append(f"precise erasure: largest change of the {len(self.invariants)} invariant tokens "
+                         f"{_fmt(s['max_invariant_change'])}; retain set interference (preserved above) "
+                         f"{_fmt(s['mean_preserved_interference'])}; {len(self.retain_dropped)} retain prompt(s) "
+                         f"dropped for naming an erased concept")
         return "\n".join(lines)
 
 
@@ -107,10 +120,19 @@ def _per_group(values: torch.Tensor, group: torch.Tensor, count: int) -> torch.T
     return torch.zeros(count, dtype=values.dtype, device=values.device).index_add_(0, group, values)
 
 
-def _changes(grams, transform, correction, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+def _distances(grams, transform, correction, x, y, layerwise=None) -> torch.Tensor:
+    """`solve.output_distances`, or its per-layer form for a precise-erasure change (`grams` the stacked weights)."""
+    if isinstance(grams, StackedWeights):
+        if layerwise is not None:
+            return layerwise_distances(grams, layerwise, x, y)
+        grams = grams.weights
+    return output_distances(grams, transform, correction, x, y)
+
+
+def _changes(grams, transform, correction, tokens, layerwise=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ_ℓ ‖W'_ℓ p − W_ℓ p‖²`` and ``Σ_ℓ ‖W_ℓ p‖²`` per token."""
-    return (output_distances(grams, transform, correction, tokens, tokens),
-            output_distances(grams, torch.zeros_like(transform), None, tokens, -tokens))
+    return (_distances(grams, transform, correction, tokens, tokens, layerwise),
+            _distances(grams, torch.zeros_like(transform), None, tokens, -tokens))
 
 
 def build_report(parts, layers: int) -> EditReport:
@@ -135,21 +157,25 @@ def build_report(parts, layers: int) -> EditReport:
         total = _per_group(values, group, count)
         sums[key] = sums[key] + total if key in sums else total
 
+    invariant_changes = []
     for grams, solution, assembled, held_out in parts:
-        t, c, terms = solution.transform, solution.correction, assembled.terms
+        t, c, terms, lw = solution.transform, solution.correction, assembled.terms, solution.layerwise
         eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
         num_pairs, n = len(assembled.pairs), len(assembled.token_pair)  # debiased concepts' tokens follow the pairs'
         erased, guides = terms.erase[:n], terms.guide[:n]
-        add("moved", output_distances(grams, t, c, erased, guides), assembled.token_pair, num_pairs)
-        add("gap", output_distances(grams, eye, None, erased, guides), assembled.token_pair, num_pairs)
+        add("moved", _distances(grams, t, c, erased, guides, lw), assembled.token_pair, num_pairs)
+        add("gap", _distances(grams, eye, None, erased, guides), assembled.token_pair, num_pairs)
         debiased = terms.erase[n:]
         groups = [("debiased", debiased, torch.arange(len(debiased), device=t.device), len(debiased)),
                   ("preserved", terms.preserve, assembled.token_preserved, len(assembled.preserved))]
         if held_out is not None and held_out[0]:
             groups.append(("held_out", held_out[1], held_out[2], len(held_out[0])))
+        if assembled.invariants is not None:  # per group: each group has its own invariant tokens
+            change, base = _changes(grams, t, c, assembled.invariants.to(t), lw)
+            invariant_changes.extend((change / base.clamp_min(torch.finfo(base.dtype).tiny)).sqrt().tolist())
         for key, tokens, group, count in groups:
             if count:
-                change, base = _changes(grams, t, c, tokens)
+                change, base = _changes(grams, t, c, tokens, lw)
                 add(key, change, group, count)
                 add(key + "_base", base, group, count)
 
@@ -166,4 +192,7 @@ def build_report(parts, layers: int) -> EditReport:
         report.preserved = [{"concept": p, "interference": v} for p, v in zip(assembled.preserved, ratio("preserved"))]
     if "held_out" in sums:
         report.held_out = [{"concept": p, "interference": v} for p, v in zip(held_out[0], ratio("held_out"))]
+    if assembled.invariants is not None:  # (FLUX: the tokens of both groups, one after the other)
+        report.invariants = [{"token": i, "change": v} for i, v in enumerate(invariant_changes)]
+        report.retain_dropped = list(assembled.retain_dropped)
     return report

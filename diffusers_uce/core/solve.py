@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .layerwise import Layerwise, add_layerwise, layerwise_inputs
+
 
 @dataclass
 class EditTerms:
@@ -240,7 +242,7 @@ def low_rank_delta(terms: EditTerms, factor: torch.Tensor) -> Correction:
 
 def edited_weights(
     weights: torch.Tensor, transform, correction: Correction | None = None,
-    row_layer: torch.Tensor | None = None, chunk_size: int = 4096,
+    row_layer: torch.Tensor | None = None, chunk_size: int = 4096, layerwise: Layerwise | None = None,
 ) -> torch.Tensor:
     """``W_ℓ T_ℓ`` for every layer at once, in the dtype of `weights` (use float32 or float64).
 
@@ -249,11 +251,13 @@ def edited_weights(
         transform (`torch.Tensor` or `Correction`): the shared ``T`` (d×d), or ``T − I`` in low-rank form
             (`low_rank_delta`).
         correction (`Correction`, *optional*): the per-layer correction of the "tensor" technique.
-        row_layer (`torch.Tensor`, *optional*): layer index of each row; needed with `correction`.
+        row_layer (`torch.Tensor`, *optional*): layer index of each row; needed with `correction` or `layerwise`.
+        layerwise (`Layerwise`, *optional*): a per-layer low-rank change ``Uᵀ D_ℓ`` added to ``T_ℓ`` (precise
+            erasure), usually with ``transform=None`` (``T = I``).
     """
     compute = weights.dtype
     low_rank = isinstance(transform, Correction)
-    out = None if low_rank else weights @ transform.to(compute)
+    out = None if low_rank or transform is None else weights @ transform.to(compute)
     for part in ((transform,) if low_rank else ()) + (correction,):
         if part is None:
             continue
@@ -263,21 +267,26 @@ def edited_weights(
             coef = part.coef[:, chunk].to(compute)
             y, solved = y * (coef if coef.shape[0] == 1 else coef[row_layer]), part.solved[chunk].to(compute)
             out = torch.addmm(weights, y, solved) if out is None else out.addmm_(y, solved)  # W is never written
-    return weights.clone() if out is None else out
+    out = weights.clone() if out is None else out
+    return out if layerwise is None else add_layerwise(out, weights, layerwise, row_layer)
 
 
 def apply_to_inputs(
-    x: torch.Tensor, delta: torch.Tensor, correction: Correction | None = None, layer: int | None = None
+    x: torch.Tensor, delta: torch.Tensor | None, correction: Correction | None = None, layer: int | None = None,
+    layerwise: Layerwise | None = None,
 ) -> torch.Tensor:
     """``x T_ℓᵀ`` computed as ``x + x Δᵀ (+ correction)`` where ``Δ = T − I``: what a processor feeds
     ``to_k``/``to_v``.
 
     ``delta`` and the correction must already be on `x`'s device; the product runs in float32 or better and is
-    returned in `x`'s dtype.
+    returned in `x`'s dtype. `delta` may be `None` (``T = I``) when `layerwise` (``T_ℓ − I = Uᵀ D_ℓ``) carries the
+    change.
     """
     compute = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(compute)
-    out = xc + xc @ delta.to(compute).T
+    out = xc if delta is None else xc + xc @ delta.to(compute).T
+    if layerwise is not None:
+        out = out + layerwise_inputs(xc, layerwise, layer)
     if correction is not None:
         coef = correction.coef[layer].to(compute)
         out = out + ((xc @ correction.solved.to(compute).T) * coef) @ correction.tokens.to(compute)

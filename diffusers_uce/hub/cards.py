@@ -145,6 +145,7 @@ def _edit_row(index: int, data: Mapping) -> dict[str, str]:
            for key in ("erase_scale", "preserve_scale", "lamb")},
         **{key: _md(data[key]) if data.get(key) else "—" for key in ("token_mode", "technique")},
         **_harden_cell(data.get("technique"), data.get("harden")),
+        **(_precise_row(data, preserve) if data.get("method", "uce") != "uce" else {}),
     }
 
 
@@ -155,6 +156,15 @@ def _harden_cell(technique, harden) -> dict:
     rounds = harden.get("rounds")
     return {"technique": f"{_md(technique or 'replace')}, hardened: {rounds} round{'s' * (rounds != 1)}, "
                          f"ρ {_number(harden.get('reg'))} ({_md(harden.get('tokens'))} tokens)"}
+
+
+def _precise_row(data: Mapping, preserve: list[str]) -> dict[str, str]:
+    """A precise-erasure record's cells: its method and options in the technique column, its retain set summed up."""
+    options = ", ".join(f"{k}={v if k != 'invariants' or isinstance(v, str) else f'{len(v)} tokens'}"
+                        for k, v in (data.get("method_options") or {}).items())
+    retain = f"retain set of {len(preserve)}: {_names(preserve)}" if preserve else "retain: \"\""
+    return {"preserved": retain, "erase_scale": "—", "preserve_scale": "—", "lamb": "—",
+            "technique": _md(f"{data['method']} ({options})")}
 
 
 def _report_view(report: Any) -> dict | None:
@@ -180,6 +190,7 @@ def _report_view(report: Any) -> dict | None:
         "mean_efficacy": fmt(summary["mean_efficacy"]),
         "mean_preserved": fmt(summary["mean_preserved_interference"]),
         "mean_held_out": fmt(summary["mean_held_out_interference"]),
+        "max_invariant_change": fmt(summary.get("max_invariant_change")),
         "layers": str(data["layers"]) if data.get("layers") else None,
         "rows": rows[:MAX_REPORT_ROWS],
         "more": f"*… and {hidden} more rows.*" if hidden > 0 else None,

@@ -31,11 +31,12 @@ logger = logging.get_logger(__name__)
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "utils.versions", "utils.checks", "utils.files", "utils.generation", "core.solve", "core.lowrank", "core.robust",
-    "core.hardening", "core.edits",
-    "core.concepts", "core.prompts", "core.families", "core.targets", "core.engine", "core.report",
-    "loaders.processor", "loaders.edit_state", "loaders.edit_file", "loaders.lora", "loaders.debias", "loaders.robust",
-    "loaders.concept_edit",
+    "utils.versions", "utils.checks", "utils.files", "utils.generation",
+    "core.solve", "core.lowrank", "core.robust", "core.hardening", "core.edits", "core.concepts", "core.prompts",
+    "core.families", "core.targets", "core.engine", "core.report", "core.layerwise", "core.speed_options",
+    "core.precise", "core.speed_solve",
+    "loaders.processor", "loaders.edit_state", "loaders.state_mixin", "loaders.edit_format", "loaders.edit_file",
+    "loaders.lora", "loaders.debias", "loaders.robust", "loaders.solver", "loaders.concept_edit",
 )
 PIPELINE_BASE = "StableDiffusionPipeline"
 # The committed file of each family (by pipeline class), and the checkpoint its docstring's example loads.

@@ -14,8 +14,8 @@ from diffusers.utils import logging
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..loaders.edit_file import EDIT_WEIGHT_NAME
-from ..loaders.edit_state import serialized
+from ..loaders.edit_format import EDIT_WEIGHT_NAME
+from ..loaders.state_mixin import serialized
 from .cards import card_for_pipeline, save_model_card
 
 logger = logging.get_logger(__name__)

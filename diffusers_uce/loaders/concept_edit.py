@@ -7,23 +7,21 @@ import os
 import shutil
 from dataclasses import dataclass
 
-import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
-from ..core import engine
 from ..core.edits import ConceptEdit, check_held_out, concept_edit_request
-from ..core.families import STABLE_DIFFUSION, Family, TargetGroup
-from ..core.hardening import hardening_prompts, needs_full_states, robustness_rows
-from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
+from ..core.families import STABLE_DIFFUSION, Family
+from ..core.hardening import robustness_rows
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
-from ..core.solve import grouped_grams, homogeneous
-from ..core.targets import LayerFilter, find_linear_layers, find_projections
+from ..core.targets import LayerFilter
 from ..utils.files import atomic_folder
 from .edit_file import UCEIOMixin
-from .edit_state import EditState, GroupEdit, UCEEditStateMixin, serialized
+from .edit_state import EditState
 from .lora import UCELoraMixin
 from .robust import UCERobustMixin
+from .solver import UCESolverMixin
+from .state_mixin import UCEEditStateMixin, serialized
 
 logger = logging.get_logger(__name__)
 
@@ -44,7 +42,7 @@ class ConceptEditOutput:
         return str(self.report)
 
 
-class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
+class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEditStateMixin):
     """Unified Concept Editing (Gandikota et al., WACV 2024) for a text-to-image pipeline.
 
     Erases concepts toward guides while preserving others by rewriting, in closed form, the layers that read the text
@@ -64,6 +62,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
         layers: LayerFilter = None, held_out: list[str] | None = None, moderate: str | list[str] | None = None,
         expand_prompts: str | None = None, harden: bool | int = False, harden_options: dict | None = None,
+        method: str = "uce", method_options: dict | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
@@ -101,6 +100,17 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
                 `preserve_scale` (0.1), `preserve` (`" "` once per erased concept) and `tokens` (`"all"`: every
                 position of the concept and guide prompts, as the authors; `"record"`: the edit's own tokens); see
                 `diffusers_uce.core.hardening.HardenOptions`.
+            method (`str`, defaults to `"uce"`): `"uce"`, or `"speed"` for precise erasure (SPEED, Li et al., ICLR
+                2026): the change is confined to the directions the retain set (`preserve`, e.g.
+                `diffusers_uce.retain_set("artists")`; `""` when empty) does not use, and invariant tokens are kept
+                exactly. Retain prompts naming an erased concept as a whole word are left out. Every edit of a
+                pipeline uses one method; `erase_scale`, `preserve_scale`, `lamb`, `token_mode` and `technique` apply
+                to `"uce"` only.
+            method_options (`dict`, *optional*): options of `"speed"`, the same for every edit: `threshold` (0.1),
+                `retain_scale` (1.0; 0.05 suits 10–100 celebrities), `invariant_lamb` (0.0: invariants exact),
+                `augment` (10 copies per retain token; 0 turns prior refinement off), `filter` (`True`), `seed` (0),
+                `invariants` (`"auto"`, a list of prompts or a `(k, d)` tensor). See
+                `diffusers_uce.core.speed_options.SPEED_DEFAULTS`.
 
         Returns:
             [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it; its `robustness`
@@ -117,7 +127,8 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
         record = concept_edit_request(
             erase, guide, preserve, moderate=moderate, expand_prompts=expand_prompts, erase_scale=erase_scale,
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
-            earlier=self.concept_edits, harden=harden, harden_options=harden_options,
+            earlier=self.concept_edits, harden=harden, harden_options=harden_options, method=method,
+            method_options=method_options,
         )
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
@@ -179,6 +190,26 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
         self._uce_check_installed()
         return super().__call__(*args, **kwargs)
 
+    def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
+                   held_out: list[str] | None) -> ConceptEditOutput:
+        """Solve `records` jointly from the original weights, report, and install the result (validated inputs)."""
+        state = self._uce_state
+        groups = state.groups if state is not None else self._uce_groups(EditState(edit_keys, layers))
+        named = {c for r in records for c in (*r.erase, *r.preserve)}
+        held = [c for c in (DEFAULT_HOLDOUT_CONCEPTS if held_out is None else held_out) if c not in named]
+        solutions, parts, robust = self._uce_solutions(records, groups, held)
+        report = build_report(parts, sum(len(g.projections) for g in groups))
+        if all(sums is not None for sums in robust):
+            report.robustness = robustness_rows(records, robust)
+        fused = None
+        if state is not None and state.fused:
+            fused = [g.fused_weights(state.scale, self._execution_device, s) for g, s in zip(groups, solutions)]
+
+        # Validated and solved: only now is the pipeline changed.
+        self._uce_set_edit(groups, records, solutions, fused).report = report
+        logger.info(f"Applied {len(records)} concept edit(s) to {report.layers} layers")
+        return ConceptEditOutput(edits=tuple(records), report=report)
+
     def _uce_check_options(self, edit_keys, layers, held_out) -> list[str] | None:
         """Check the options every edit shares (the layers they select must be those already edited: edits are
         solved jointly); returns `held_out` as a list."""
@@ -199,94 +230,6 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCEEditStateMixin):
                     "change them"
                 )
         return held_out
-
-    def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
-                   held_out: list[str] | None) -> ConceptEditOutput:
-        """Solve `records` jointly from the original weights, report, and install the result (validated inputs)."""
-        state = self._uce_state
-        groups = state.groups if state is not None else self._uce_groups(EditState(edit_keys, layers))
-        device = self._execution_device
-        named = {c for r in records for c in (*r.erase, *r.preserve)}
-        held = [c for c in (DEFAULT_HOLDOUT_CONCEPTS if held_out is None else held_out) if c not in named]
-        prompts = engine.prompts_of(records) + held + hardening_prompts(records)
-        last_only = all(r.token_mode == "last" for r in records) and not needs_full_states(records)
-        solutions, parts, robust = [], [], []
-        for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
-            weights, row_layer = group.stacked(device)
-            plain = weights[:, :-1] if group.biased else weights
-            encoded = self._uce_encode(group.group, prompts, last_only, device)
-            assembled = engine.assemble_terms(records, encoded)
-            solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
-            if not solution.is_finite():
-                raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
-                                 "preserve_scale or raise lamb")
-            solution, sums = self._uce_harden(group, weights, solution, records, encoded)
-            robust.append(sums)
-            solutions.append(solution)
-            parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
-        report = build_report(parts, sum(len(g.projections) for g in groups))
-        if all(sums is not None for sums in robust):
-            report.robustness = robustness_rows(records, robust)
-        fused = None
-        if state is not None and state.fused:
-            fused = [g.fused_weights(state.scale, device, s) for g, s in zip(groups, solutions)]
-
-        # Validated and solved: only now is the pipeline changed.
-        self._uce_set_edit(groups, records, solutions, fused).report = report
-        logger.info(f"Applied {len(records)} concept edit(s) to {report.layers} layers")
-        return ConceptEditOutput(edits=tuple(records), report=report)
-
-    def _uce_groups(self, state: EditState) -> list[GroupEdit]:
-        """The family's target groups with the layers `state.edit_keys`/`state.layers` select (checked)."""
-        family = self._uce_family
-        if not state.edit_keys and not family.has_keys:
-            raise ValueError(f"edit_keys=False needs key/value projections, and {family.name} pipelines edit "
-                             f"{family.named_layers}: leave edit_keys=True")
-        groups = []
-        for group in family.groups:
-            component = getattr(self, group.component)
-            width = group.text_width(self)
-            if group.cross_attention:
-                found = find_projections(component, edit_keys=state.edit_keys, layers=state.layers, context_dim=width)
-            else:
-                found = find_linear_layers(component, group.modules, layers=state.layers, context_dim=width)
-            if found:
-                groups.append(GroupEdit(state, group, found))
-        if not groups:
-            raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
-                             f"{family.name} pipelines ({family.named_layers})")
-        return groups
-
-    def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:
-        """Hidden states of `prompts` as `group`'s layers read them (one batched pass per text encoder)."""
-        text = group.text
-        encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
-        encoded = encode_prompts(encoders, prompts, causal_cut=text.causal and last_only, output=text.output,
-                                 max_length=text.max_length, device=device)
-        if not bool(torch.isfinite(encoded.states).all()):
-            raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
-                             "Check the text encoder's weights and dtype (fp16 overflow?)")
-        return encoded
-
-    @staticmethod
-    def _uce_report_part(group: GroupEdit, weights, solution, assembled, encoded, held, records):
-        """What `build_report` needs from one group: its Gram matrices (or weights) and its tokens."""
-        num_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
-        if solution.correction is not None:
-            grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
-        elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
-            grams = weights
-        else:
-            grams = (weights.T @ weights).double()[None]
-        held_tokens = None
-        if held:
-            rows = encoded.rows(held)
-            index, pos = preserve_positions(encoded.last[rows], records[-1].token_mode, encoded.max_length)
-            tokens = encoded.states[rows[index], pos].double()
-            held_tokens = (held, homogeneous(tokens) if group.biased else tokens, index)
-        if group.biased:
-            assembled = engine.homogeneous_terms(assembled)
-        return grams, solution, assembled, held_tokens
 
     @serialized
     def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False,

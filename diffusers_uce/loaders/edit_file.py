@@ -1,207 +1,32 @@
-"""The edit-file format: what `save_concept_edits` writes and `load_concept_edits` reads, checked before any use.
-
-An edit file is one safetensors file. Its tensors are the solution of every target group in float64, keyed by group
-name: ``<group>.uce.transform`` (``d×d``; ``(d+1)×(d+1)`` in homogeneous form for a group whose layers have a bias,
-FLUX) and, for the "tensor" technique, ``<group>.uce.correction.{tokens,solved,coef}``. Group names are
-``"unet"`` (SD 1.x/2.x, SDXL), ``"transformer.context_embedder"`` and ``"transformer.text_embedder"`` (FLUX). Its
-header
-holds one JSON string (metadata key ``"uce"``): format name and version, the family, the edit records, the edited
-projections with their group and shape, the options every later edit must share, the strength, the base model and
-library versions. Version 1 (before families) wrote SD 1.x/2.x files without ``"family"`` or per-projection
-``"group"``; they still load.
-"""
+"""Saving and loading concept edits as edit files (`UCEIOMixin`, part of `UCEMixin`): one small safetensors file
+that any pipeline of the same base model loads without solving again (the format: `edit_format`)."""
 
 from __future__ import annotations
 
 import json
 import os
 
-import safetensors
-import safetensors.torch
-import torch
 from diffusers.utils import logging
 
-from ..core import engine
-from ..core.edits import ConceptEdit
-from ..core.solve import Correction
-from ..utils.checks import is_finite_number
-from ..utils.files import PICKLE_SUFFIXES, atomic_save_safetensors, check_weight_name, folder_lock
+from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
-from .edit_state import MAX_EDIT_SCALE, EditState, serialized
+from .edit_format import (
+    EDIT_WEIGHT_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    VERIFY_TOLERANCE,
+    read_edit_file,
+    records_from,
+    resolve_edit_file,
+    solution_difference,
+    solution_from,
+    solution_tensors,
+)
+from .edit_state import EditState
+from .state_mixin import serialized
 
 logger = logging.get_logger(__name__)
-
-FORMAT_NAME = "diffusers-uce-edit"
-FORMAT_VERSION = 2  # 2: a family and one solution per target group (FLUX has two); 1: SD 1.x/2.x, one group
-METADATA_KEY = "uce"
-EDIT_WEIGHT_NAME = "uce_edits.safetensors"
-CORRECTION_PARTS = ("tokens", "solved", "coef")
-
-
-def solution_tensors(prefix: str, solution: engine.Solution) -> dict[str, torch.Tensor]:
-    """The tensors of one group's solution, in float64 on the CPU: ``<prefix>.transform`` (and the correction)."""
-    solution = solution.to(device="cpu", dtype=torch.float64)
-    tensors = {f"{prefix}.transform": solution.transform}
-    if solution.correction is not None:
-        tensors.update({f"{prefix}.correction.{p}": getattr(solution.correction, p) for p in CORRECTION_PARTS})
-    return tensors
-
-
-def records_from(raw) -> list[ConceptEdit]:
-    """Rebuild and re-validate stored edit records (each against the ones before it)."""
-    if not isinstance(raw, list) or not raw:
-        raise ValueError("the edit file lists no edit records")
-    records = []
-    for entry in raw:
-        try:
-            records.append(ConceptEdit.from_dict(entry, earlier=records))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"invalid edit record in the edit file ({error}): {entry!r}") from error
-    return records
-
-
-def resolve_edit_file(name_or_path, *, weight_name, subfolder, revision, token, cache_dir, local_files_only,
-                      force_download) -> str:
-    """A local path to the edit file: the file itself, the one in a folder, or a Hub download (the arguments of
-    `load_concept_edits`). Pickle files are refused by name, before anything is opened or downloaded."""
-    name_or_path = os.fspath(name_or_path)
-    if weight_name is not None:
-        _refuse_pickle(weight_name)
-    if os.path.isfile(name_or_path) or name_or_path.lower().endswith(PICKLE_SUFFIXES):
-        _refuse_pickle(name_or_path)
-        return name_or_path
-    if os.path.isdir(name_or_path):
-        folder = os.path.join(name_or_path, subfolder) if subfolder else name_or_path
-        if weight_name is not None:
-            path = os.path.join(folder, weight_name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no {weight_name} in {folder}")
-            return path
-        if os.path.isfile(os.path.join(folder, EDIT_WEIGHT_NAME)):
-            return os.path.join(folder, EDIT_WEIGHT_NAME)
-        candidates = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and _is_edit_file(
-            os.path.join(folder, f)))  # (regular files only: a FIFO or device is never opened)
-        if len(candidates) != 1:
-            found = f"several ({', '.join(candidates)})" if candidates else "none"
-            raise FileNotFoundError(f"looked for one concept-edit .safetensors file in {folder} and found {found}: "
-                                    "pass weight_name")
-        return os.path.join(folder, candidates[0])
-    if name_or_path.endswith(".safetensors") or name_or_path.startswith((".", "~", os.sep)) or os.path.isabs(
-            name_or_path):
-        raise FileNotFoundError(f"{name_or_path} does not exist (give an edit file, a folder or a Hub repo id)")
-    from huggingface_hub import hf_hub_download
-
-    logger.info(f"{name_or_path} is not a local file or folder: downloading it from the Hub")
-    return hf_hub_download(
-        name_or_path, weight_name or EDIT_WEIGHT_NAME, subfolder=subfolder, revision=revision, token=token,
-        cache_dir=cache_dir, local_files_only=local_files_only, force_download=force_download,
-    )
-
-
-def _refuse_pickle(name: str) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES) or not name.endswith(".safetensors"):
-        raise ValueError(f"{name} is not a .safetensors file: only safetensors edit files are loaded (pickle files "
-                         "can run code when loaded and are never opened)")
-
-
-def _is_edit_file(path: str) -> bool:
-    if not os.path.isfile(path):
-        return False  # not a regular file (a FIFO would block the read)
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            return METADATA_KEY in (f.metadata() or {})
-    except Exception:  # not a readable safetensors file: not ours
-        return False
-
-
-def read_edit_file(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata JSON (its format and types checked, not yet against a pipeline) and the tensors of an edit file."""
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    if METADATA_KEY not in header:
-        lora = any(".lora_" in k for k in tensors)
-        hint = " (it looks like a LoRA: load it with load_lora_weights())" if lora else ""
-        raise ValueError(f"{path} is not a diffusers-uce edit file: its header has no {METADATA_KEY!r} metadata{hint}")
-    try:
-        info = json.loads(header[METADATA_KEY])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"the {METADATA_KEY!r} metadata of {path} is not valid JSON: {error}") from error
-    except RecursionError:
-        raise ValueError(f"the {METADATA_KEY!r} metadata of {path} is nested too deeply for an edit file") from None
-    found = info.get("format") if isinstance(info, dict) else None
-    if found != FORMAT_NAME:
-        raise ValueError(f"{path} is not a diffusers-uce edit file (format {found!r}, expected {FORMAT_NAME!r})")
-    version = info.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        raise ValueError(f"{path} has edit-file format version {version!r}; this diffusers-uce reads versions up to "
-                         f"{FORMAT_VERSION}: upgrade diffusers-uce")
-    required = ("denoiser", "edits", "projections", "edit_keys", "layers", "scale", "base_model")
-    missing = [k for k in required if k not in info]
-    if missing:
-        raise ValueError(f"the metadata of {path} misses {', '.join(missing)}")
-    layers, projections, base = info["layers"], info["projections"], info["base_model"]
-    if version >= 2 and not (isinstance(info.get("family"), str) and isinstance(projections, list) and all(
-            isinstance(p, dict) and isinstance(p.get("group"), str) for p in projections)):
-        raise ValueError(f"the metadata of {path} (format version {version}) misses the family or a projection's "
-                         "group")
-    widths = base.get("text_hidden_sizes", {}) if isinstance(base, dict) else None
-    valid = (
-        isinstance(info["edit_keys"], bool)
-        and (layers is None or (isinstance(layers, list) and all(isinstance(x, str) for x in layers)))
-        and isinstance(projections, list) and len(projections) > 0
-        and all(isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("shape"), list)
-                for p in projections)
-        and isinstance(base, dict) and isinstance(base.get("text_hidden_size"), int)
-        and isinstance(widths, dict) and all(isinstance(w, int) for w in widths.values())
-    )
-    if not valid:
-        raise ValueError(f"the metadata of {path} has invalid edit_keys, layers, projections or base_model")
-    scale = info["scale"]
-    if not is_finite_number(scale) or abs(scale) > MAX_EDIT_SCALE:
-        raise ValueError(f"the metadata of {path} has an invalid scale {scale!r} (a strength between "
-                         f"-{MAX_EDIT_SCALE:g} and {MAX_EDIT_SCALE:g})")
-    return info, tensors
-
-
-def solution_from(tensors: dict, prefix: str, d: int, num_layers: int, records: list[ConceptEdit]) -> engine.Solution:
-    """Rebuild one group's stored solution, checking every shape against what this pipeline expects.
-
-    Args:
-        tensors (`dict[str, torch.Tensor]`): every tensor of the file.
-        prefix (`str`): ``"<group name>.uce"``.
-        d (`int`): the transform's size: the text width, plus one for a group with a bias.
-        num_layers (`int`): the group's number of edited layers (rows of the correction coefficients).
-        records (`list[ConceptEdit]`): the stored edit records ("tensor" technique ones need the correction).
-    """
-    transform = tensors.get(f"{prefix}.transform")
-    if transform is None or tuple(transform.shape) != (d, d) or not transform.is_floating_point():
-        raise ValueError(f"the edit file's {prefix}.transform is missing or is not a {d}x{d} float tensor")
-    parts = {p: tensors.get(f"{prefix}.correction.{p}") for p in CORRECTION_PARTS}
-    wants_correction = any(r.technique == "tensor" for r in records)
-    correction = None
-    if wants_correction:
-        if any(t is None for t in parts.values()):
-            raise ValueError("the edit file has 'tensor' technique edits but no complete correction tensors")
-        r = parts["tokens"].shape[0]
-        shapes = {"tokens": (r, d), "solved": (r, d), "coef": (num_layers, r)}
-        if any(tuple(parts[p].shape) != shape or not parts[p].is_floating_point() for p, shape in shapes.items()):
-            raise ValueError("the edit file's correction tensors have inconsistent shapes")
-        correction = Correction(**{p: parts[p].to(torch.float64) for p in CORRECTION_PARTS})
-    elif any(t is not None for t in parts.values()):
-        raise ValueError("the edit file has correction tensors but no 'tensor' technique edit")
-    known = {f"{prefix}.transform"} | {f"{prefix}.correction.{p}" for p in CORRECTION_PARTS}
-    extra = [k for k in tensors if k.startswith(prefix + ".") and k not in known]
-    if extra:
-        raise ValueError(f"the edit file has unexpected tensors: {', '.join(sorted(extra))}")
-    solution = engine.Solution(transform.to(torch.float64), correction)
-    if not solution.is_finite():
-        raise ValueError("the edit file's solution has non-finite values")
-    return solution
-
 
 def _describe(info: dict) -> str:
     """A model as an edit file's ``base_model`` entry (or `_uce_base_info`) describes it, for error messages."""
@@ -286,6 +111,7 @@ class UCEIOMixin:
         self, pretrained_model_name_or_path: str | os.PathLike, *, weight_name: str | None = None,
         subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, force_download: bool = False,
+        verify: bool = True,
     ) -> None:
         r"""Load an edit file written by `save_concept_edits` and install it (processor mode, its saved strength).
 
@@ -307,6 +133,9 @@ class UCEIOMixin:
             cache_dir (`str` or `os.PathLike`, *optional*): Hub cache folder.
             local_files_only (`bool`, defaults to `False`): only use the local Hub cache.
             force_download (`bool`, defaults to `False`): download again even if cached.
+            verify (`bool`, defaults to `True`): re-encode the recorded prompts on this pipeline, solve them again and
+                refuse the file when its stored edit differs from what its records describe (a renamed concept, a
+                tampered transform, another base model); `False` skips this (it costs one solve).
 
         Example:
         ```py
@@ -323,10 +152,26 @@ class UCEIOMixin:
                                  local_files_only=local_files_only, force_download=force_download)
         info, tensors = read_edit_file(path)
         groups, records, solutions = self._uce_validate_edit_file(info, tensors, path)
+        if verify:
+            self._uce_verify_edit_file(groups, records, solutions, path)
         device = self._execution_device
         groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
+
+    def _uce_verify_edit_file(self, groups, records, solutions, path) -> None:
+        """Solve the file's records again on this pipeline and compare with the stored solutions (changes nothing)."""
+        solved, _, _ = self._uce_solutions(records, groups, held=[])
+        for group, stored, fresh in zip(groups, solutions, solved):
+            difference = solution_difference(stored, fresh, len(group.projections))
+            if difference > VERIFY_TOLERANCE:
+                summary = "; ".join(f"erase {list(r.erase)}" if r.erase else f"debias {[t.concept for t in r.debias]}"
+                                    for r in records)
+                raise ValueError(
+                    f"the edit file {path} does not perform the edits it records ({summary}): solving them again on "
+                    f"this pipeline changes {group.group.name} differently from the stored edit (relative difference "
+                    f"{difference:.2g}). The file was changed after it was saved, or made from another model; "
+                    "load_concept_edits(..., verify=False) loads it anyway")
 
     def _uce_base_info(self, num_projections: int | None) -> dict:
         name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)

@@ -20,12 +20,12 @@ import os
 import torch
 from diffusers.utils import logging
 
-from ..core.lowrank import LowRankFactors, per_layer_low_rank, shared_low_rank
+from ..core.lowrank import LowRankFactors, layerwise_low_rank, per_layer_low_rank, shared_low_rank
 from ..core.solve import Correction, edited_weights
 from ..utils.checks import is_whole_number
 from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
-from .edit_state import serialized
+from .state_mixin import serialized
 
 logger = logging.get_logger(__name__)
 
@@ -176,6 +176,9 @@ def _group_factors(group, scale: float, rank: int | None, device) -> LowRankFact
     weights = weights.to(torch.float64)
     sizes = [p.module.weight.shape[0] for p in group.projections]
     solution = group.solution.to(device=device, dtype=torch.float64)
+    if solution.layerwise is not None:
+        return layerwise_low_rank(weights, row_layer, sizes, solution.layerwise.times(scale),
+                                  weights.shape[1] - group.biased, rank)
     eye = torch.eye(solution.transform.shape[0], dtype=torch.float64, device=device)
     delta = scale * (solution.transform - eye)
     d = weights.shape[1] - group.biased

@@ -68,7 +68,9 @@ class ProjectionEdit:
             return x
         delta, correction = self.group.device_terms(x.device)
         correction = None if correction is None else correction.times(scale)
-        return apply_to_inputs(x, delta * scale, correction, self.layer)
+        layerwise = self.group.device_layerwise(x.device)
+        return apply_to_inputs(x, None if delta is None else delta * scale, correction, self.layer,
+                               None if layerwise is None else layerwise.times(scale))
 
 
 class LinearEditHook:

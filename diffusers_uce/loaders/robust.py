@@ -28,7 +28,7 @@ class UCERobustMixin:
             `tuple`: the (hardened) solution, and the per-record recovery sums (`None` when the edit has per-layer
             corrections, whose robustness is not measured).
         """
-        if solution.correction is not None:
+        if solution.correction is not None or solution.layerwise is not None:  # per-layer transforms
             return solution, None
         blocks = hardening_blocks(records, encoded, group.biased)
         if not blocks:
@@ -73,7 +73,7 @@ class UCERobustMixin:
         out = {}
         for group in state.groups:
             solution = group.solution
-            if solution.correction is not None:
+            if solution.correction is not None or solution.layerwise is not None:
                 raise ValueError("adversarial_embeds needs an edit whose layers share one transform: not available "
                                  "with the 'tensor' technique or debiasing")
             weights, _ = group.stacked(device)

@@ -306,3 +306,26 @@ def test_moderate_and_expand_flags(tmp_path):
     assert record["preserve_scale"] == 0.1
     code, _, err = run_cli("edit", "--moderate", "i2p-v9")
     assert code == 2 and "unknown preset" in err
+
+
+def test_edit_with_precise_erasure_and_a_retain_vocabulary(tmp_path):
+    code, out, err = run_cli("edit", "--erase", "Van Gogh", "--guide", "art", "--preserve",
+                             "@retain:celebrities; Monet", "--method", "speed", "--method-option", "threshold=0.01",
+                             "--method-option", "filter=false", "--save-edits", tmp_path / "edit", "--held-out", "")
+    assert code == 0, err
+    assert "precise erasure: largest change of the 4 invariant tokens" in out
+    pipe = diffusers_uce.attach(make_demo_pipeline("sd1"))
+    pipe.load_concept_edits(tmp_path / "edit")
+    record = pipe.concept_edits[0]
+    assert record.method == "speed" and record.method_options["filter"] is False and len(record.preserve) == 101
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method-option", "threshold=0.1"], "takes no method_options"),
+    (["--method", "speed", "--method-option", "tau=1"], "unknown method_options"),
+    (["--method", "speed", "--preserve", "@retain:painters"], "unknown retain set"),
+    (["--method", "speed", "--lamb", "0.2"], "lamb"),
+])
+def test_edit_refuses_bad_precise_erasure_flags(argv, message):
+    code, _, err = run_cli("edit", "--erase", "Van Gogh", *argv)
+    assert code == 2 and message in err

@@ -283,11 +283,13 @@ def test_bad_tokens_raise():
         speed_update(erase, guide, NUM_CONCEPTS, retain, invariants, augment=5)
 
 
-def test_invariant_inside_the_retained_directions_needs_a_positive_mu():
-    _, erase, guide, retain, _ = make_problem()
-    inside = retain[:2]  # P k = 0: the exact constraint is singular
-    with pytest.raises(ValueError, match="invariant_lamb > 0"):
-        speed_update(erase, guide, NUM_CONCEPTS, retain, inside, augment=0)
+def test_invariants_inside_the_retained_directions_or_repeated_are_kept_exactly():
+    _, erase, guide, retain, invariants = make_problem()
+    inside = torch.cat([retain[:2], invariants[:1], invariants[:1], invariants[1:] + retain[2:4]])  # P k = 0, repeats
+    update = speed_update(erase, guide, NUM_CONCEPTS, retain, inside, augment=0)
+    assert float((update.down[0] @ inside.T).abs().max()) < 1e-10 * float(update.down.abs().max())
+    alone = speed_update(erase, guide, NUM_CONCEPTS, retain, invariants, augment=0)
+    assert torch.allclose(update.down, alone.down, rtol=0, atol=1e-10 * float(alone.down.abs().max()))
     update = speed_update(erase, guide, NUM_CONCEPTS, retain, inside, augment=0, invariant_lamb=0.1)
     assert bool(torch.isfinite(update.down).all())
 

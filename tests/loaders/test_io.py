@@ -169,7 +169,7 @@ class TestEditFiles:
         groups = file_groups(pipe)
         parts = ("transform", "correction.tokens", "correction.solved", "correction.coef")
         assert keys == {f"{g}.uce.{part}" for g in groups for part in parts}  # FLUX: both groups' tensors
-        assert info["format"] == "diffusers-uce-edit" and info["format_version"] == 2
+        assert info["format"] == "diffusers-uce-edit" and info["format_version"] == 3
         assert info["family"] == FAMILY_NAMES[family]
         assert info["denoiser"] == ("transformer" if family == "flux" else "unet")
         assert info["edits"] == json.loads(json.dumps([e.to_dict() for e in out.edits]))
@@ -413,8 +413,10 @@ def test_refuses_values_that_overflow_where_they_are_applied(pipe, family, tmp_p
     tensors["unet.uce.transform"][0, 0] = 1e39
     safetensors.torch.save_file(tensors, str(tmp_path / "huge.safetensors"), metadata=metadata)
     loaded = fresh(family)
-    with pytest.raises(ValueError, match="not finite in float32"):
+    with pytest.raises(ValueError, match="does not perform the edits it records"):  # caught by verification
         loaded.load_concept_edits(tmp_path / "huge.safetensors")
+    with pytest.raises(ValueError, match="not finite in float32"):  # and without it
+        loaded.load_concept_edits(tmp_path / "huge.safetensors", verify=False)
     rewrite(path, lambda info: info.update(scale=1e30))
     with pytest.raises(ValueError, match="invalid scale"):
         loaded.load_concept_edits(path)
@@ -437,3 +439,16 @@ def test_fusing_refuses_to_overflow_half_precision(tmp_path):
     with pytest.raises(ValueError, match="overflows the weights' dtype"):
         pipe.fuse_concept_edits()
     assert all(torch.equal(m.weight, original[n]) for n, m in target_layers(pipe))
+
+
+def test_verified_load_refuses_records_that_do_not_describe_the_transform(pipe, family, tmp_path):
+    """Renaming the erased concept in the header makes the file claim an edit its transform does not perform."""
+    apply(pipe, ERASE, guide="art")
+    path = pipe.save_concept_edits(tmp_path)
+    rewrite(path, lambda info: info["edits"][0].update(erase=["monet", *info["edits"][0]["erase"][1:]]))
+    loaded = fresh(family)
+    with pytest.raises(ValueError, match="does not perform the edits it records.*verify=False"):
+        loaded.load_concept_edits(path)
+    assert loaded._uce_state is None
+    loaded.load_concept_edits(path, verify=False)  # the user's call: loaded as stored
+    assert loaded.concept_edits[0].erase[0] == "monet"

@@ -1,0 +1,127 @@
+"""Solving edits on a pipeline: the target layers, one batched encoding of every prompt, one solve per target group
+(UCE, precise erasure, then the hardening rounds), and what the report needs; nothing here changes the pipeline."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import engine
+from ..core.edits import ConceptEdit
+from ..core.families import TargetGroup
+from ..core.hardening import hardening_prompts, needs_full_states
+from ..core.layerwise import StackedWeights
+from ..core.precise import smallest_right_singular_vectors
+from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
+from ..core.solve import grouped_grams, homogeneous
+from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
+from ..core.targets import find_linear_layers, find_projections
+from .edit_state import EditState, GroupEdit
+
+
+class UCESolverMixin:
+    """How a pipeline solves its edits (part of `UCEMixin`): `_uce_solutions` is shared by applying an edit and by
+    verifying an edit file."""
+
+    def _uce_solutions(self, records: list[ConceptEdit], groups: list[GroupEdit], held: list[str]):
+        """Solve `records` jointly from the original weights of `groups`, without changing the pipeline.
+
+        Returns:
+            `tuple[list, list, list]`: per group, the solution, what the report needs (`_uce_report_part`) and the
+            robustness sums of the hardening replay (`None` where not measured).
+        """
+        device = self._execution_device
+        precise = records[-1].method == "speed"
+        prompts = (speed_prompts(records) if precise else engine.prompts_of(records)) + held
+        prompts += hardening_prompts(records)
+        full = full_length_prompts(records) if precise else []
+        last_only = all(r.token_mode == "last" for r in records) and not needs_full_states(records)
+        solutions, parts, robust = [], [], []
+        for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
+            weights, row_layer = group.stacked(device)
+            plain = weights[:, :-1] if group.biased else weights
+            if full:  # prompts read at full length are encoded apart; the others stop at their last token
+                encodings = [self._uce_encode(group.group, batch, cut, device) for batch, cut in (
+                    ([p for p in prompts if p not in full], True), (full, False)) if batch]
+                encoded = encodings[0] if len(encodings) == 1 else merge_encoded(*encodings)
+            else:
+                encoded = self._uce_encode(group.group, prompts, last_only, device)
+            if precise:
+                assembled, solution = self._uce_solve_precise(group, records, encoded, plain, row_layer)
+            else:
+                assembled = engine.assemble_terms(records, encoded)
+                solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
+            if not solution.is_finite():
+                raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
+                                 "preserve_scale or raise lamb")
+            solution, sums = self._uce_harden(group, weights, solution, records, encoded)
+            robust.append(sums)
+            solutions.append(solution)
+            parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
+        return solutions, parts, robust
+
+    @staticmethod
+    def _uce_solve_precise(group: GroupEdit, records, encoded, plain, row_layer):
+        """Precise erasure of one group (`method="speed"`); the weights' weakest directions are cached per group."""
+        assembled = assemble_speed(records, encoded)
+        options = records[-1].method_options
+        if options["augment"] > 0 and group.singular is None:
+            group.singular = smallest_right_singular_vectors(plain, row_layer, len(group.projections))
+        solution, _ = solve_speed(assembled, options, plain, row_layer, len(group.projections), group.biased,
+                                  group.singular if options["augment"] > 0 else None)
+        return assembled, solution
+
+    def _uce_groups(self, state: EditState) -> list[GroupEdit]:
+        """The family's target groups with the layers `state.edit_keys`/`state.layers` select (checked)."""
+        family = self._uce_family
+        if not state.edit_keys and not family.has_keys:
+            raise ValueError(f"edit_keys=False needs key/value projections, and {family.name} pipelines edit "
+                             f"{family.named_layers}: leave edit_keys=True")
+        groups = []
+        for group in family.groups:
+            component = getattr(self, group.component)
+            width = group.text_width(self)
+            if group.cross_attention:
+                found = find_projections(component, edit_keys=state.edit_keys, layers=state.layers, context_dim=width)
+            else:
+                found = find_linear_layers(component, group.modules, layers=state.layers, context_dim=width)
+            if found:
+                groups.append(GroupEdit(state, group, found))
+        if not groups:
+            raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
+                             f"{family.name} pipelines ({family.named_layers})")
+        return groups
+
+    def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:
+        """Hidden states of `prompts` as `group`'s layers read them (one batched pass per text encoder)."""
+        text = group.text
+        encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
+        encoded = encode_prompts(encoders, prompts, causal_cut=text.causal and last_only, output=text.output,
+                                 max_length=text.max_length, device=device)
+        if not bool(torch.isfinite(encoded.states).all()):
+            raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
+                             "Check the text encoder's weights and dtype (fp16 overflow?)")
+        return encoded
+
+    @staticmethod
+    def _uce_report_part(group: GroupEdit, weights, solution, assembled, encoded, held, records):
+        """What `build_report` needs from one group: its Gram matrices (or weights) and its tokens."""
+        num_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
+        if solution.layerwise is not None:  # precise erasure: one change per layer, measured on the stacked weights
+            grams = StackedWeights(weights, torch.repeat_interleave(
+                torch.arange(len(group.projections), device=weights.device),
+                torch.tensor([p.module.weight.shape[0] for p in group.projections], device=weights.device)))
+        elif solution.correction is not None:
+            grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
+        elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
+            grams = weights
+        else:
+            grams = (weights.T @ weights).double()[None]
+        held_tokens = None
+        if held:
+            rows = encoded.rows(held)
+            index, pos = preserve_positions(encoded.last[rows], records[-1].token_mode, encoded.max_length)
+            tokens = encoded.states[rows[index], pos].double()
+            held_tokens = (held, homogeneous(tokens) if group.biased else tokens, index)
+        if group.biased:
+            assembled = engine.homogeneous_terms(assembled)
+        return grams, solution, assembled, held_tokens
