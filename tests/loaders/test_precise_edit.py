@@ -286,3 +286,25 @@ def test_nudity_and_the_empty_retain_set_use_every_position(family):
         for name in names:
             expected = reference_delta(before[name], erase, guide, 1, retain, invariants, tau, 1.0, 0.0)
             assert rel(after[name] - before[name], expected) < 1e-6, name
+
+
+def test_format_2_files_still_load(tmp_path):
+    import json
+
+    import safetensors
+    import safetensors.torch
+
+    pipe = diffusers_uce.attach(make_demo_pipeline("sd1"))
+    pipe.apply_concept_edits(erase=ERASE, guide="art", preserve=RETAIN)
+    expected = unet_output(pipe)
+    path = pipe.save_concept_edits(tmp_path)
+    with safetensors.safe_open(path, framework="pt") as f:
+        info, tensors = json.loads(f.metadata()["uce"]), {k: f.get_tensor(k) for k in f.keys()}
+    info["format_version"] = 2  # what version 2 wrote: records without a method
+    for record in info["edits"]:
+        del record["method"], record["method_options"]
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt", "uce": json.dumps(info)})
+    loaded = diffusers_uce.attach(make_demo_pipeline("sd1"))
+    loaded.load_concept_edits(tmp_path)
+    assert loaded.concept_edits == pipe.concept_edits and loaded.concept_edits[0].method == "uce"
+    assert rel(unet_output(loaded), expected) < 1e-6
