@@ -3096,18 +3096,12 @@ def _check_positive(name: str, value, zero_ok: bool = False, hint: str = ""):
 
 
 def _layer_groups(row_layer: torch.Tensor, num_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Layers grouped by their number of rows: for each group, its layers ``(g,)`` and their row indices ``(g, c)``."""
+    """`layer_blocks`, after checking that every layer has rows."""
     counts = torch.bincount(row_layer, minlength=num_layers)
     if counts.numel() != num_layers or bool((counts == 0).any()):
         raise ValueError(f"row_layer must give every one of the {num_layers} layers at least one row (and no more "
                          f"layers); got rows per layer {counts.tolist()}")
-    order = torch.argsort(row_layer, stable=True)
-    offsets = torch.cumsum(counts, 0) - counts
-    groups = []
-    for count in torch.unique(counts).tolist():
-        layers = (counts == count).nonzero().squeeze(1)
-        groups.append((layers, order[offsets[layers, None] + torch.arange(count, device=row_layer.device)]))
-    return groups
+    return layer_blocks(row_layer, num_layers)
 
 
 def smallest_right_singular_vectors(weights, row_layer: torch.Tensor | None = None,
