@@ -7,7 +7,6 @@ from typing import Sequence
 
 from ..utils.checks import finite_number, non_negative_number
 from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg
-from .hardening import check_harden_record, resolve_harden
 from .speed_options import check_speed_record, resolve_method_options
 
 TOKEN_MODES = ("last", "paper")
@@ -208,6 +207,8 @@ def build_concept_edit(
                 f"lamb={lamb} differs from the lamb={e.lamb} of the edits already applied; edits are solved jointly "
                 "with one lamb: pass the same value, or call unload_concept_edits() first"
             )
+    from .hardening import check_harden_record  # here: the command line imports this module and must start fast
+
     harden = check_harden_record(harden, erase_list)
     _check_hardening_compatible(harden, technique, targets, earlier)
     return ConceptEdit(
@@ -334,6 +335,8 @@ def concept_edit_request(
         [`ConceptEdit`]: the record.
     """
     erase, guide = erase_requests(erase, guide, moderate=moderate, expand=expand_prompts)
+    from .hardening import resolve_harden  # (torch, only when a request is built)
+
     harden = resolve_harden(harden, harden_options, erase=erase, moderate=moderate, expand_prompts=expand_prompts)
     if moderate is not None and preserve_scale is None and method == "uce":
         preserve_scale = MODERATION_DEFAULTS["preserve_scale"]

@@ -16,6 +16,7 @@ from ..core.solve import grouped_grams, homogeneous
 from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
 from ..core.targets import find_linear_layers, find_projections
 from .edit_state import EditState, GroupEdit
+from .encoding_cache import EncodingCache, encoders_fingerprint
 
 
 class UCESolverMixin:
@@ -92,14 +93,22 @@ class UCESolverMixin:
         return groups
 
     def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:
-        """Hidden states of `prompts` as `group`'s layers read them (one batched pass per text encoder)."""
+        """Hidden states of `prompts` as `group`'s layers read them: prompts encoded by an earlier solve come from the
+        pipeline's cache (while its text encoders are unchanged), the others from one batched pass per encoder."""
         text = group.text
         encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
-        encoded = encode_prompts(encoders, prompts, causal_cut=text.causal and last_only, output=text.output,
-                                 max_length=text.max_length, device=device)
-        if not bool(torch.isfinite(encoded.states).all()):
-            raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
-                             "Check the text encoder's weights and dtype (fp16 overflow?)")
+        full = not (text.causal and last_only)  # else each prompt is encoded up to its last token only
+        cache = self.__dict__.get("_uce_encodings") or self.__dict__.setdefault("_uce_encodings", EncodingCache())
+        missing = cache.split(group.name, encoders_fingerprint([m for pair in encoders for m in pair]), prompts, full)
+        if missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
+            encoded = encode_prompts(encoders, missing, causal_cut=not full, output=text.output,
+                                     max_length=text.max_length, device=device)
+            if not bool(torch.isfinite(encoded.states).all()):
+                raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
+                                 "Check the text encoder's weights and dtype (fp16 overflow?)")
+            cache.store(group.name, encoded, full)
+        encoded = cache.encoded(group.name, prompts, full)
+        cache.trim()
         return encoded
 
     @staticmethod

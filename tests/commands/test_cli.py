@@ -329,3 +329,15 @@ def test_edit_with_precise_erasure_and_a_retain_vocabulary(tmp_path):
 def test_edit_refuses_bad_precise_erasure_flags(argv, message):
     code, _, err = run_cli("edit", "--erase", "Van Gogh", *argv)
     assert code == 2 and message in err
+
+
+def test_help_does_not_import_torch_or_diffusers():
+    """`diffusers-uce --help` starts in well under a second: building every subcommand's parser imports nothing
+    heavy (torch and diffusers load when a command runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom diffusers_uce.commands.uce_cli import build_parser\nbuild_parser().format_help()\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
