@@ -126,13 +126,36 @@ def _unsupported(model: str, class_name: str) -> TypeError:
     return TypeError(f"--model {model} is a {class_name}, which diffusers-uce cannot edit: give {SUPPORTED}")
 
 
-def _check_pipeline_class(model: str) -> None:
+def hub_reachable(model: str) -> bool:
+    """Whether the Hub answers for `model` (within seconds). Offline, a model in the local cache loads from it (returns
+    `False`); one that is not raises a `ConnectionError` saying what to do, instead of retrying for half a minute."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        HfApi().model_info(model, timeout=5)
+        return True
+    except HfHubHTTPError:  # the Hub answered (no such repo, gated...): from_pretrained says what is wrong
+        return True
+    except Exception as error:  # no answer: offline, or the Hub is down
+        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+            progress(f"The Hub cannot be reached ({type(error).__name__}); loading {model} from the local cache")
+            return False
+        raise ConnectionError(
+            f"--model {model}: the Hugging Face Hub cannot be reached ({type(error).__name__}) and the model is not "
+            "in the local cache. Offline, give a local folder (or a model downloaded before); with a proxy or mirror, "
+            "set HF_ENDPOINT") from None
+
+
+def _check_pipeline_class(model: str, local_files_only: bool = False) -> None:
     """Fail before loading any weights when the model_index.json of `model` names a pipeline that cannot be edited."""
     import diffusers
 
     from ..core.families import family_of
 
-    name = diffusers.DiffusionPipeline.load_config(model).get("_class_name")
+    name = diffusers.DiffusionPipeline.load_config(model, local_files_only=local_files_only).get("_class_name")
     cls = getattr(diffusers, name or "", None)  # a custom pipeline class is only known once loaded
     if isinstance(cls, type):
         try:
@@ -167,11 +190,12 @@ def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
         return attach(make_demo_pipeline(DEMO_MODELS[model], seed=seed, torch_dtype=dtype, device=device))
     from diffusers import DiffusionPipeline
 
-    _check_pipeline_class(model)
+    local_only = not os.path.isdir(model) and not hub_reachable(model)
+    _check_pipeline_class(model, local_only)
     # Recent diffusers deprecate torch_dtype for dtype, older ones only know torch_dtype: pass it, hide the warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*torch_dtype.*deprecated", FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=local_only)
     try:
         attach(pipe)
     except TypeError:

@@ -90,6 +90,12 @@ class UCESolverMixin:
         if not groups:
             raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
                              f"{family.name} pipelines ({family.named_layers})")
+        offloaded = [p.name for g in groups for p in g.projections if p.module.weight.device.type == "meta"]
+        if offloaded:
+            raise ValueError(
+                f"the weights of {offloaded[0]} (and {len(offloaded) - 1} more edited layers) are offloaded to the "
+                "meta device (enable_sequential_cpu_offload()), where they cannot be read or edited: edit concepts "
+                "before enabling sequential offload, or use enable_model_cpu_offload(), which works with edits")
         return groups
 
     def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:

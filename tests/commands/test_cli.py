@@ -341,3 +341,19 @@ def test_help_does_not_import_torch_or_diffusers():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_hub_id_offline_fails_fast_with_a_hint(monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nothing listens on: the Hub is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    code, _, err = run_cli("edit", "--model", "someone/not-cached-model", "--erase", "van gogh")
+    assert code == 2 and "cannot be reached" in err and "local folder" in err
+    assert time.perf_counter() - t0 < 15
