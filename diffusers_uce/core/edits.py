@@ -55,6 +55,8 @@ class ConceptEdit:
             "preserve_scale", "preserve", "tokens"}`` (see `diffusers_uce.core.hardening.HardenOptions`).
         method (`str`): `"uce"` or `"speed"` (precise erasure; `preserve` is then its retain set).
         method_options (`dict`): the options of `method`, defaults filled in (empty for `"uce"`).
+        name (`str`): the edit's name (`adapter_name`), used by `remove_concept_edits`; `""` for records of files
+            saved before edits had names.
     """
 
     erase: tuple[str, ...]
@@ -69,6 +71,7 @@ class ConceptEdit:
     harden: dict | None = None
     method: str = "uce"
     method_options: dict = field(default_factory=dict)
+    name: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +90,7 @@ class ConceptEdit:
                                     "method_options") if k in data},
             debias={t.get("concept"): t.get("attribute_sets") for t in debias} or None,
             debias_weights={t.get("concept"): t.get("weights") for t in debias} or None,
-            harden=data.get("harden"),
+            harden=data.get("harden"), name=data.get("name", ""),
         )
         if _as_lists(record.to_dict()) != _as_lists({**record.to_dict(), **data}):
             raise ValueError(f"edit record does not round-trip (was it edited by hand?): {data!r}")
@@ -152,7 +155,7 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
-    harden=None, method="uce", method_options=None,
+    harden=None, method="uce", method_options=None, name: str = "",
 ) -> ConceptEdit:
     """Validate one request and resolve its defaults; raises before any weight is touched.
 
@@ -169,7 +172,10 @@ def build_concept_edit(
         harden (`dict`, *optional*): resolved hardening (`hardening.resolve_harden`), checked again here.
         method (`str`, defaults to `"uce"`): `"uce"` or `"speed"`; every edit of a pipeline uses the same method.
         method_options (`dict`, *optional*): options of `method` (see `speed_options.SPEED_DEFAULTS`).
+        name (`str`, defaults to `""`): the edit's name.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"adapter_name must be a string, got {name!r}")
     method_options = resolve_method_options(method, method_options)
     erase_list = _concept_list(erase, "erase")
     targets = _debias_targets(debias, debias_weights)
@@ -195,7 +201,7 @@ def build_concept_edit(
         if harden:
             raise ValueError("harden applies to method='uce' edits: leave it out with method='speed'")
         return ConceptEdit(erase=erase_list, guide=guides, preserve=preserve_list, preserve_scale=1.0,
-                           method=method, method_options=method_options)
+                           method=method, method_options=method_options, name=name)
     erase_scale = non_negative_number(erase_scale, "erase_scale")
     lamb = non_negative_number(lamb, "lamb", positive=True)
     if preserve_scale is None:
@@ -214,7 +220,7 @@ def build_concept_edit(
     return ConceptEdit(
         erase=erase_list, guide=guides, preserve=preserve_list, erase_scale=erase_scale,
         preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique, debias=targets,
-        harden=harden,
+        harden=harden, name=name,
     )
 
 
@@ -316,6 +322,7 @@ def concept_edit_request(
     erase=None, guide=None, preserve=None, *, moderate=None, expand_prompts=None, erase_scale=1.0,
     preserve_scale=None, lamb=0.5, token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
     debias=None, debias_weights=None, harden=False, harden_options=None, method="uce", method_options=None,
+    name: str = "",
 ) -> ConceptEdit:
     r"""Everything `apply_concept_edits`, `debias_concepts` and the command line accept, as one validated record.
 
@@ -330,6 +337,7 @@ def concept_edit_request(
         debias, debias_weights: debiased concepts and their attribute weights, as `build_concept_edit` takes them.
         harden, harden_options: hardening rounds and their options, as `apply_concept_edits` takes them.
         method, method_options: the edit method and its options, as `build_concept_edit` takes them.
+        name (`str`, defaults to `""`): the edit's name.
 
     Returns:
         [`ConceptEdit`]: the record.
@@ -343,5 +351,5 @@ def concept_edit_request(
     return build_concept_edit(
         erase, guide, resolve_concept_arg(preserve), erase_scale=erase_scale, preserve_scale=preserve_scale,
         lamb=lamb, token_mode=token_mode, technique=technique, earlier=earlier, debias=debias,
-        debias_weights=debias_weights, harden=harden, method=method, method_options=method_options,
+        debias_weights=debias_weights, harden=harden, method=method, method_options=method_options, name=name,
     )

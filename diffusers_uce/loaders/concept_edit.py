@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging
@@ -62,7 +62,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
         layers: LayerFilter = None, held_out: list[str] | None = None, moderate: str | list[str] | None = None,
         expand_prompts: str | None = None, harden: bool | int = False, harden_options: dict | None = None,
-        method: str = "uce", method_options: dict | None = None,
+        method: str = "uce", method_options: dict | None = None, adapter_name: str | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
@@ -112,6 +112,9 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
                 `invariants` (`"auto"`, a list of prompts or a `(k, d)` tensor). See
                 `diffusers_uce.core.speed_options.SPEED_DEFAULTS`.
 
+            adapter_name (`str`, *optional*): a name for this edit (`"edit_<n>"` by default), to remove it later with
+                `remove_concept_edits(name)`; `get_concept_edit_names()` lists them.
+
         Returns:
             [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it; its `robustness`
             rows give each erased concept's adversarial recovery before hardening and after each round).
@@ -128,7 +131,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
             erase, guide, preserve, moderate=moderate, expand_prompts=expand_prompts, erase_scale=erase_scale,
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
             earlier=self.concept_edits, harden=harden, harden_options=harden_options, method=method,
-            method_options=method_options,
+            method_options=method_options, name=self._uce_new_name(adapter_name),
         )
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
@@ -139,6 +142,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         classifier=None, tolerance: float = 0.05, max_iterations: int = 10, options: dict | None = None,
         preserve: str | list[str] | None = None, erase_scale: float = 1.0, preserve_scale: float | None = None,
         lamb: float = 0.5, edit_keys: bool = True, layers: LayerFilter = None, held_out: list[str] | None = None,
+        adapter_name: str | None = None,
     ) -> ConceptEditOutput:
         r"""Debias concepts toward desired attribute ratios, solved jointly with every other edit.
 
@@ -159,7 +163,8 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
             max_iterations (`int`, defaults to 10): the loop's budget of solves.
             options (`dict`, *optional*): generation and step settings of the loop (see
                 `diffusers_uce.loaders.debias.DebiasOptions`).
-            preserve, erase_scale, preserve_scale, lamb, edit_keys, layers, held_out: as in `apply_concept_edits`.
+            preserve, erase_scale, preserve_scale, lamb, edit_keys, layers, held_out, adapter_name: as in
+                `apply_concept_edits`.
 
         Returns:
             [`ConceptEditOutput`]: the last solve's; its `report.ratios` lists, per concept and attribute set, the
@@ -173,7 +178,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         """
         record = concept_edit_request(
             None, None, preserve, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
-            earlier=self.concept_edits, debias=concepts, debias_weights=weights,
+            earlier=self.concept_edits, debias=concepts, debias_weights=weights, name=self._uce_new_name(adapter_name),
         )
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         earlier = list(self.concept_edits)
@@ -189,6 +194,56 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         # The edit must still act when the pipeline generates: see `_uce_check_installed`.
         self._uce_check_installed()
         return super().__call__(*args, **kwargs)
+
+    def get_concept_edit_names(self) -> list[str]:
+        """The names of the applied edits, in the order they were applied (`adapter_name`, or `"edit_<n>"`)."""
+        return list(dict.fromkeys(self._uce_record_names()))
+
+    @serialized
+    def remove_concept_edits(self, adapter_names: str | list[str]) -> ConceptEditOutput | None:
+        r"""Remove the named edits; the others are solved again, jointly, from the original weights.
+
+        Unlike LoRA adapters, concept edits are not stacked one on top of another: every edit of a pipeline is one
+        joint solve, so removing one re-solves the rest (a second, not a subtraction), and a strength applies to all.
+
+        Args:
+            adapter_names (`str` or `list[str]`): the names (`get_concept_edit_names()`) of the edits to remove.
+
+        Returns:
+            [`ConceptEditOutput`] of the edits kept, or `None` when none is left (the pipeline is then as before any
+            edit, as after `unload_concept_edits`).
+        """
+        state = self._uce_require_state("remove")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        known = self._uce_record_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"no concept edit is named {unknown[0]!r}; the applied edits are "
+                             f"{list(dict.fromkeys(known))}")
+        kept = [replace(r, name=n) for r, n in zip(state.records, known) if n not in names]
+        if not kept:
+            self.unload_concept_edits()
+            return None
+        return self._uce_solve(kept, state.edit_keys, state.layers, None)
+
+    def _uce_record_names(self) -> list[str]:
+        """Each applied record's name; records of old edit files without one are called `"edit_<position>"`."""
+        return [r.name or f"edit_{i}" for i, r in enumerate(self.concept_edits)]
+
+    def _uce_new_name(self, adapter_name: str | None) -> str:
+        """The name of a new edit: `adapter_name` (checked to be new), or the first free `"edit_<n>"`."""
+        names = set(self._uce_record_names())
+        if adapter_name is None:
+            number = len(self.concept_edits)
+            while f"edit_{number}" in names:
+                number += 1
+            return f"edit_{number}"
+        if not isinstance(adapter_name, str) or not adapter_name.strip():
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in names:
+            raise ValueError(f"an applied concept edit is already named {adapter_name!r}: choose another name, or "
+                             f"remove_concept_edits({adapter_name!r}) first")
+        return adapter_name
 
     def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
                    held_out: list[str] | None) -> ConceptEditOutput:

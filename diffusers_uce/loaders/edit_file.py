@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from diffusers.utils import logging
 
@@ -111,7 +112,7 @@ class UCEIOMixin:
         self, pretrained_model_name_or_path: str | os.PathLike, *, weight_name: str | None = None,
         subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, force_download: bool = False,
-        verify: bool = True,
+        verify: bool = True, adapter_name: str | None = None,
     ) -> None:
         r"""Load an edit file written by `save_concept_edits` and install it (processor mode, its saved strength).
 
@@ -136,6 +137,8 @@ class UCEIOMixin:
             verify (`bool`, defaults to `True`): re-encode the recorded prompts on this pipeline, solve them again and
                 refuse the file when its stored edit differs from what its records describe (a renamed concept, a
                 tampered transform, another base model); `False` skips this (it costs one solve).
+            adapter_name (`str`, *optional*): the name of the loaded edits (`remove_concept_edits`); by default the
+                names they were saved with.
 
         Example:
         ```py
@@ -155,6 +158,10 @@ class UCEIOMixin:
         if verify:
             self._uce_verify_edit_file(groups, records, solutions, path)
         device = self._execution_device
+        if adapter_name is not None:
+            if not isinstance(adapter_name, str) or not adapter_name.strip():
+                raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+            records = [replace(r, name=adapter_name) for r in records]
         groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")

@@ -2566,6 +2566,8 @@ class ConceptEdit:
             "preserve_scale", "preserve", "tokens"}`` (see `diffusers_uce.core.hardening.HardenOptions`).
         method (`str`): `"uce"` or `"speed"` (precise erasure; `preserve` is then its retain set).
         method_options (`dict`): the options of `method`, defaults filled in (empty for `"uce"`).
+        name (`str`): the edit's name (`adapter_name`), used by `remove_concept_edits`; `""` for records of files
+            saved before edits had names.
     """
 
     erase: tuple[str, ...]
@@ -2580,6 +2582,7 @@ class ConceptEdit:
     harden: dict | None = None
     method: str = "uce"
     method_options: dict = field(default_factory=dict)
+    name: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -2598,7 +2601,7 @@ class ConceptEdit:
                                     "method_options") if k in data},
             debias={t.get("concept"): t.get("attribute_sets") for t in debias} or None,
             debias_weights={t.get("concept"): t.get("weights") for t in debias} or None,
-            harden=data.get("harden"),
+            harden=data.get("harden"), name=data.get("name", ""),
         )
         if _as_lists(record.to_dict()) != _as_lists({**record.to_dict(), **data}):
             raise ValueError(f"edit record does not round-trip (was it edited by hand?): {data!r}")
@@ -2663,7 +2666,7 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
 def build_concept_edit(
     erase, guide=None, preserve=None, *, erase_scale=1.0, preserve_scale=None, lamb=0.5,
     token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (), debias=None, debias_weights=None,
-    harden=None, method="uce", method_options=None,
+    harden=None, method="uce", method_options=None, name: str = "",
 ) -> ConceptEdit:
     """Validate one request and resolve its defaults; raises before any weight is touched.
 
@@ -2680,7 +2683,10 @@ def build_concept_edit(
         harden (`dict`, *optional*): resolved hardening (`hardening.resolve_harden`), checked again here.
         method (`str`, defaults to `"uce"`): `"uce"` or `"speed"`; every edit of a pipeline uses the same method.
         method_options (`dict`, *optional*): options of `method` (see `speed_options.SPEED_DEFAULTS`).
+        name (`str`, defaults to `""`): the edit's name.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"adapter_name must be a string, got {name!r}")
     method_options = resolve_method_options(method, method_options)
     erase_list = _concept_list(erase, "erase")
     targets = _debias_targets(debias, debias_weights)
@@ -2706,7 +2712,7 @@ def build_concept_edit(
         if harden:
             raise ValueError("harden applies to method='uce' edits: leave it out with method='speed'")
         return ConceptEdit(erase=erase_list, guide=guides, preserve=preserve_list, preserve_scale=1.0,
-                           method=method, method_options=method_options)
+                           method=method, method_options=method_options, name=name)
     erase_scale = non_negative_number(erase_scale, "erase_scale")
     lamb = non_negative_number(lamb, "lamb", positive=True)
     if preserve_scale is None:
@@ -2725,7 +2731,7 @@ def build_concept_edit(
     return ConceptEdit(
         erase=erase_list, guide=guides, preserve=preserve_list, erase_scale=erase_scale,
         preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique, debias=targets,
-        harden=harden,
+        harden=harden, name=name,
     )
 
 
@@ -2827,6 +2833,7 @@ def concept_edit_request(
     erase=None, guide=None, preserve=None, *, moderate=None, expand_prompts=None, erase_scale=1.0,
     preserve_scale=None, lamb=0.5, token_mode="last", technique="replace", earlier: Sequence[ConceptEdit] = (),
     debias=None, debias_weights=None, harden=False, harden_options=None, method="uce", method_options=None,
+    name: str = "",
 ) -> ConceptEdit:
     r"""Everything `apply_concept_edits`, `debias_concepts` and the command line accept, as one validated record.
 
@@ -2841,6 +2848,7 @@ def concept_edit_request(
         debias, debias_weights: debiased concepts and their attribute weights, as `build_concept_edit` takes them.
         harden, harden_options: hardening rounds and their options, as `apply_concept_edits` takes them.
         method, method_options: the edit method and its options, as `build_concept_edit` takes them.
+        name (`str`, defaults to `""`): the edit's name.
 
     Returns:
         [`ConceptEdit`]: the record.
@@ -2854,7 +2862,7 @@ def concept_edit_request(
     return build_concept_edit(
         erase, guide, resolve_concept_arg(preserve), erase_scale=erase_scale, preserve_scale=preserve_scale,
         lamb=lamb, token_mode=token_mode, technique=technique, earlier=earlier, debias=debias,
-        debias_weights=debias_weights, harden=harden, method=method, method_options=method_options,
+        debias_weights=debias_weights, harden=harden, method=method, method_options=method_options, name=name,
     )
 
 
@@ -4395,7 +4403,7 @@ class UCEIOMixin:
         self, pretrained_model_name_or_path: str | os.PathLike, *, weight_name: str | None = None,
         subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, force_download: bool = False,
-        verify: bool = True,
+        verify: bool = True, adapter_name: str | None = None,
     ) -> None:
         r"""Load an edit file written by `save_concept_edits` and install it (processor mode, its saved strength).
 
@@ -4420,6 +4428,8 @@ class UCEIOMixin:
             verify (`bool`, defaults to `True`): re-encode the recorded prompts on this pipeline, solve them again and
                 refuse the file when its stored edit differs from what its records describe (a renamed concept, a
                 tampered transform, another base model); `False` skips this (it costs one solve).
+            adapter_name (`str`, *optional*): the name of the loaded edits (`remove_concept_edits`); by default the
+                names they were saved with.
 
         Example:
         ```py
@@ -4439,6 +4449,10 @@ class UCEIOMixin:
         if verify:
             self._uce_verify_edit_file(groups, records, solutions, path)
         device = self._execution_device
+        if adapter_name is not None:
+            if not isinstance(adapter_name, str) or not adapter_name.strip():
+                raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+            records = [replace(r, name=adapter_name) for r in records]
         groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
@@ -5222,6 +5236,12 @@ class UCESolverMixin:
         if not groups:
             raise ValueError(f"layers={state.layers!r} selects none of the layers concept editing changes in "
                              f"{family.name} pipelines ({family.named_layers})")
+        offloaded = [p.name for g in groups for p in g.projections if p.module.weight.device.type == "meta"]
+        if offloaded:
+            raise ValueError(
+                f"the weights of {offloaded[0]} (and {len(offloaded) - 1} more edited layers) are offloaded to the "
+                "meta device (enable_sequential_cpu_offload()), where they cannot be read or edited: edit concepts "
+                "before enabling sequential offload, or use enable_model_cpu_offload(), which works with edits")
         return groups
 
     def _uce_encode(self, group: TargetGroup, prompts: list[str], last_only: bool, device) -> EncodedPrompts:
@@ -5310,7 +5330,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         lamb: float = 0.5, token_mode: str = "last", technique: str = "replace", edit_keys: bool = True,
         layers: LayerFilter = None, held_out: list[str] | None = None, moderate: str | list[str] | None = None,
         expand_prompts: str | None = None, harden: bool | int = False, harden_options: dict | None = None,
-        method: str = "uce", method_options: dict | None = None,
+        method: str = "uce", method_options: dict | None = None, adapter_name: str | None = None,
     ) -> ConceptEditOutput:
         r"""Erase concepts toward guides while preserving others, solved jointly with every earlier edit.
 
@@ -5360,6 +5380,9 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
                 `invariants` (`"auto"`, a list of prompts or a `(k, d)` tensor). See
                 `diffusers_uce.core.speed_options.SPEED_DEFAULTS`.
 
+            adapter_name (`str`, *optional*): a name for this edit (`"edit_<n>"` by default), to remove it later with
+                `remove_concept_edits(name)`; `get_concept_edit_names()` lists them.
+
         Returns:
             [`ConceptEditOutput`]: the edits now applied and the report (`print(output)` shows it; its `robustness`
             rows give each erased concept's adversarial recovery before hardening and after each round).
@@ -5376,7 +5399,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
             erase, guide, preserve, moderate=moderate, expand_prompts=expand_prompts, erase_scale=erase_scale,
             preserve_scale=preserve_scale, lamb=lamb, token_mode=token_mode, technique=technique,
             earlier=self.concept_edits, harden=harden, harden_options=harden_options, method=method,
-            method_options=method_options,
+            method_options=method_options, name=self._uce_new_name(adapter_name),
         )
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         return self._uce_solve([*self.concept_edits, record], edit_keys, layers, held_out)
@@ -5387,6 +5410,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         classifier=None, tolerance: float = 0.05, max_iterations: int = 10, options: dict | None = None,
         preserve: str | list[str] | None = None, erase_scale: float = 1.0, preserve_scale: float | None = None,
         lamb: float = 0.5, edit_keys: bool = True, layers: LayerFilter = None, held_out: list[str] | None = None,
+        adapter_name: str | None = None,
     ) -> ConceptEditOutput:
         r"""Debias concepts toward desired attribute ratios, solved jointly with every other edit.
 
@@ -5407,7 +5431,8 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
             max_iterations (`int`, defaults to 10): the loop's budget of solves.
             options (`dict`, *optional*): generation and step settings of the loop (see
                 `diffusers_uce.loaders.debias.DebiasOptions`).
-            preserve, erase_scale, preserve_scale, lamb, edit_keys, layers, held_out: as in `apply_concept_edits`.
+            preserve, erase_scale, preserve_scale, lamb, edit_keys, layers, held_out, adapter_name: as in
+                `apply_concept_edits`.
 
         Returns:
             [`ConceptEditOutput`]: the last solve's; its `report.ratios` lists, per concept and attribute set, the
@@ -5421,7 +5446,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         """
         record = concept_edit_request(
             None, None, preserve, erase_scale=erase_scale, preserve_scale=preserve_scale, lamb=lamb,
-            earlier=self.concept_edits, debias=concepts, debias_weights=weights,
+            earlier=self.concept_edits, debias=concepts, debias_weights=weights, name=self._uce_new_name(adapter_name),
         )
         held_out = self._uce_check_options(edit_keys, layers, held_out)
         earlier = list(self.concept_edits)
@@ -5437,6 +5462,56 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEdit
         # The edit must still act when the pipeline generates: see `_uce_check_installed`.
         self._uce_check_installed()
         return super().__call__(*args, **kwargs)
+
+    def get_concept_edit_names(self) -> list[str]:
+        """The names of the applied edits, in the order they were applied (`adapter_name`, or `"edit_<n>"`)."""
+        return list(dict.fromkeys(self._uce_record_names()))
+
+    @serialized
+    def remove_concept_edits(self, adapter_names: str | list[str]) -> ConceptEditOutput | None:
+        r"""Remove the named edits; the others are solved again, jointly, from the original weights.
+
+        Unlike LoRA adapters, concept edits are not stacked one on top of another: every edit of a pipeline is one
+        joint solve, so removing one re-solves the rest (a second, not a subtraction), and a strength applies to all.
+
+        Args:
+            adapter_names (`str` or `list[str]`): the names (`get_concept_edit_names()`) of the edits to remove.
+
+        Returns:
+            [`ConceptEditOutput`] of the edits kept, or `None` when none is left (the pipeline is then as before any
+            edit, as after `unload_concept_edits`).
+        """
+        state = self._uce_require_state("remove")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        known = self._uce_record_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"no concept edit is named {unknown[0]!r}; the applied edits are "
+                             f"{list(dict.fromkeys(known))}")
+        kept = [replace(r, name=n) for r, n in zip(state.records, known) if n not in names]
+        if not kept:
+            self.unload_concept_edits()
+            return None
+        return self._uce_solve(kept, state.edit_keys, state.layers, None)
+
+    def _uce_record_names(self) -> list[str]:
+        """Each applied record's name; records of old edit files without one are called `"edit_<position>"`."""
+        return [r.name or f"edit_{i}" for i, r in enumerate(self.concept_edits)]
+
+    def _uce_new_name(self, adapter_name: str | None) -> str:
+        """The name of a new edit: `adapter_name` (checked to be new), or the first free `"edit_<n>"`."""
+        names = set(self._uce_record_names())
+        if adapter_name is None:
+            number = len(self.concept_edits)
+            while f"edit_{number}" in names:
+                number += 1
+            return f"edit_{number}"
+        if not isinstance(adapter_name, str) or not adapter_name.strip():
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in names:
+            raise ValueError(f"an applied concept edit is already named {adapter_name!r}: choose another name, or "
+                             f"remove_concept_edits({adapter_name!r}) first")
+        return adapter_name
 
     def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
                    held_out: list[str] | None) -> ConceptEditOutput:
