@@ -4665,6 +4665,8 @@ def kohya_metadata(tensors: dict[str, torch.Tensor], records, family_name: str, 
 # ``transformer.<module>...`` for FLUX; the header holds the `LoraConfig` (``lora_adapter_metadata``) with
 # ``lora_alpha = r`` for every module: the LoRA scale is 1. `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and
 # `FluxPipeline`'s `load_lora_weights` load it as is (PEFT wraps any `nn.Linear`, ``context_embedder`` included).
+# ``format="kohya"`` writes the same factors in the kohya/sd-scripts layout of AUTOMATIC1111 and ComfyUI
+# (`lora_kohya`).
 
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
