@@ -128,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora", metavar="DIR", help="export the edit as a diffusers-format LoRA (+ model card) to DIR")
     add("--rank", type=positive_int, metavar="R",
         help="with --lora: the LoRA rank (default: exact, the number of edit tokens; lower is approximate)")
+    add("--lora-format", choices=("diffusers", "kohya"),
+        help="with --lora: 'diffusers' (load_lora_weights; the default) or 'kohya': one uce_lora.safetensors in the "
+             "kohya/sd-scripts layout for AUTOMATIC1111 and ComfyUI (SD 1.x/2.x, SDXL)")
     add("--push-to-hub", metavar="REPO",
         help="push the edit (edit file, model card, community pipeline.py) to this Hub repository in one commit")
     add_hub_arguments(parser)
@@ -236,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
             check_output(folder, args.overwrite, option)
     if args.rank is not None and args.lora is None:
         raise ValueError("--rank only applies with --lora DIR")
+    if args.lora_format is not None and args.lora is None:
+        raise ValueError("--lora-format only applies with --lora DIR")
     device = resolve_device(args.device)
     classifier = None
     if debias is not None:
@@ -250,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.edit_keys and not pipe._uce_family.has_keys:
         raise ValueError(f"--no-edit-keys: {args.model} is a {pipe._uce_family.name} pipeline, whose edited layers "
                          "(text-embedding projections) have no keys to leave out; drop the flag")
+    if args.lora_format == "kohya":  # FLUX refused before the solve, not after it
+        from ..loaders.lora_kohya import kohya_base_version
+
+        kohya_base_version(pipe._uce_family.name, getattr(getattr(pipe, "unet", None), "config", None))
     preserved = (erase or debias).preserve
     progress(f"Solving the edit: erase {len(erase.erase) if erase else 0}, preserve {len(preserved)} concept(s)"
              + (f", debias {len(debias.debias)} (generating and classifying images)" if debias else "") + " ...")
@@ -279,7 +288,8 @@ def _save(args: argparse.Namespace, pipe, output) -> None:
         path = pipe.save_concept_edits(args.save_edits, overwrite=args.overwrite, overwrite_model_card=args.overwrite)
         progress(f"Saved the edit to {path}")
     if args.lora is not None:
-        error = pipe.save_concept_edits_as_lora(args.lora, rank=args.rank, overwrite=args.overwrite)
+        error = pipe.save_concept_edits_as_lora(args.lora, rank=args.rank, overwrite=args.overwrite,
+                                                format=args.lora_format or "diffusers")
         progress(f"Saved the edit as a LoRA to {args.lora} (relative error {error:.2e})")
     if args.push_to_hub is not None:
         progress(f"Pushing the edit to {args.push_to_hub} ...")

@@ -9,6 +9,8 @@ family's loader expects: ``unet.<module>.lora_A.weight`` (r×d) / ``lora_B.weigh
 ``transformer.<module>...`` for FLUX; the header holds the `LoraConfig` (``lora_adapter_metadata``) with
 ``lora_alpha = r`` for every module: the LoRA scale is 1. `StableDiffusionPipeline`, `StableDiffusionXLPipeline` and
 `FluxPipeline`'s `load_lora_weights` load it as is (PEFT wraps any `nn.Linear`, ``context_embedder`` included).
+``format="kohya"`` writes the same factors in the kohya/sd-scripts layout of AUTOMATIC1111 and ComfyUI
+(`lora_kohya`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..core.solve import Correction, edited_weights
 from ..utils.checks import is_whole_number
 from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
+from .lora_kohya import KOHYA_WEIGHT_NAME, check_lora_format, kohya_base_version, kohya_metadata, kohya_state_dict
 from .state_mixin import serialized
 
 logger = logging.get_logger(__name__)
@@ -75,8 +78,9 @@ class UCELoraMixin:
 
     @serialized
     def save_concept_edits_as_lora(
-        self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str = LORA_WEIGHT_NAME,
+        self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str | None = None,
         overwrite: bool = False, write_model_card: bool = True, overwrite_model_card: bool = False,
+        format: str = "diffusers",
     ) -> float:
         r"""Write the applied concept edit, at its current strength, as a LoRA for the denoiser (UNet or transformer).
 
@@ -90,14 +94,20 @@ class UCELoraMixin:
         Args:
             save_directory (`str` or `os.PathLike`): folder to write into (created if needed).
             rank (`int`, *optional*): the largest LoRA rank per module; the exact rank of the edit by default.
-            weight_name (`str`, defaults to `"pytorch_lora_weights.safetensors"`): the file name (what
-                `load_lora_weights` looks for by default); must end in `.safetensors`.
+            weight_name (`str`, *optional*): the file name; must end in `.safetensors`. Defaults to
+                `"pytorch_lora_weights.safetensors"` (what `load_lora_weights` looks for) for the diffusers format and
+                `"uce_lora.safetensors"` for the kohya one (AUTOMATIC1111 lists the LoRA by its file name).
             overwrite (`bool`, defaults to `False`): replace an existing file of that name.
             write_model_card (`bool`, defaults to `True`): also write a `README.md` model card (`base_model_relation:
                 adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
                 writes none).
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
                 kept otherwise).
+            format (`str`, defaults to `"diffusers"`): `"diffusers"` (PEFT keys and `LoraConfig` header) or
+                `"kohya"`: the same factors as one file in the kohya/sd-scripts layout that AUTOMATIC1111 and ComfyUI
+                load (``lora_unet_*.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` = rank, SGM block names for
+                SDXL, sd-scripts' ``ss_*`` and ``modelspec.*`` metadata); diffusers' `load_lora_weights` reads it
+                too. SD 1.x/2.x and SDXL only (see `diffusers_uce.loaders.lora_kohya`).
 
         Returns:
             `float`: the relative error ``‖ΔW_approx − ΔW‖_F / ‖ΔW‖_F`` over all edited layers (0 up to float error at
@@ -113,8 +123,13 @@ class UCELoraMixin:
         """
         if rank is not None and not is_whole_number(rank, 1):
             raise ValueError(f"rank must be a positive integer or None (the exact rank), got {rank!r}")
+        check_lora_format(format)
+        kohya = format == "kohya"
+        weight_name = weight_name if weight_name is not None else KOHYA_WEIGHT_NAME if kohya else LORA_WEIGHT_NAME
         check_weight_name(weight_name)
         state = self._uce_require_state("export")
+        if kohya:  # FLUX (or a UNet without SGM names) refused before any work
+            kohya_base_version(self._uce_family.name, getattr(getattr(self, "unet", None), "config", None))
         if state.scale == 0:
             raise ValueError("the concept edit strength is 0, so the edit changes nothing: there is no LoRA to "
                              "export; "
@@ -140,16 +155,24 @@ class UCELoraMixin:
             "edits": [r.to_dict() for r in state.records], "scale": state.scale, "rank": rank,
             "relative_error": relative_error, "versions": library_versions(),
         })
+        if kohya:
+            unet_config = self.unet.config
+            tensors = kohya_state_dict(tensors, next(iter(modules)), unet_config,
+                                       sgm=self._uce_family.name == "stable-diffusion-xl")
+            header = kohya_metadata(tensors, state.records, self._uce_family.name, unet_config,
+                                    weight_name[:-len(".safetensors")], header["diffusers_uce"],
+                                    getattr(self.scheduler.config, "prediction_type", "epsilon"))
         with folder_lock(save_directory):  # the LoRA and its card, as one unit
             path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
             if write_model_card:
                 self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
                                            lora_weight_name=weight_name)
         ranks = sorted({r for kept in modules.values() for _, r in kept})
+        modules_saved = [n for kept in modules.values() for n, _ in kept]
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "
-                    f"(exact rank {max(exact)}) on {len(tensors) // 2} modules to {path}; relative "
+                    f"(exact rank {max(exact)}) on {len(modules_saved)} modules to {path}; relative "
                     f"error {relative_error:.3g}")
-        if importlib.util.find_spec("peft") is None:
+        if not kohya and importlib.util.find_spec("peft") is None:
             logger.warning("loading this LoRA with load_lora_weights() needs PEFT: pip install 'diffusers-uce[lora]' "
                            "(or pip install peft)")
         return relative_error
