@@ -316,12 +316,30 @@ def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
     erase, guide, preserve = (t.to(torch.float64) for t in (terms.erase, terms.guide, terms.preserve))
     w = terms.erase_weight.to(erase)
     wp = terms.preserve_weight.to(erase)
-    d = erase.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64, device=erase.device)
-    preserve_gram = (preserve * wp[:, None]).T @ preserve
     weighted_erase = erase * w[:, None]
-    b = terms.lamb * eye + weighted_erase.T @ erase + preserve_gram
-    numerator = terms.lamb * eye + guide.T @ weighted_erase + preserve_gram
+    preserve_gram = (preserve * wp[:, None]).T @ preserve
+    return transform_from_sums(weighted_erase.T @ erase, guide.T @ weighted_erase, preserve_gram, terms.lamb)
+
+
+def transform_from_sums(erase_gram: torch.Tensor, cross: torch.Tensor, preserve_gram: torch.Tensor,
+                        lamb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`solve_transform` from the token sums instead of the tokens (d×d each, float64), whatever their number.
+
+    Args:
+        erase_gram (`torch.Tensor`): ``Cᵀ diag(w) C``.
+        cross (`torch.Tensor`): ``C*ᵀ diag(w) C``.
+        preserve_gram (`torch.Tensor`): ``Pᵀ diag(w_p) P``.
+        lamb (`float`): the regulariser ``λ`` (> 0).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ``T = (λI + C*ᵀWC + PᵀW_pP)(λI + CᵀWC + PᵀW_pP)⁻¹`` and the Cholesky
+        factor of ``B = λI + CᵀWC + PᵀW_pP``, as `solve_transform`.
+    """
+    if lamb <= 0:
+        raise ValueError(f"lamb must be > 0 (got {lamb}); it keeps the solve well posed, use e.g. 0.5")
+    eye = torch.eye(erase_gram.shape[-1], dtype=torch.float64, device=erase_gram.device)
+    b = lamb * eye + erase_gram + preserve_gram
+    numerator = lamb * eye + cross + preserve_gram
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(numerator).all())):
         raise ValueError("the UCE system has non-finite entries (overflowing scales or non-finite tokens); "
                          "nothing was changed: lower erase_scale/preserve_scale")
@@ -783,15 +801,10 @@ def adversarial_embeddings(
     return _attack(gram, transform, tokens, reg, biased)
 
 
-def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
-    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`).
-
-    With `terms`, also returns ``‖W T c' − W c‖² − ‖W c‖²`` per token without any further d×d product: with
-    ``(ρI + M) x = r`` the attack's own system, it is ``−xᵀr − ρ‖x‖²`` (plus ``M_11 − 2 (TᵀGc)_1`` with a bias).
-    """
+def _attack(gram, transform, tokens, reg, biased):
+    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`)."""
     gt = gram @ transform
     m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
-    full = rhs
     if biased:
         rhs = rhs[:k] - m[:k, k:]
     system = m[:k, :k] + reg * torch.eye(k, dtype=_F64, device=m.device)
@@ -800,10 +813,7 @@ def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
         raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
                          "nothing was changed: check the weights and use a larger reg")
     out = torch.cholesky_solve(rhs, factor).T
-    if terms:
-        moved = -(out * rhs.T).sum(-1) - reg * (out * out).sum(-1) + ((m[k, k] - 2 * full[k]) if biased else 0.0)
-    out = torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
-    return (out, moved) if terms else out
+    return torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
 
 
 def adversarial_recovery(
@@ -1571,29 +1581,104 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
     return blocks
 
 
-def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
-    """``Σ rowᵀ metric row`` (or ``Σ ‖row‖²``) over the rows of each concept of `block`."""
-    squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
-    out = torch.zeros(block.num_concepts, dtype=torch.float64, device=rows.device)
-    return out.index_add_(0, block.concept, squares)
+GRAM_BUDGET = 2**29  # bytes of per-concept token Grams a replay may keep; beyond, one token product per measurement
 
 
-def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
-    """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
+@dataclass
+class BlockSums:
+    """The token sums of one block that do not change from round to round (float64, homogeneous when biased).
 
-    `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per token (from the attack), `fixed` what does not depend on the
-    round (`fixed_sums`)."""
-    k = adversarial.shape[1] - biased
-    squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
-    recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
-    return torch.stack([recovered, fixed[0], _per_concept(block, adversarial[:, :k]), fixed[1]])
+    A round's attack is linear, ``c' = K c`` (an affine map of ``[c; 1]`` with a bias), so every sum over the
+    adversarial tokens comes from these: ``Σ c'c'ᵀ = K (Σ c cᵀ) Kᵀ``, ``Σ c* c'ᵀ = (Σ c* cᵀ) Kᵀ``, and per concept
+    ``Σ c'ᵀ Q c' = tr(KᵀQK · Σ c cᵀ)``: a round costs a few d×d products whatever the number of tokens.
+    """
+
+    erase: torch.Tensor | None  # Σ c cᵀ
+    cross: torch.Tensor | None  # Σ c* cᵀ
+    preserve: torch.Tensor | None  # Σ w_p p pᵀ
+    grams: torch.Tensor | None  # Σ c cᵀ per concept, (n, w, w); None without rounds or past GRAM_BUDGET
+    gap: torch.Tensor  # Σ ‖W c − W c*‖² per concept
+    norm: torch.Tensor  # Σ ‖c‖² per concept (the constant coordinate excluded)
 
 
-def fixed_sums(gram, block: HardenBlock, biased: bool):
-    """``Σ‖W c − W c*‖²`` and ``Σ‖c‖²`` per concept and ``‖W c‖²`` per token (the round-invariant parts)."""
-    k = gram.shape[0] - biased
-    return (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]),
-            ((block.erase @ gram) * block.erase).sum(-1))
+def _concept_sum(block: HardenBlock, values: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(block.num_concepts, *values.shape[1:], dtype=torch.float64, device=values.device)
+    return out.index_add_(0, block.concept, values)
+
+
+def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None) -> BlockSums:
+    """The round-invariant sums of `block`: O(tokens · d²) once, instead of in every round (a block without rounds
+    gets only what `measure` reads)."""
+    erase, width = block.erase, gram.shape[0]
+    k = width - biased
+    diff = erase - block.guide
+    gap = _concept_sum(block, ((diff @ gram) * diff).sum(-1))
+    norm = _concept_sum(block, (erase[:, :k] * erase[:, :k]).sum(-1))
+    if not block.rounds:
+        return BlockSums(None, None, None, None, gap, norm)
+    grams = None
+    if block.num_concepts * width * width * 8 <= (GRAM_BUDGET if budget is None else budget):
+        order = torch.argsort(block.concept, stable=True)
+        counts = torch.bincount(block.concept, minlength=block.num_concepts).tolist()
+        grams = torch.stack([rows.T @ rows for rows in erase[order].split(counts)])
+    guides, where = torch.unique(block.guide, dim=0, return_inverse=True)  # often one guide prompt for all
+    if 2 * guides.shape[0] < block.guide.shape[0]:
+        cross = guides.T @ torch.zeros_like(guides).index_add_(0, where, erase)
+    else:
+        cross = block.guide.T @ erase
+    return BlockSums(erase=grams.sum(0) if grams is not None else erase.T @ erase, cross=cross,
+                     preserve=(block.preserve * block.preserve_weight[:, None]).T @ block.preserve, grams=grams,
+                     gap=gap, norm=norm)
+
+
+def attack_map(gram, transform, reg: float, biased: bool):
+    """The attack of `robust.adversarial_embeddings` as one matrix: ``c' = L [c; 1]`` (``c' = L c`` without a bias).
+
+    Returns ``L`` (k×w), ``R = (ρI + M_kk) L`` (the attack's right-hand sides), ``M = TᵀGT`` and ``G T``."""
+    gt = gram @ transform
+    m, k = transform.T @ gt, gram.shape[0] - biased
+    rhs = gt.T[:k].clone()
+    if biased:
+        rhs[:, k] -= m[:k, k]
+    system = m[:k, :k] + reg * torch.eye(k, dtype=torch.float64, device=m.device)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
+                         "nothing was changed: check the weights and use a larger reg")
+    return torch.cholesky_solve(rhs, factor), rhs, m, gt
+
+
+def measure(block: HardenBlock, sums: BlockSums, gram, attack, reg: float, biased: bool) -> torch.Tensor:
+    """Per concept: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
+
+    With ``x = L c`` and ``(ρI + M) x = R c``: ``‖WTx − Wc‖² = cᵀ(G − LᵀR − ρLᵀL)c`` (plus ``M_11 − 2 (TᵀG c)_1``
+    with a bias), a quadratic form in the erased tokens like ``‖x‖² = cᵀLᵀLc``."""
+    lmap, rhs, m, gt = attack
+    norm = lmap.T @ lmap
+    moved = gram - lmap.T @ rhs - reg * norm
+    if biased:
+        k = gram.shape[0] - 1
+        moved[k] -= 2 * gt[:, k]
+        moved[k, k] += m[k, k]
+    forms = torch.stack([moved, norm])
+    if sums.grams is not None:  # tr(Q Γ_g), Γ_g symmetric
+        values = sums.grams.flatten(1) @ forms.flatten(1).T
+    else:
+        width = gram.shape[0]
+        products = (block.erase @ forms.transpose(0, 1).reshape(width, -1)).reshape(-1, 2, width)
+        values = _concept_sum(block, (products * block.erase[:, None]).sum(-1))
+    return torch.stack([values[:, 0].clamp_min(0), sums.gap, values[:, 1], sums.norm])  # (rounding may dip below 0)
+
+
+def further_step(sums: BlockSums, lmap, lamb: float, biased: bool) -> torch.Tensor:
+    """The round's edit ``S`` (`robust.hardening_round`) from the sums: ``Σ c'c'ᵀ = L (Σ c cᵀ) Lᵀ``, ..."""
+    k = lmap.shape[0]
+    moved = lmap @ sums.erase
+    step, factor = transform_from_sums(moved @ lmap.T, sums.cross[:k] @ lmap.T, sums.preserve[:k, :k], lamb)
+    if not biased:
+        return step
+    total = moved[:, k] + sums.preserve[:k, k]  # Σ c' + Σ w_p p (the constant coordinate of each token is 1)
+    return with_bias(step, None, torch.cholesky_solve(total[:, None], factor)[:, 0])[0]
 
 
 def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
@@ -1603,7 +1688,7 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
 
     Returns:
         `tuple[torch.Tensor, list[torch.Tensor]]`: the hardened transform (float64) and, per block, the sums of
-        `recovery_sums` before hardening and after each round, shape ``(rounds + 1, 4, n)``.
+        `measure` before hardening and after each round, shape ``(rounds + 1, 4, n)``.
     """
     current = transform.to(gram.device, torch.float64)
     sums: list = [None] * len(blocks)
@@ -1613,23 +1698,23 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
         if not bool(torch.isfinite(b.erase).all()):
             raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
-        rows, fixed = [], fixed_sums(gram, b, biased)
+        if not b.rounds:
+            continue
+        rows, fixed = [], block_sums(gram, b, biased)
         for r in range(b.rounds + 1):
-            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
-            if not bool(torch.isfinite(adversarial).all()):
+            attack = attack_map(gram, current, b.reg, biased)
+            if not bool(torch.isfinite(attack[0]).all()):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
-            rows.append(recovery_sums(b, adversarial, moved, fixed, biased))
+            rows.append(measure(b, fixed, gram, attack, b.reg, biased))
             if r == b.rounds:
                 break
-            current = current @ _further_edit(adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight,
-                                              biased)
-        if b.rounds:
-            sums[i] = torch.stack(rows)
+            current = current @ further_step(fixed, attack[0], b.lamb, biased)
+        sums[i] = torch.stack(rows)
     for i, b in enumerate(blocks):
         if not b.rounds:
-            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
-            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
+            attack = attack_map(gram, current, b.reg, biased)
+            sums[i] = measure(b, block_sums(gram, b, biased), gram, attack, b.reg, biased)[None]
     return current, sums
 
 
