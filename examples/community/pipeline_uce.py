@@ -1618,9 +1618,14 @@ def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None
         return BlockSums(None, None, None, None, gap, norm)
     grams = None
     if block.num_concepts * width * width * 8 <= (GRAM_BUDGET if budget is None else budget):
-        order = torch.argsort(block.concept, stable=True)
-        counts = torch.bincount(block.concept, minlength=block.num_concepts).tolist()
-        grams = torch.stack([rows.T @ rows for rows in erase[order].split(counts)])
+        counts = torch.bincount(block.concept, minlength=block.num_concepts)
+        if bool((counts == counts[0]).all()) and bool((block.concept.diff() >= 0).all()):  # "all": 77 rows each
+            rows = erase.reshape(block.num_concepts, -1, width)
+            grams = rows.transpose(1, 2) @ rows
+        else:
+            grams = erase.new_empty(block.num_concepts, width, width)
+            for i, rows in enumerate(erase[torch.argsort(block.concept, stable=True)].split(counts.tolist())):
+                torch.matmul(rows.T, rows, out=grams[i])
     guides, where = torch.unique(block.guide, dim=0, return_inverse=True)  # often one guide prompt for all
     if 2 * guides.shape[0] < block.guide.shape[0]:
         cross = guides.T @ torch.zeros_like(guides).index_add_(0, where, erase)
