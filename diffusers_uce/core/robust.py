@@ -120,10 +120,15 @@ def adversarial_embeddings(
     return _attack(gram, transform, tokens, reg, biased)
 
 
-def _attack(gram, transform, tokens, reg, biased):
-    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`)."""
+def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
+    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`).
+
+    With `terms`, also returns ``‖W T c' − W c‖² − ‖W c‖²`` per token without any further d×d product: with
+    ``(ρI + M) x = r`` the attack's own system, it is ``−xᵀr − ρ‖x‖²`` (plus ``M_11 − 2 (TᵀGc)_1`` with a bias).
+    """
     gt = gram @ transform
     m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
+    full = rhs
     if biased:
         rhs = rhs[:k] - m[:k, k:]
     system = m[:k, :k] + reg * torch.eye(k, dtype=_F64, device=m.device)
@@ -132,7 +137,10 @@ def _attack(gram, transform, tokens, reg, biased):
         raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
                          "nothing was changed: check the weights and use a larger reg")
     out = torch.cholesky_solve(rhs, factor).T
-    return torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
+    if terms:
+        moved = -(out * rhs.T).sum(-1) - reg * (out * out).sum(-1) + ((m[k, k] - 2 * full[k]) if biased else 0.0)
+    out = torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
+    return (out, moved) if terms else out
 
 
 def adversarial_recovery(

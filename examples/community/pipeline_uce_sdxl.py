@@ -801,10 +801,15 @@ def adversarial_embeddings(
     return _attack(gram, transform, tokens, reg, biased)
 
 
-def _attack(gram, transform, tokens, reg, biased):
-    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`)."""
+def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
+    """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`).
+
+    With `terms`, also returns ``‖W T c' − W c‖² − ‖W c‖²`` per token without any further d×d product: with
+    ``(ρI + M) x = r`` the attack's own system, it is ``−xᵀr − ρ‖x‖²`` (plus ``M_11 − 2 (TᵀGc)_1`` with a bias).
+    """
     gt = gram @ transform
     m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
+    full = rhs
     if biased:
         rhs = rhs[:k] - m[:k, k:]
     system = m[:k, :k] + reg * torch.eye(k, dtype=_F64, device=m.device)
@@ -813,7 +818,10 @@ def _attack(gram, transform, tokens, reg, biased):
         raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
                          "nothing was changed: check the weights and use a larger reg")
     out = torch.cholesky_solve(rhs, factor).T
-    return torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
+    if terms:
+        moved = -(out * rhs.T).sum(-1) - reg * (out * out).sum(-1) + ((m[k, k] - 2 * full[k]) if biased else 0.0)
+    out = torch.nn.functional.pad(out, (0, 1), value=1.0) if biased else out
+    return (out, moved) if terms else out
 
 
 def adversarial_recovery(
@@ -1582,6 +1590,30 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
 
 
 GRAM_BUDGET = 2**29  # bytes of per-concept token Grams a replay may keep; beyond, one token product per measurement
+SUMS_FROM = 2.0  # rounds from token sums (`BlockSums`) when a block has more than this many tokens per width
+
+
+def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
+    """``Σ rowᵀ metric row`` (or ``Σ ‖row‖²``) over the rows of each concept of `block`."""
+    squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
+    out = torch.zeros(block.num_concepts, dtype=torch.float64, device=rows.device)
+    return out.index_add_(0, block.concept, squares)
+
+
+def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
+    """`measure` from the adversarial tokens themselves (few tokens): `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per
+    token (from the attack), `fixed` what does not depend on the round (`fixed_sums`)."""
+    k = adversarial.shape[1] - biased
+    squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
+    recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
+    return torch.stack([recovered, fixed[0], _per_concept(block, adversarial[:, :k]), fixed[1]])
+
+
+def fixed_sums(gram, block: HardenBlock, biased: bool):
+    """``Σ‖W c − W c*‖²`` and ``Σ‖c‖²`` per concept and ``‖W c‖²`` per token (the round-invariant parts)."""
+    k = gram.shape[0] - biased
+    return (_per_concept(block, block.erase - block.guide, gram), _per_concept(block, block.erase[:, :k]),
+            ((block.erase @ gram) * block.erase).sum(-1))
 
 
 @dataclass
@@ -1593,10 +1625,10 @@ class BlockSums:
     ``Σ c'ᵀ Q c' = tr(KᵀQK · Σ c cᵀ)``: a round costs a few d×d products whatever the number of tokens.
     """
 
-    erase: torch.Tensor | None  # Σ c cᵀ
-    cross: torch.Tensor | None  # Σ c* cᵀ
-    preserve: torch.Tensor | None  # Σ w_p p pᵀ
-    grams: torch.Tensor | None  # Σ c cᵀ per concept, (n, w, w); None without rounds or past GRAM_BUDGET
+    erase: torch.Tensor  # Σ c cᵀ
+    cross: torch.Tensor  # Σ c* cᵀ
+    preserve: torch.Tensor  # Σ w_p p pᵀ
+    grams: torch.Tensor | None  # Σ c cᵀ per concept, (n, w, w); None past GRAM_BUDGET (then token products)
     gap: torch.Tensor  # Σ ‖W c − W c*‖² per concept
     norm: torch.Tensor  # Σ ‖c‖² per concept (the constant coordinate excluded)
 
@@ -1607,15 +1639,9 @@ def _concept_sum(block: HardenBlock, values: torch.Tensor) -> torch.Tensor:
 
 
 def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None) -> BlockSums:
-    """The round-invariant sums of `block`: O(tokens · d²) once, instead of in every round (a block without rounds
-    gets only what `measure` reads)."""
+    """The round-invariant sums of `block`: O(tokens · d²) once, instead of in every round."""
     erase, width = block.erase, gram.shape[0]
     k = width - biased
-    diff = erase - block.guide
-    gap = _concept_sum(block, ((diff @ gram) * diff).sum(-1))
-    norm = _concept_sum(block, (erase[:, :k] * erase[:, :k]).sum(-1))
-    if not block.rounds:
-        return BlockSums(None, None, None, None, gap, norm)
     grams = None
     if block.num_concepts * width * width * 8 <= (GRAM_BUDGET if budget is None else budget):
         counts = torch.bincount(block.concept, minlength=block.num_concepts)
@@ -1631,9 +1657,11 @@ def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None
         cross = guides.T @ torch.zeros_like(guides).index_add_(0, where, erase)
     else:
         cross = block.guide.T @ erase
+    diff = erase - block.guide
     return BlockSums(erase=grams.sum(0) if grams is not None else erase.T @ erase, cross=cross,
                      preserve=(block.preserve * block.preserve_weight[:, None]).T @ block.preserve, grams=grams,
-                     gap=gap, norm=norm)
+                     gap=_concept_sum(block, ((diff @ gram) * diff).sum(-1)),
+                     norm=_concept_sum(block, (erase[:, :k] * erase[:, :k]).sum(-1)))
 
 
 def attack_map(gram, transform, reg: float, biased: bool):
@@ -1705,21 +1733,28 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
     for i, b in enumerate(blocks):
         if not b.rounds:
             continue
-        rows, fixed = [], block_sums(gram, b, biased)
+        by_sums = b.erase.shape[0] > SUMS_FROM * gram.shape[0]  # a round: O(d³) from sums, or O(tokens · d²)
+        rows, fixed = [], block_sums(gram, b, biased) if by_sums else fixed_sums(gram, b, biased)
         for r in range(b.rounds + 1):
-            attack = attack_map(gram, current, b.reg, biased)
-            if not bool(torch.isfinite(attack[0]).all()):
+            if by_sums:
+                attack = attack_map(gram, current, b.reg, biased)
+                adversarial = attack[0]
+            else:
+                adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            if not bool(torch.isfinite(adversarial).all()):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
-            rows.append(measure(b, fixed, gram, attack, b.reg, biased))
+            rows.append(measure(b, fixed, gram, attack, b.reg, biased) if by_sums
+                        else recovery_sums(b, adversarial, moved, fixed, biased))
             if r == b.rounds:
                 break
-            current = current @ further_step(fixed, attack[0], b.lamb, biased)
+            current = current @ (further_step(fixed, adversarial, b.lamb, biased) if by_sums else _further_edit(
+                adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight, biased))
         sums[i] = torch.stack(rows)
-    for i, b in enumerate(blocks):
+    for i, b in enumerate(blocks):  # one measurement: from the adversarial tokens, always cheaper than from sums
         if not b.rounds:
-            attack = attack_map(gram, current, b.reg, biased)
-            sums[i] = measure(b, block_sums(gram, b, biased), gram, attack, b.reg, biased)[None]
+            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
     return current, sums
 
 

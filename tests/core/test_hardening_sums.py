@@ -56,11 +56,11 @@ def test_transform_from_sums_equals_solve_transform():
 
 @pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("shared_guide", [False, True])
-@pytest.mark.parametrize("budget", [None, 0])  # per-concept Grams, or per-measurement token products
-def test_sums_replay_equals_token_path(biased, shared_guide, budget, monkeypatch):
+@pytest.mark.parametrize("path", ["grams", "products", "tokens"])  # sums with per-concept Grams or token products
+def test_sums_replay_equals_token_path(biased, shared_guide, path, monkeypatch):
     gram, transform, block = setup(biased, shared_guide)
-    if budget is not None:
-        monkeypatch.setattr(hardening, "GRAM_BUDGET", budget)
+    monkeypatch.setattr(hardening, "SUMS_FROM", float("inf") if path == "tokens" else 0.0)
+    monkeypatch.setattr(hardening, "GRAM_BUDGET", 0 if path == "products" else hardening.GRAM_BUDGET)
     hardened, (sums,) = replay_hardening(gram, transform, [block], biased)
     reference = harden(gram, transform, block.erase, block.guide, block.preserve, ROUNDS, reg=block.reg,
                        lamb=block.lamb, preserve_scale=block.preserve_weight, biased=biased,
