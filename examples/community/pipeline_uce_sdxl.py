@@ -1626,7 +1626,7 @@ class BlockSums:
     """
 
     erase: torch.Tensor  # Σ c cᵀ
-    cross: torch.Tensor  # Σ c* cᵀ
+    cross: tuple  # Σ c* cᵀ = Uᵀ V as (U, V): U the distinct guide tokens (often one prompt for all), V their Σ c
     preserve: torch.Tensor  # Σ w_p p pᵀ
     grams: torch.Tensor | None  # Σ c cᵀ per concept, (n, w, w); None past GRAM_BUDGET (then token products)
     gap: torch.Tensor  # Σ ‖W c − W c*‖² per concept
@@ -1654,9 +1654,9 @@ def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None
                 torch.matmul(rows.T, rows, out=grams[i])
     guides, where = torch.unique(block.guide, dim=0, return_inverse=True)  # often one guide prompt for all
     if 2 * guides.shape[0] < block.guide.shape[0]:
-        cross = guides.T @ torch.zeros_like(guides).index_add_(0, where, erase)
+        cross = (guides, torch.zeros_like(guides).index_add_(0, where, erase))
     else:
-        cross = block.guide.T @ erase
+        cross = (block.guide.T @ erase, None)  # (Σ c* cᵀ, None)
     diff = erase - block.guide
     return BlockSums(erase=grams.sum(0) if grams is not None else erase.T @ erase, cross=cross,
                      preserve=(block.preserve * block.preserve_weight[:, None]).T @ block.preserve, grams=grams,
@@ -1707,7 +1707,9 @@ def further_step(sums: BlockSums, lmap, lamb: float, biased: bool) -> torch.Tens
     """The round's edit ``S`` (`robust.hardening_round`) from the sums: ``Σ c'c'ᵀ = L (Σ c cᵀ) Lᵀ``, ..."""
     k = lmap.shape[0]
     moved = lmap @ sums.erase
-    step, factor = transform_from_sums(moved @ lmap.T, sums.cross[:k] @ lmap.T, sums.preserve[:k, :k], lamb)
+    left, right = sums.cross
+    cross = left[:k] @ lmap.T if right is None else left[:, :k].T @ (right @ lmap.T)  # Σ c* c'ᵀ
+    step, factor = transform_from_sums(moved @ lmap.T, cross, sums.preserve[:k, :k], lamb)
     if not biased:
         return step
     total = moved[:, k] + sums.preserve[:k, k]  # Σ c' + Σ w_p p (the constant coordinate of each token is 1)
