@@ -301,7 +301,8 @@ def measure(block: HardenBlock, sums: BlockSums, gram, attack, reg: float, biase
 
 
 def further_step(sums: BlockSums, lmap, lamb: float, biased: bool) -> torch.Tensor:
-    """The round's edit ``S`` (`robust.hardening_round`) from the sums: ``Σ c'c'ᵀ = L (Σ c cᵀ) Lᵀ``, ..."""
+    """The round's edit ``S`` (`robust.hardening_round`) from the sums: ``Σ c'c'ᵀ = L (Σ c cᵀ) Lᵀ``,
+    ``Σ c* c'ᵀ = (Σ c* cᵀ) Lᵀ`` and, with a bias, ``Σ c' = L Σ [c; 1]``."""
     k = lmap.shape[0]
     moved = lmap @ sums.erase
     left, right = sums.cross
