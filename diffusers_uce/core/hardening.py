@@ -17,7 +17,7 @@ import torch
 from ..utils.checks import is_finite_number, is_whole_number
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
 from .robust import _attack, _edit_inputs, _further_edit, _positive
-from .solve import homogeneous
+from .solve import homogeneous, transform_from_sums, with_bias
 
 HARDEN_TOKENS = ("all", "record")
 HARDEN_OPTIONS = ("reg", "lamb", "preserve_scale", "preserve", "tokens")
@@ -186,6 +186,10 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
     return blocks
 
 
+GRAM_BUDGET = 2**29  # bytes of per-concept token Grams a replay may keep; beyond, one token product per measurement
+SUMS_FROM = 2.0  # rounds from token sums (`BlockSums`) when a block has more than this many tokens per width
+
+
 def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
     """``Σ rowᵀ metric row`` (or ``Σ ‖row‖²``) over the rows of each concept of `block`."""
     squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
@@ -194,10 +198,8 @@ def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
 
 
 def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
-    """Per concept of `block`: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
-
-    `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per token (from the attack), `fixed` what does not depend on the
-    round (`fixed_sums`)."""
+    """`measure` from the adversarial tokens themselves (few tokens): `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per
+    token (from the attack), `fixed` what does not depend on the round (`fixed_sums`)."""
     k = adversarial.shape[1] - biased
     squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
     recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
@@ -211,6 +213,107 @@ def fixed_sums(gram, block: HardenBlock, biased: bool):
             ((block.erase @ gram) * block.erase).sum(-1))
 
 
+@dataclass
+class BlockSums:
+    """The token sums of one block that do not change from round to round (float64, homogeneous when biased).
+
+    A round's attack is linear, ``c' = K c`` (an affine map of ``[c; 1]`` with a bias), so every sum over the
+    adversarial tokens comes from these: ``Σ c'c'ᵀ = K (Σ c cᵀ) Kᵀ``, ``Σ c* c'ᵀ = (Σ c* cᵀ) Kᵀ``, and per concept
+    ``Σ c'ᵀ Q c' = tr(KᵀQK · Σ c cᵀ)``: a round costs a few d×d products whatever the number of tokens.
+    """
+
+    erase: torch.Tensor  # Σ c cᵀ
+    cross: tuple  # Σ c* cᵀ = Uᵀ V as (U, V): U the distinct guide tokens (often one prompt for all), V their Σ c
+    preserve: torch.Tensor  # Σ w_p p pᵀ
+    grams: torch.Tensor | None  # Σ c cᵀ per concept, (n, w, w); None past GRAM_BUDGET (then token products)
+    gap: torch.Tensor  # Σ ‖W c − W c*‖² per concept
+    norm: torch.Tensor  # Σ ‖c‖² per concept (the constant coordinate excluded)
+
+
+def _concept_sum(block: HardenBlock, values: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(block.num_concepts, *values.shape[1:], dtype=torch.float64, device=values.device)
+    return out.index_add_(0, block.concept, values)
+
+
+def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None) -> BlockSums:
+    """The round-invariant sums of `block`: O(tokens · d²) once, instead of in every round."""
+    erase, width = block.erase, gram.shape[0]
+    k = width - biased
+    grams = None
+    if block.num_concepts * width * width * 8 <= (GRAM_BUDGET if budget is None else budget):
+        counts = torch.bincount(block.concept, minlength=block.num_concepts)
+        if bool((counts == counts[0]).all()) and bool((block.concept.diff() >= 0).all()):  # "all": 77 rows each
+            rows = erase.reshape(block.num_concepts, -1, width)
+            grams = rows.transpose(1, 2) @ rows
+        else:
+            grams = erase.new_empty(block.num_concepts, width, width)
+            for i, rows in enumerate(erase[torch.argsort(block.concept, stable=True)].split(counts.tolist())):
+                torch.matmul(rows.T, rows, out=grams[i])
+    guides, where = torch.unique(block.guide, dim=0, return_inverse=True)  # often one guide prompt for all
+    if 2 * guides.shape[0] < block.guide.shape[0]:
+        cross = (guides, torch.zeros_like(guides).index_add_(0, where, erase))
+    else:
+        cross = (block.guide.T @ erase, None)  # (Σ c* cᵀ, None)
+    diff = erase - block.guide
+    return BlockSums(erase=grams.sum(0) if grams is not None else erase.T @ erase, cross=cross,
+                     preserve=(block.preserve * block.preserve_weight[:, None]).T @ block.preserve, grams=grams,
+                     gap=_concept_sum(block, ((diff @ gram) * diff).sum(-1)),
+                     norm=_concept_sum(block, (erase[:, :k] * erase[:, :k]).sum(-1)))
+
+
+def attack_map(gram, transform, reg: float, biased: bool):
+    """The attack of `robust.adversarial_embeddings` as one matrix: ``c' = L [c; 1]`` (``c' = L c`` without a bias).
+
+    Returns ``L`` (k×w), ``R = (ρI + M_kk) L`` (the attack's right-hand sides), ``M = TᵀGT`` and ``G T``."""
+    gt = gram @ transform
+    m, k = transform.T @ gt, gram.shape[0] - biased
+    rhs = gt.T[:k].clone()
+    if biased:
+        rhs[:, k] -= m[:k, k]
+    system = m[:k, :k] + reg * torch.eye(k, dtype=torch.float64, device=m.device)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
+                         "nothing was changed: check the weights and use a larger reg")
+    return torch.cholesky_solve(rhs, factor), rhs, m, gt
+
+
+def measure(block: HardenBlock, sums: BlockSums, gram, attack, reg: float, biased: bool) -> torch.Tensor:
+    """Per concept: ``Σ‖W T c' − W c‖²``, ``Σ‖W c − W c*‖²``, ``Σ‖c'‖²``, ``Σ‖c‖²``; shape ``(4, n)``.
+
+    With ``x = L c`` and ``(ρI + M) x = R c``: ``‖WTx − Wc‖² = cᵀ(G − LᵀR − ρLᵀL)c`` (plus ``M_11 − 2 (TᵀG c)_1``
+    with a bias), a quadratic form in the erased tokens like ``‖x‖² = cᵀLᵀLc``."""
+    lmap, rhs, m, gt = attack
+    norm = lmap.T @ lmap
+    moved = gram - lmap.T @ rhs - reg * norm
+    if biased:
+        k = gram.shape[0] - 1
+        moved[k] -= 2 * gt[:, k]
+        moved[k, k] += m[k, k]
+    forms = torch.stack([moved, norm])
+    if sums.grams is not None:  # tr(Q Γ_g), Γ_g symmetric
+        values = sums.grams.flatten(1) @ forms.flatten(1).T
+    else:
+        width = gram.shape[0]
+        products = (block.erase @ forms.transpose(0, 1).reshape(width, -1)).reshape(-1, 2, width)
+        values = _concept_sum(block, (products * block.erase[:, None]).sum(-1))
+    return torch.stack([values[:, 0].clamp_min(0), sums.gap, values[:, 1], sums.norm])  # (rounding may dip below 0)
+
+
+def further_step(sums: BlockSums, lmap, lamb: float, biased: bool) -> torch.Tensor:
+    """The round's edit ``S`` (`robust.hardening_round`) from the sums: ``Σ c'c'ᵀ = L (Σ c cᵀ) Lᵀ``,
+    ``Σ c* c'ᵀ = (Σ c* cᵀ) Lᵀ`` and, with a bias, ``Σ c' = L Σ [c; 1]``."""
+    k = lmap.shape[0]
+    moved = lmap @ sums.erase
+    left, right = sums.cross
+    cross = left[:k] @ lmap.T if right is None else left[:, :k].T @ (right @ lmap.T)  # Σ c* c'ᵀ
+    step, factor = transform_from_sums(moved @ lmap.T, cross, sums.preserve[:k, :k], lamb)
+    if not biased:
+        return step
+    total = moved[:, k] + sums.preserve[:k, k]  # Σ c' + Σ w_p p (the constant coordinate of each token is 1)
+    return with_bias(step, None, torch.cholesky_solve(total[:, None], factor)[:, 0])[0]
+
+
 def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
     """Run the hardening rounds of every block in order on `transform`, measuring recovery before and after each.
 
@@ -218,7 +321,7 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
 
     Returns:
         `tuple[torch.Tensor, list[torch.Tensor]]`: the hardened transform (float64) and, per block, the sums of
-        `recovery_sums` before hardening and after each round, shape ``(rounds + 1, 4, n)``.
+        `measure` before hardening and after each round, shape ``(rounds + 1, 4, n)``.
     """
     current = transform.to(gram.device, torch.float64)
     sums: list = [None] * len(blocks)
@@ -228,20 +331,27 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
         if not bool(torch.isfinite(b.erase).all()):
             raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
-        rows, fixed = [], fixed_sums(gram, b, biased)
+        if not b.rounds:
+            continue
+        by_sums = b.erase.shape[0] > SUMS_FROM * gram.shape[0]  # a round: O(d³) from sums, or O(tokens · d²)
+        rows, fixed = [], block_sums(gram, b, biased) if by_sums else fixed_sums(gram, b, biased)
         for r in range(b.rounds + 1):
-            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
+            if by_sums:
+                attack = attack_map(gram, current, b.reg, biased)
+                adversarial = attack[0]
+            else:
+                adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
             if not bool(torch.isfinite(adversarial).all()):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
-            rows.append(recovery_sums(b, adversarial, moved, fixed, biased))
+            rows.append(measure(b, fixed, gram, attack, b.reg, biased) if by_sums
+                        else recovery_sums(b, adversarial, moved, fixed, biased))
             if r == b.rounds:
                 break
-            current = current @ _further_edit(adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight,
-                                              biased)
-        if b.rounds:
-            sums[i] = torch.stack(rows)
-    for i, b in enumerate(blocks):
+            current = current @ (further_step(fixed, adversarial, b.lamb, biased) if by_sums else _further_edit(
+                adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight, biased))
+        sums[i] = torch.stack(rows)
+    for i, b in enumerate(blocks):  # one measurement: from the adversarial tokens, always cheaper than from sums
         if not b.rounds:
             adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
             sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]

@@ -81,12 +81,30 @@ def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
     erase, guide, preserve = (t.to(torch.float64) for t in (terms.erase, terms.guide, terms.preserve))
     w = terms.erase_weight.to(erase)
     wp = terms.preserve_weight.to(erase)
-    d = erase.shape[-1]
-    eye = torch.eye(d, dtype=torch.float64, device=erase.device)
-    preserve_gram = (preserve * wp[:, None]).T @ preserve
     weighted_erase = erase * w[:, None]
-    b = terms.lamb * eye + weighted_erase.T @ erase + preserve_gram
-    numerator = terms.lamb * eye + guide.T @ weighted_erase + preserve_gram
+    preserve_gram = (preserve * wp[:, None]).T @ preserve
+    return transform_from_sums(weighted_erase.T @ erase, guide.T @ weighted_erase, preserve_gram, terms.lamb)
+
+
+def transform_from_sums(erase_gram: torch.Tensor, cross: torch.Tensor, preserve_gram: torch.Tensor,
+                        lamb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`solve_transform` from the token sums instead of the tokens (d×d each, float64), whatever their number.
+
+    Args:
+        erase_gram (`torch.Tensor`): ``Cᵀ diag(w) C``.
+        cross (`torch.Tensor`): ``C*ᵀ diag(w) C``.
+        preserve_gram (`torch.Tensor`): ``Pᵀ diag(w_p) P``.
+        lamb (`float`): the regulariser ``λ`` (> 0).
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: ``T = (λI + C*ᵀWC + PᵀW_pP)(λI + CᵀWC + PᵀW_pP)⁻¹`` and the Cholesky
+        factor of ``B = λI + CᵀWC + PᵀW_pP``, as `solve_transform`.
+    """
+    if lamb <= 0:
+        raise ValueError(f"lamb must be > 0 (got {lamb}); it keeps the solve well posed, use e.g. 0.5")
+    eye = torch.eye(erase_gram.shape[-1], dtype=torch.float64, device=erase_gram.device)
+    b = lamb * eye + erase_gram + preserve_gram
+    numerator = lamb * eye + cross + preserve_gram
     if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(numerator).all())):
         raise ValueError("the UCE system has non-finite entries (overflowing scales or non-finite tokens); "
                          "nothing was changed: lower erase_scale/preserve_scale")
