@@ -289,6 +289,7 @@ def _save(args: argparse.Namespace, pipe, output) -> None:
         progress(f"Saved the edit to {path}")
     if args.lora is not None:
         error = pipe.save_concept_edits_as_lora(args.lora, rank=args.rank, overwrite=args.overwrite,
+                                                overwrite_model_card=args.overwrite,
                                                 format=args.lora_format or "diffusers")
         progress(f"Saved the edit as a LoRA to {args.lora} (relative error {error:.2e})")
     if args.push_to_hub is not None:
@@ -298,7 +299,7 @@ def _save(args: argparse.Namespace, pipe, output) -> None:
     if args.output is not None:
         progress(f"Fusing the edit and saving to {args.output} ...")
         pipe.fuse_concept_edits()
-        pipe.save_pretrained(args.output)
+        pipe.save_pretrained(args.output, overwrite_model_card=args.overwrite)  # the card describes this output
         report = {"edits": [record.to_dict() for record in output.edits], "report": output.report.to_dict(),
                   "model": args.model}
         write_json_atomic(os.path.join(args.output, REPORT_FILE), report)

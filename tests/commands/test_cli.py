@@ -357,3 +357,15 @@ def test_hub_id_offline_fails_fast_with_a_hint(monkeypatch):
     code, _, err = run_cli("edit", "--model", "someone/not-cached-model", "--erase", "van gogh")
     assert code == 2 and "cannot be reached" in err and "local folder" in err
     assert time.perf_counter() - t0 < 15
+
+
+def test_overwrite_rewrites_the_card_with_the_output(tmp_path):
+    """With --overwrite, the card in each folder describes the edit written there now, like uce_report.json."""
+    for concept in ("van gogh", "picasso"):
+        code, _, err = run_cli("edit", "--erase", concept, "--guide", "art", "--output", tmp_path / "out",
+                               "--save-edits", tmp_path / "edit", "--lora", tmp_path / "lora", "--overwrite")
+        assert code == 0, err
+    for folder in ("out", "edit", "lora"):
+        card = (tmp_path / folder / "README.md").read_text()
+        assert "picasso" in card and "van gogh" not in card, folder
+    assert json.loads((tmp_path / "out" / "uce_report.json").read_text())["edits"][0]["erase"] == ["picasso"]
