@@ -13,6 +13,8 @@ import math
 import numbers
 import re
 
+from ..utils.checks import is_finite_number
+
 METHODS = ("uce", "speed")
 
 SPEED_DEFAULTS = {
@@ -74,8 +76,7 @@ def drop_erased(retain, erased) -> tuple[list[str], list[str]]:
 
 def _number(options, key, positive: bool) -> float:
     value = options[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0 or (
-            positive and value == 0):
+    if not is_finite_number(value, numbers.Real) or value < 0 or (positive and value == 0):
         raise ValueError(f"method_options[{key!r}] must be a finite number {'> 0' if positive else '>= 0'} "
                          f"(got {value!r})")
     return float(value)

@@ -168,7 +168,7 @@ class UCEIOMixin:
 
     def _uce_verify_edit_file(self, groups, records, solutions, path) -> None:
         """Solve the file's records again on this pipeline and compare with the stored solutions (changes nothing)."""
-        solved, _, _ = self._uce_solutions(records, groups, held=[])
+        solved, _, _ = self._uce_solutions(records, groups, held=[], report=False)
         for group, stored, fresh in zip(groups, solutions, solved):
             difference = solution_difference(stored, fresh, len(group.projections))
             if difference > VERIFY_TOLERANCE:

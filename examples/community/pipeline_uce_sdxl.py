@@ -2561,8 +2561,7 @@ def drop_erased(retain, erased) -> tuple[list[str], list[str]]:
 
 def _number(options, key, positive: bool) -> float:
     value = options[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0 or (
-            positive and value == 0):
+    if not is_finite_number(value, numbers.Real) or value < 0 or (positive and value == 0):
         raise ValueError(f"method_options[{key!r}] must be a finite number {'> 0' if positive else '>= 0'} "
                          f"(got {value!r})")
     return float(value)
@@ -4587,7 +4586,7 @@ class UCEIOMixin:
 
     def _uce_verify_edit_file(self, groups, records, solutions, path) -> None:
         """Solve the file's records again on this pipeline and compare with the stored solutions (changes nothing)."""
-        solved, _, _ = self._uce_solutions(records, groups, held=[])
+        solved, _, _ = self._uce_solutions(records, groups, held=[], report=False)
         for group, stored, fresh in zip(groups, solutions, solved):
             difference = solution_difference(stored, fresh, len(group.projections))
             if difference > VERIFY_TOLERANCE:
@@ -5447,12 +5446,13 @@ class UCESolverMixin:
     """How a pipeline solves its edits (part of `UCEMixin`): `_uce_solutions` is shared by applying an edit and by
     verifying an edit file."""
 
-    def _uce_solutions(self, records: list[ConceptEdit], groups: list[GroupEdit], held: list[str]):
+    def _uce_solutions(self, records: list[ConceptEdit], groups: list[GroupEdit], held: list[str],
+                       report: bool = True):
         """Solve `records` jointly from the original weights of `groups`, without changing the pipeline.
 
         Returns:
-            `tuple[list, list, list]`: per group, the solution, what the report needs (`_uce_report_part`) and the
-            robustness sums of the hardening replay (`None` where not measured).
+            `tuple[list, list, list]`: per group, the solution, what the report needs (`_uce_report_part`; nothing
+            without `report`) and the robustness sums of the hardening replay (`None` where not measured).
         """
         device = self._execution_device
         precise = records[-1].method == "speed"
@@ -5481,7 +5481,8 @@ class UCESolverMixin:
             solution, sums = self._uce_harden(group, weights, solution, records, encoded)
             robust.append(sums)
             solutions.append(solution)
-            parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
+            if report:
+                parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
         return solutions, parts, robust
 
     @staticmethod
@@ -5553,8 +5554,8 @@ class UCESolverMixin:
             grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
         elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
             grams = weights
-        else:
-            grams = (weights.T @ weights).double()[None]
+        else:  # the Gram of the original weights, cached on the group (the robustness report reads it too)
+            grams = group.gram(weights)[None]
         held_tokens = None
         if held:
             rows = encoded.rows(held)
