@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..utils.checks import all_finite
 from .edits import ConceptEdit
 from .layerwise import Layerwise
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
@@ -138,7 +139,7 @@ class Solution:
     def is_finite(self) -> bool:
         tensors = [self.transform] + ([] if self.correction is None else [
             self.correction.tokens, self.correction.solved, self.correction.coef])
-        return all(bool(torch.isfinite(t).all()) for t in tensors) and (
+        return all_finite(*tensors) and (
             self.layerwise is None or self.layerwise.is_finite())
 
     def to(self, device=None, dtype=None) -> "Solution":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..utils.checks import is_finite_number, is_whole_number
+from ..utils.checks import all_finite, is_finite_number, is_whole_number
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
 from .robust import _attack, _edit_inputs, _further_edit, _positive
 from .solve import homogeneous, transform_from_sums, with_bias
@@ -270,7 +270,8 @@ def attack_map(gram, transform, reg: float, biased: bool):
     rhs = gt.T[:k].clone()
     if biased:
         rhs[:, k] -= m[:k, k]
-    system = m[:k, :k] + reg * torch.eye(k, dtype=torch.float64, device=m.device)
+    system = m[:k, :k].clone()
+    system.diagonal().add_(reg)
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:
         raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
@@ -285,7 +286,7 @@ def measure(block: HardenBlock, sums: BlockSums, gram, attack, reg: float, biase
     with a bias), a quadratic form in the erased tokens like ``‖x‖² = cᵀLᵀLc``."""
     lmap, rhs, m, gt = attack
     norm = lmap.T @ lmap
-    moved = gram - lmap.T @ rhs - reg * norm
+    moved = torch.addmm(gram, lmap.T, torch.add(rhs, lmap, alpha=reg), alpha=-1)  # G − Lᵀ(R + ρL)
     if biased:
         k = gram.shape[0] - 1
         moved[k] -= 2 * gt[:, k]
@@ -328,7 +329,7 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
     for b in blocks:  # checked once here; the rounds then call the unchecked math (same formulas)
         _positive("reg", b.reg)
         _edit_inputs(gram, b.erase, b.guide, b.preserve, biased, b.lamb, 1.0, b.preserve_weight)
-        if not bool(torch.isfinite(b.erase).all()):
+        if not all_finite(b.erase):
             raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
         if not b.rounds:
@@ -341,7 +342,7 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
                 adversarial = attack[0]
             else:
                 adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
-            if not bool(torch.isfinite(adversarial).all()):
+            if not all_finite(adversarial):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
             rows.append(measure(b, fixed, gram, attack, b.reg, biased) if by_sums

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.checks import all_finite
+
 
 @dataclass
 class Layerwise:
@@ -38,7 +40,7 @@ class Layerwise:
         return Layerwise(pad(self.up, (0, 1)), pad(self.down, (0, 1)))
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.up).all()) and bool(torch.isfinite(self.down).all())
+        return all_finite(self.up, self.down)
 
     def layer_down(self, layer: int) -> torch.Tensor:
         return self.down[layer if self.down.shape[0] > 1 else 0]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.checks import all_finite
 from .layerwise import layer_blocks
 
 _DOUBLE = torch.float64
@@ -268,7 +269,7 @@ def _down(erase, num_concepts, basis, invariants, alpha, mu):
     kpm = (kp - (kp @ erase.T / num_concepts) @ tpm) / alpha  # K P M
     lhs = kpm @ invariants.mT + shift
     solved, info = torch.linalg.solve_ex(lhs, kpm)
-    if bool((info != 0).any()) or not bool(torch.isfinite(solved).all()):
+    if bool((info != 0).any()) or not all_finite(solved):
         raise ValueError("the invariant tokens cannot be kept: the system is singular; use invariant_lamb > 0 or "
                          "fewer invariant tokens")
     return tpm - (tpm @ invariants.mT) @ solved
@@ -329,7 +330,7 @@ def speed_update(
     erase, guide, retain = (x.to(device, _DOUBLE) for x in (erase, guide, retain))
     invariants = (torch.zeros(0, d, dtype=_DOUBLE, device=device) if invariants is None
                   else invariants.to(device, _DOUBLE))
-    if not all(bool(torch.isfinite(x).all()) for x in (erase, guide, retain, invariants)):
+    if not all_finite(erase, guide, retain, invariants):
         raise ValueError("the erase, guide, retain and invariant tokens must be finite")
     up_tokens = (guide - erase) / num_concepts
     extra = {}
@@ -349,7 +350,7 @@ def speed_update(
         singular = singular.to(device, _DOUBLE)
         er2, cross, ev2 = _filter_terms(weights, row_layer.to(device), num_layers, erase, up_tokens, num_concepts,
                                         retain, singular, chunk_size)
-        if not bool(torch.isfinite(er2).all() and torch.isfinite(ev2).all()):
+        if not all_finite(er2, ev2):
             raise ValueError("the weights give non-finite outputs; nothing was computed: check the model's weights")
         kept = torch.ones_like(er2, dtype=torch.bool)
         if filter:

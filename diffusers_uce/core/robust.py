@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from ..utils.checks import is_whole_number
+from ..utils.checks import all_finite, is_whole_number
 from .solve import EditTerms, bias_direction, solve_transform, with_bias
 
 _F64 = torch.float64
@@ -53,7 +53,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 def _finite(**tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"{name} has non-finite entries (inf or nan); nothing was changed")
 
 
@@ -288,9 +288,9 @@ def harden(
             break
         step = _further_edit(adversarial, guide, preserve, lamb, erase_scale, preserve_scale, biased)
         current = current @ step
-        finite = bool(torch.isfinite(current).all())
+        finite = all_finite(current)
         adversarial = adversarial_embeddings(gram, current, erase, reg, biased) if finite else current
-        if not (finite and bool(torch.isfinite(adversarial).all())):
+        if not (finite and all_finite(adversarial)):
             raise ValueError(f"hardening round {r + 1} produced non-finite values; nothing was changed: "
                              "use a larger reg or lamb, or fewer rounds")
         steps.append(step)

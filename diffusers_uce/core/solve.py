@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.checks import all_finite
 from .layerwise import Layerwise, add_layerwise, layerwise_inputs
 
 
@@ -102,10 +103,10 @@ def transform_from_sums(erase_gram: torch.Tensor, cross: torch.Tensor, preserve_
     """
     if lamb <= 0:
         raise ValueError(f"lamb must be > 0 (got {lamb}); it keeps the solve well posed, use e.g. 0.5")
-    eye = torch.eye(erase_gram.shape[-1], dtype=torch.float64, device=erase_gram.device)
-    b = lamb * eye + erase_gram + preserve_gram
-    numerator = lamb * eye + cross + preserve_gram
-    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(numerator).all())):
+    b, numerator = erase_gram + preserve_gram, cross + preserve_gram
+    b.diagonal().add_(lamb)
+    numerator.diagonal().add_(lamb)
+    if not all_finite(b, numerator):
         raise ValueError("the UCE system has non-finite entries (overflowing scales or non-finite tokens); "
                          "nothing was changed: lower erase_scale/preserve_scale")
     factor, info = torch.linalg.cholesky_ex(b)

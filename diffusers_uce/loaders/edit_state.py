@@ -11,6 +11,7 @@ from ..core.report import EditReport
 from ..core.robust import stacked_gram
 from ..core.solve import edited_weights, scaled
 from ..core.targets import LayerFilter, Projection
+from ..utils.checks import all_finite
 
 
 class GroupEdit:
@@ -79,12 +80,12 @@ class GroupEdit:
             transform, correction = scaled(s.transform if s.low_rank is None else s.low_rank, s.correction, scale)
             new = edited_weights(weights, transform, correction, row_layer)
         new = new[:, : originals[0].shape[1]]
-        if not all(bool(torch.isfinite(x)) for x in new.aminmax()):  # one reduction (NaN, inf propagate), no copy
+        if not all_finite(new):  # one reduction (NaN, inf propagate), no copy
             raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]
         out = [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
-        if not all(bool(torch.isfinite(x)) for w in out for x in w.aminmax()):  # e.g. beyond float16's range
+        if not all_finite(*out):  # e.g. beyond float16's range
             raise ValueError(f"the edit at scale {scale} overflows the weights' dtype {originals[0].dtype}; nothing "
                              "was changed. Lower the edit scale, or fuse in a wider dtype")
         return out
@@ -96,7 +97,7 @@ class GroupEdit:
         eye = torch.eye(s.transform.shape[0], dtype=torch.float32, device=s.transform.device)
         parts = [scale * (s.transform - eye)] + ([] if s.correction is None else [
             s.correction.tokens, s.correction.solved, scale * s.correction.coef])
-        if not all(bool(torch.isfinite(x).all()) for x in parts):
+        if not all_finite(*parts):
             raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")

@@ -15,6 +15,7 @@ from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
 from ..core.solve import grouped_grams, homogeneous
 from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
 from ..core.targets import find_linear_layers, find_projections
+from ..utils.checks import all_finite
 from .edit_state import EditState, GroupEdit
 from .encoding_cache import EncodingCache, encoders_fingerprint
 
@@ -111,7 +112,7 @@ class UCESolverMixin:
         if missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
             encoded = encode_prompts(encoders, missing, causal_cut=not full, output=text.output,
                                      max_length=text.max_length, device=device)
-            if not bool(torch.isfinite(encoded.states).all()):
+            if not all_finite(encoded.states):
                 raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
                                  "Check the text encoder's weights and dtype (fp16 overflow?)")
             cache.store(group.name, encoded, full)

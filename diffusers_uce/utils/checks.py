@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def is_finite_number(value, kind: type | tuple[type, ...] = (int, float)) -> bool:
@@ -31,3 +35,9 @@ def non_negative_number(value, name: str, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
     return value
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite, with one reduction each (NaN and inf carry through
+    ``aminmax``): several times faster than ``torch.isfinite(t).all()``, which first builds a mask of the tensor."""
+    return all(t.numel() == 0 or all(math.isfinite(x.item()) for x in t.aminmax()) for t in tensors)

@@ -76,6 +76,10 @@ def library_versions() -> dict[str, str | None]:
 # Checks of user-given numbers, with the errors every part of the package raises for them.
 
 
+if TYPE_CHECKING:
+    import torch
+
+
 def is_finite_number(value, kind: type | tuple[type, ...] = (int, float)) -> bool:
     """Whether `value` is a finite number of `kind` (a `bool` is not a number here)."""
     return not isinstance(value, bool) and isinstance(value, kind) and math.isfinite(value)
@@ -102,6 +106,12 @@ def non_negative_number(value, name: str, positive: bool = False) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
     return value
+
+
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry of every tensor is finite, with one reduction each (NaN and inf carry through
+    ``aminmax``): several times faster than ``torch.isfinite(t).all()``, which first builds a mask of the tensor."""
+    return all(t.numel() == 0 or all(math.isfinite(x.item()) for x in t.aminmax()) for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1104,7 +1114,7 @@ class Layerwise:
         return Layerwise(pad(self.up, (0, 1)), pad(self.down, (0, 1)))
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.up).all()) and bool(torch.isfinite(self.down).all())
+        return all_finite(self.up, self.down)
 
     def layer_down(self, layer: int) -> torch.Tensor:
         return self.down[layer if self.down.shape[0] > 1 else 0]
@@ -1264,10 +1274,10 @@ def transform_from_sums(erase_gram: torch.Tensor, cross: torch.Tensor, preserve_
     """
     if lamb <= 0:
         raise ValueError(f"lamb must be > 0 (got {lamb}); it keeps the solve well posed, use e.g. 0.5")
-    eye = torch.eye(erase_gram.shape[-1], dtype=torch.float64, device=erase_gram.device)
-    b = lamb * eye + erase_gram + preserve_gram
-    numerator = lamb * eye + cross + preserve_gram
-    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(numerator).all())):
+    b, numerator = erase_gram + preserve_gram, cross + preserve_gram
+    b.diagonal().add_(lamb)
+    numerator.diagonal().add_(lamb)
+    if not all_finite(b, numerator):
         raise ValueError("the UCE system has non-finite entries (overflowing scales or non-finite tokens); "
                          "nothing was changed: lower erase_scale/preserve_scale")
     factor, info = torch.linalg.cholesky_ex(b)
@@ -1686,7 +1696,7 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
 
 def _finite(**tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"{name} has non-finite entries (inf or nan); nothing was changed")
 
 
@@ -1921,9 +1931,9 @@ def harden(
             break
         step = _further_edit(adversarial, guide, preserve, lamb, erase_scale, preserve_scale, biased)
         current = current @ step
-        finite = bool(torch.isfinite(current).all())
+        finite = all_finite(current)
         adversarial = adversarial_embeddings(gram, current, erase, reg, biased) if finite else current
-        if not (finite and bool(torch.isfinite(adversarial).all())):
+        if not (finite and all_finite(adversarial)):
             raise ValueError(f"hardening round {r + 1} produced non-finite values; nothing was changed: "
                              "use a larger reg or lamb, or fewer rounds")
         steps.append(step)
@@ -2193,7 +2203,8 @@ def attack_map(gram, transform, reg: float, biased: bool):
     rhs = gt.T[:k].clone()
     if biased:
         rhs[:, k] -= m[:k, k]
-    system = m[:k, :k] + reg * torch.eye(k, dtype=torch.float64, device=m.device)
+    system = m[:k, :k].clone()
+    system.diagonal().add_(reg)
     factor, info = torch.linalg.cholesky_ex(system)
     if int(info) != 0:
         raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
@@ -2208,7 +2219,7 @@ def measure(block: HardenBlock, sums: BlockSums, gram, attack, reg: float, biase
     with a bias), a quadratic form in the erased tokens like ``‖x‖² = cᵀLᵀLc``."""
     lmap, rhs, m, gt = attack
     norm = lmap.T @ lmap
-    moved = gram - lmap.T @ rhs - reg * norm
+    moved = torch.addmm(gram, lmap.T, torch.add(rhs, lmap, alpha=reg), alpha=-1)  # G − Lᵀ(R + ρL)
     if biased:
         k = gram.shape[0] - 1
         moved[k] -= 2 * gt[:, k]
@@ -2251,7 +2262,7 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
     for b in blocks:  # checked once here; the rounds then call the unchecked math (same formulas)
         _positive("reg", b.reg)
         _edit_inputs(gram, b.erase, b.guide, b.preserve, biased, b.lamb, 1.0, b.preserve_weight)
-        if not bool(torch.isfinite(b.erase).all()):
+        if not all_finite(b.erase):
             raise ValueError("the erased tokens have non-finite entries (inf or nan); nothing was changed")
     for i, b in enumerate(blocks):
         if not b.rounds:
@@ -2264,7 +2275,7 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
                 adversarial = attack[0]
             else:
                 adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
-            if not bool(torch.isfinite(adversarial).all()):
+            if not all_finite(adversarial):
                 raise ValueError(f"hardening round {r} produced non-finite values; nothing was changed: use a "
                                  "larger reg or lamb, or fewer rounds")
             rows.append(measure(b, fixed, gram, attack, b.reg, biased) if by_sums
@@ -3114,7 +3125,7 @@ class Solution:
     def is_finite(self) -> bool:
         tensors = [self.transform] + ([] if self.correction is None else [
             self.correction.tokens, self.correction.solved, self.correction.coef])
-        return all(bool(torch.isfinite(t).all()) for t in tensors) and (
+        return all_finite(*tensors) and (
             self.layerwise is None or self.layerwise.is_finite())
 
     def to(self, device=None, dtype=None) -> "Solution":
@@ -3430,7 +3441,7 @@ def _down(erase, num_concepts, basis, invariants, alpha, mu):
     kpm = (kp - (kp @ erase.T / num_concepts) @ tpm) / alpha  # K P M
     lhs = kpm @ invariants.mT + shift
     solved, info = torch.linalg.solve_ex(lhs, kpm)
-    if bool((info != 0).any()) or not bool(torch.isfinite(solved).all()):
+    if bool((info != 0).any()) or not all_finite(solved):
         raise ValueError("the invariant tokens cannot be kept: the system is singular; use invariant_lamb > 0 or "
                          "fewer invariant tokens")
     return tpm - (tpm @ invariants.mT) @ solved
@@ -3491,7 +3502,7 @@ def speed_update(
     erase, guide, retain = (x.to(device, _DOUBLE) for x in (erase, guide, retain))
     invariants = (torch.zeros(0, d, dtype=_DOUBLE, device=device) if invariants is None
                   else invariants.to(device, _DOUBLE))
-    if not all(bool(torch.isfinite(x).all()) for x in (erase, guide, retain, invariants)):
+    if not all_finite(erase, guide, retain, invariants):
         raise ValueError("the erase, guide, retain and invariant tokens must be finite")
     up_tokens = (guide - erase) / num_concepts
     extra = {}
@@ -3511,7 +3522,7 @@ def speed_update(
         singular = singular.to(device, _DOUBLE)
         er2, cross, ev2 = _filter_terms(weights, row_layer.to(device), num_layers, erase, up_tokens, num_concepts,
                                         retain, singular, chunk_size)
-        if not bool(torch.isfinite(er2).all() and torch.isfinite(ev2).all()):
+        if not all_finite(er2, ev2):
             raise ValueError("the weights give non-finite outputs; nothing was computed: check the model's weights")
         kept = torch.ones_like(er2, dtype=torch.bool)
         if filter:
@@ -3867,12 +3878,12 @@ class GroupEdit:
             transform, correction = scaled(s.transform if s.low_rank is None else s.low_rank, s.correction, scale)
             new = edited_weights(weights, transform, correction, row_layer)
         new = new[:, : originals[0].shape[1]]
-        if not all(bool(torch.isfinite(x)) for x in new.aminmax()):  # one reduction (NaN, inf propagate), no copy
+        if not all_finite(new):  # one reduction (NaN, inf propagate), no copy
             raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]
         out = [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
-        if not all(bool(torch.isfinite(x)) for w in out for x in w.aminmax()):  # e.g. beyond float16's range
+        if not all_finite(*out):  # e.g. beyond float16's range
             raise ValueError(f"the edit at scale {scale} overflows the weights' dtype {originals[0].dtype}; nothing "
                              "was changed. Lower the edit scale, or fuse in a wider dtype")
         return out
@@ -3884,7 +3895,7 @@ class GroupEdit:
         eye = torch.eye(s.transform.shape[0], dtype=torch.float32, device=s.transform.device)
         parts = [scale * (s.transform - eye)] + ([] if s.correction is None else [
             s.correction.tokens, s.correction.solved, scale * s.correction.coef])
-        if not all(bool(torch.isfinite(x).all()) for x in parts):
+        if not all_finite(*parts):
             raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")
@@ -5534,7 +5545,7 @@ class UCESolverMixin:
         if missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
             encoded = encode_prompts(encoders, missing, causal_cut=not full, output=text.output,
                                      max_length=text.max_length, device=device)
-            if not bool(torch.isfinite(encoded.states).all()):
+            if not all_finite(encoded.states):
                 raise ValueError("the text encoder returned non-finite hidden states; nothing was changed. "
                                  "Check the text encoder's weights and dtype (fp16 overflow?)")
             cache.store(group.name, encoded, full)
