@@ -85,6 +85,17 @@ def check_output(path: str, overwrite: bool, option: str = "--output") -> None:
                                   "or choose another folder")
 
 
+def check_output_file(path: str, overwrite: bool, option: str, suffix: str) -> None:
+    """Raise unless `path` (the value of `option`) names a file ending in `suffix` that is new, or that `overwrite`
+    allows to replace."""
+    if not os.path.basename(path).endswith(suffix) or os.path.basename(path) == suffix:
+        raise ValueError(f"{option} {path}: give a file name ending in '{suffix}'")
+    if os.path.isdir(path):
+        raise FileExistsError(f"{option} {path} is a folder; give the path of the file to write")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{option} {path} exists; pass --overwrite to replace it, or choose another name")
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     """Write `data` as JSON through a temporary file in the same folder, so readers never see a partial file."""
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))

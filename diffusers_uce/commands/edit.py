@@ -15,6 +15,7 @@ from .common import (
     add_hub_arguments,
     check_model,
     check_output,
+    check_output_file,
     concepts,
     demo_names,
     hub_options,
@@ -39,9 +40,13 @@ examples:
       --device cuda --dtype bfloat16 --save-edits ./flux-no-van-gogh
   diffusers-uce edit --erase "Van Gogh; Picasso" --guide art --preserve @retain:artists --method speed \\
       --method-option threshold=0.1 --method-option augment=10
+  diffusers-uce edit --model CompVis/stable-diffusion-v1-4 --erase "Van Gogh" --guide art \\
+      --device cuda --dtype float16 --output-single-file ./sd14-no-van-gogh.safetensors
 
 Lists are separated by ";" (names may contain commas). The report shows, per erased concept, the efficacy (1 = its
 keys/values became exactly its guide's) and, per preserved or held-out concept, the relative change of its keys/values.
+--output-single-file writes one checkpoint in the original layout (SD 1.x/2.x, SDXL) for AUTOMATIC1111 and ComfyUI
+(models/Stable-diffusion, models/checkpoints); diffusers loads it with from_single_file(PATH, config=<the model>).
 """
 
 _DEBIAS_ONLY = ("--attributes", "--ratios", "--max-iterations", "--tolerance", "--clip-model")
@@ -122,7 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", metavar="DIR",
         help=f"fuse the edit and save the pipeline to DIR (a plain diffusers pipeline folder) with {REPORT_FILE}; "
              "without it, only the report is printed")
-    add("--overwrite", action="store_true", help="write into existing non-empty --output/--save-edits/--lora folders")
+    add("--output-single-file", metavar="PATH",
+        help="fuse the edit and save the whole pipeline as ONE .safetensors checkpoint in the original (LDM/SGM) "
+             "layout that AUTOMATIC1111, ComfyUI and from_single_file load (SD 1.x/2.x and SDXL)")
+    add("--overwrite", action="store_true",
+        help="write into existing non-empty --output/--save-edits/--lora folders, replace an existing "
+             "--output-single-file")
     add("--save-edits", metavar="DIR",
         help="save the edit alone (one small safetensors file and a model card) to DIR, for load_concept_edits()")
     add("--lora", metavar="DIR", help="export the edit as a diffusers-format LoRA (+ model card) to DIR")
@@ -237,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
     for option, folder in (("--output", args.output), ("--save-edits", args.save_edits), ("--lora", args.lora)):
         if folder is not None:
             check_output(folder, args.overwrite, option)
+    if args.output_single_file is not None:
+        check_output_file(args.output_single_file, args.overwrite, "--output-single-file", ".safetensors")
     if args.rank is not None and args.lora is None:
         raise ValueError("--rank only applies with --lora DIR")
     if args.lora_format is not None and args.lora is None:
@@ -259,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
         from ..loaders.lora_kohya import kohya_base_version
 
         kohya_base_version(pipe._uce_family.name, getattr(getattr(pipe, "unet", None), "config", None))
+    if args.output_single_file is not None:  # likewise
+        from ..loaders.single_file_layout import check_single_file_family
+
+        check_single_file_family(pipe._uce_family.name)
     preserved = (erase or debias).preserve
     progress(f"Solving the edit: erase {len(erase.erase) if erase else 0}, preserve {len(preserved)} concept(s)"
              + (f", debias {len(debias.debias)} (generating and classifying images)" if debias else "") + " ...")
@@ -283,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save(args: argparse.Namespace, pipe, output) -> None:
-    """Write what `--save-edits`, `--lora`, `--push-to-hub` and `--output` ask for, in that order."""
+    """Write what `--save-edits`, `--lora`, `--push-to-hub`, `--output` and `--output-single-file` ask for, in that
+    order."""
     if args.save_edits is not None:
         path = pipe.save_concept_edits(args.save_edits, overwrite=args.overwrite, overwrite_model_card=args.overwrite)
         progress(f"Saved the edit to {path}")
@@ -304,3 +321,7 @@ def _save(args: argparse.Namespace, pipe, output) -> None:
                   "model": args.model}
         write_json_atomic(os.path.join(args.output, REPORT_FILE), report)
         progress(f"Saved the edited pipeline and {REPORT_FILE} to {args.output}")
+    if args.output_single_file is not None:
+        progress(f"Fusing the edit and saving the single-file checkpoint {args.output_single_file} ...")
+        path = pipe.save_single_file(args.output_single_file, overwrite=args.overwrite, fuse_concept_edits=True)
+        progress(f"Saved the edited pipeline as one checkpoint to {path}")

@@ -36,8 +36,8 @@ COMMUNITY_MODULES: tuple[str, ...] = (
     "core.families", "core.targets", "core.engine", "core.report", "core.layerwise", "core.speed_options",
     "core.precise", "core.speed_solve",
     "loaders.processor", "loaders.edit_state", "loaders.state_mixin", "loaders.edit_format", "loaders.edit_file",
-    "loaders.lora_kohya", "loaders.lora", "loaders.debias", "loaders.robust", "loaders.encoding_cache",
-    "loaders.solver",
+    "loaders.lora_kohya", "loaders.lora", "loaders.single_file_layout", "loaders.single_file", "loaders.debias",
+    "loaders.robust", "loaders.encoding_cache", "loaders.solver",
     "loaders.concept_edit",
 )
 PIPELINE_BASE = "StableDiffusionPipeline"

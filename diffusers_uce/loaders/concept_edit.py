@@ -20,6 +20,7 @@ from .edit_file import UCEIOMixin
 from .edit_state import EditState
 from .lora import UCELoraMixin
 from .robust import UCERobustMixin
+from .single_file import UCESingleFileMixin
 from .solver import UCESolverMixin
 from .state_mixin import UCEEditStateMixin, serialized
 
@@ -42,7 +43,7 @@ class ConceptEditOutput:
         return str(self.report)
 
 
-class UCEMixin(UCEIOMixin, UCELoraMixin, UCERobustMixin, UCESolverMixin, UCEEditStateMixin):
+class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCESolverMixin, UCEEditStateMixin):
     """Unified Concept Editing (Gandikota et al., WACV 2024) for a text-to-image pipeline.
 
     Erases concepts toward guides while preserving others by rewriting, in closed form, the layers that read the text

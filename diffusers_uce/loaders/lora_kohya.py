@@ -23,6 +23,20 @@ def check_lora_format(format: str) -> str:
     return format
 
 
+def sai_architecture(version: str, prediction_type: str = "epsilon") -> str:
+    """The SAI model spec's ``modelspec.architecture`` of a base model (a LoRA for it appends ``"/lora"``).
+
+    Args:
+        version (`str`): ``"sd1"``, ``"sd2"`` or ``"sdxl"``.
+        prediction_type (`str`, defaults to `"epsilon"`): the scheduler's; ``"v_prediction"`` is SD 2.x's 768-v.
+    """
+    if version == "sdxl":
+        return "stable-diffusion-xl-v1-base"
+    if version == "sd1":
+        return "stable-diffusion-v1"
+    return f"stable-diffusion-v2-{'768-v' if prediction_type == 'v_prediction' else '512'}"
+
+
 def kohya_base_version(family_name: str, unet_config, prediction_type: str = "epsilon") -> tuple[str, str]:
     """``(ss_base_model_version, modelspec.architecture)`` of a family, or a `ValueError` for FLUX.
 
@@ -30,11 +44,10 @@ def kohya_base_version(family_name: str, unet_config, prediction_type: str = "ep
     SD 2.x config and in none of SD 1.x), and its 768-v variant by the scheduler's ``v_prediction``.
     """
     if family_name == "stable-diffusion-xl":
-        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
+        return "sdxl_base_v1-0", sai_architecture("sdxl") + "/lora"
     if family_name == "stable-diffusion":
-        if not getattr(unet_config, "use_linear_projection", False):
-            return "sd_v1", "stable-diffusion-v1/lora"
-        return "sd_v2", f"stable-diffusion-v2-{'768-v' if prediction_type == 'v_prediction' else '512'}/lora"
+        v2 = bool(getattr(unet_config, "use_linear_projection", False))
+        return "sd_v2" if v2 else "sd_v1", sai_architecture("sd2" if v2 else "sd1", prediction_type) + "/lora"
     raise ValueError(f"format='kohya' is not supported for {family_name} pipelines (the kohya layout of their edited "
                      "text-embedding layers is not settled); use format='diffusers', which "
                      "FluxPipeline.load_lora_weights and ComfyUI read")

@@ -184,6 +184,13 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = T
             f.write(text)
 
 
+def refuse_existing(path: str | os.PathLike, overwrite: bool, instead: str = "choose another name") -> None:
+    """Raise a `FileExistsError` that names `overwrite=True` (and `instead`, the other way out) if `path` exists and
+    `overwrite` is not set: the early check of a writer that must not replace a file silently."""
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{os.fspath(path)} already exists: pass overwrite=True to replace it, or {instead}")
+
+
 def check_weight_name(weight_name: str) -> str:
     """Validate a file name to write: a plain name ending in ``.safetensors``."""
     if not isinstance(weight_name, str) or not weight_name.endswith(".safetensors"):
@@ -222,12 +229,7 @@ def atomic_save_safetensors(
     if os.path.isfile(save_directory):
         raise ValueError(f"save_directory {save_directory!r} is a file; give a folder to write {weight_name} into")
     path = os.path.join(save_directory, weight_name)
-
-    def refuse_existing():
-        if not overwrite and os.path.exists(path):
-            raise FileExistsError(f"{path} already exists: pass overwrite=True to replace it, or another weight_name")
-
-    refuse_existing()
+    refuse_existing(path, overwrite, "another weight_name")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path, overwrite=overwrite) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
