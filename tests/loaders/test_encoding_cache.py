@@ -59,3 +59,20 @@ def test_changed_encoders_and_full_length_requests_encode_again(pipe, encoded):
     pipe.unload_concept_edits()
     pipe.apply_concept_edits("van gogh", guide="art", held_out=[], token_mode="paper")  # needs every position
     assert {"van gogh", "art"} <= {p for c in encoded for p in c}
+
+
+@pytest.mark.parametrize("family", ["sd1"])
+def test_the_debias_loop_encodes_each_prompt_once(pipe, encoded):
+    """Every iteration re-solves the edit with new weights but the same prompts: only the first one encodes them."""
+    fast = dict(num_images=2, num_inference_steps=1, height=16, width=16, batch_size=4, prompt_templates=("{}",))
+    shares = iter([0.75, 0.7, 0.65, 0.6])
+
+    def classifier(images, labels):
+        first = next(shares) * len(images)
+        return [labels[0] if i < first else labels[1] for i in range(len(images))]
+
+    out = pipe.debias_concepts({"doctor": ["male", "female"]}, classifier=classifier, max_iterations=3,
+                               options={**fast, "step": 1.0}, held_out=[])
+    assert out.report.ratios[0]["iterations"] == 3  # three solves
+    prompts = [p for call in encoded for p in call]
+    assert prompts and len(prompts) == len(set(prompts))  # no prompt encoded twice
