@@ -218,7 +218,8 @@ def section(rows, args, built_s) -> list[str]:
             parts = [f"{r['mode']}: {r['per_layer'] / r['package']:.0f}×" for r in at50]
             met = all(r["per_layer"] >= 20 * r["package"] for r in at50)
         lines.append(f"- {target}: {', '.join(parts)} — {'MET' if met else 'NOT MET'}")
-    lines += [] if not at50 else ["", "Floor: the d×d float64 work that any closed-form round needs (2 Cholesky factorisations, 2 solves "
+    lines += [] if not at50 else [
+        "", "Floor: the d×d float64 work that any closed-form round needs (2 Cholesky factorisations, 2 solves "
               "with d right-hand sides, 5 products), timed alone on random matrices, for all the rounds: "
               + ", ".join(f"{r['mode']} N = {r['n']}: {r['floor']:.2f} s = {100 * r['floor'] / r['plain']:.1f} % "
                           "of its plain apply" for r in at50) + "."]
