@@ -137,6 +137,18 @@ def test_bad_base_model_is_refused_before_anything_is_written(bad, api, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_base_model_and_license(tmp_path):
+    code, out, err = run_cli("edit", "--erase", "van gogh", "--base-model", "./local", "--save-edits", tmp_path / "e")
+    assert code == 2 and out == "" and "--base-model" in err and "Loading" not in err
+    code, _, err = run_cli("edit", "--erase", "van gogh", "--guide", "art", "--held-out", "", "--base-model", SD14,
+                           "--license", "mit", "--lora", tmp_path / "lora", "--output", tmp_path / "full")
+    assert code == 0, err
+    lora, full = (ModelCard.load(tmp_path / f / "README.md") for f in ("lora", "full"))
+    assert (lora.data.base_model, lora.data.base_model_relation, lora.data.license) == (SD14, "adapter", "mit")
+    assert (full.data.base_model, full.data.base_model_relation, full.data.license) == (SD14, "finetune", "mit")
+    assert usage(lora.text)[1][0].count(f'load_lora_weights("{REPO_PLACEHOLDER}", weight_name="{LORA}"') == 1
+
+
 # --- a pushed edit repository: edit file + exact LoRA + pipeline.py -------------------------------------------------
 
 @pytest.mark.parametrize("family, cls", [("sd1", StableDiffusionPipeline), ("flux", FluxPipeline)])
@@ -218,6 +230,18 @@ def test_push_writes_the_card_again_for_the_repository(api, tmp_path):
         if folder == "full":
             assert f'DiffusionPipeline.from_pretrained("{repo_id}"' in blocks[0]
     assert (tmp_path / "edit" / "README.md").read_text() == local  # the local card is left as it was
+
+
+def test_push_with_base_model_and_license(api, local_pipe, tmp_path):
+    local_pipe.save_concept_edits(tmp_path / "edit")
+    repo_id = new_repo()
+    code, _, err = run_cli("push", tmp_path / "edit", repo_id, "--base-model", SD14, "--license", "mit")
+    assert code == 0, err
+    card = remote_card(repo_id)
+    assert (card.data.base_model, card.data.base_model_relation, card.data.license) == (SD14, "adapter", "mit")
+    assert f'from_pretrained("{SD14}"' in usage(card.text)[1][0]
+    code, _, err = run_cli("push", tmp_path / "edit", repo_id, "--base-model", "not a repo")
+    assert code == 2 and "--base-model" in err
 
 
 def test_push_uploads_a_readme_someone_wrote_as_it_is(api, tmp_path):
