@@ -12,6 +12,7 @@ import re
 import sys
 import warnings
 
+from ..utils.checks import check_base_model, check_license
 from ..utils.files import write_text_atomic
 
 # Built-in tiny offline pipelines (random weights), by --model name: their family in `demo.make_demo_pipeline`.
@@ -66,6 +67,31 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="Hub token (default: the logged-in one)")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing to main")
     parser.add_argument("--commit-message", help="the Hub commit message")
+
+
+def _checked(check):
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def add_card_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the model card options (`--base-model`, `--license`) to a subcommand's parser."""
+    parser.add_argument("--base-model", type=_checked(check_base_model), metavar="OWNER/NAME",
+                        help="the base model's Hub id, for the model cards' metadata and loading snippets, when the "
+                             "model was loaded from a local folder (default: the model's Hub id, if it has one)")
+    parser.add_argument("--license", type=_checked(check_license), metavar="ID",
+                        help="the licence id for the model cards' metadata, e.g. creativeml-openrail-m (default: the "
+                             "base model's, when it is a well-known model)")
+
+
+def card_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of a save or push from the options `add_card_arguments` added."""
+    return dict(base_model=args.base_model, license=args.license)
 
 
 def hub_options(args: argparse.Namespace, commit_message: str | None = None) -> dict:

@@ -11,8 +11,10 @@ from ..core.edits import TECHNIQUES, TOKEN_MODES, ConceptEdit, concept_edit_requ
 from ..core.speed_options import METHODS, retain_set
 from .common import (
     SUPPORTED,
+    add_card_arguments,
     add_device_arguments,
     add_hub_arguments,
+    card_options,
     check_model,
     check_output,
     check_output_file,
@@ -142,8 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --lora: 'diffusers' (load_lora_weights; the default) or 'kohya': one uce_lora.safetensors in the "
              "kohya/sd-scripts layout for AUTOMATIC1111 and ComfyUI (SD 1.x/2.x, SDXL)")
     add("--push-to-hub", metavar="REPO",
-        help="push the edit (edit file, model card, community pipeline.py) to this Hub repository in one commit")
+        help="push the edit (edit file, its exact LoRA, model card, community pipeline.py) to this Hub repository in "
+             "one commit")
     add_hub_arguments(parser)
+    add_card_arguments(parser)
     add_device_arguments(parser, purpose="load the model and solve", seed_note="the edit itself is deterministic")
     _add_debias_arguments(parser)
 
@@ -302,21 +306,23 @@ def _save(args: argparse.Namespace, pipe, output) -> None:
     """Write what `--save-edits`, `--lora`, `--push-to-hub`, `--output` and `--output-single-file` ask for, in that
     order."""
     if args.save_edits is not None:
-        path = pipe.save_concept_edits(args.save_edits, overwrite=args.overwrite, overwrite_model_card=args.overwrite)
+        path = pipe.save_concept_edits(args.save_edits, overwrite=args.overwrite, overwrite_model_card=args.overwrite,
+                                       **card_options(args))
         progress(f"Saved the edit to {path}")
     if args.lora is not None:
         error = pipe.save_concept_edits_as_lora(args.lora, rank=args.rank, overwrite=args.overwrite,
                                                 overwrite_model_card=args.overwrite,
-                                                format=args.lora_format or "diffusers")
+                                                format=args.lora_format or "diffusers", **card_options(args))
         progress(f"Saved the edit as a LoRA to {args.lora} (relative error {error:.2e})")
     if args.push_to_hub is not None:
         progress(f"Pushing the edit to {args.push_to_hub} ...")
-        info = pipe.push_concept_edits_to_hub(args.push_to_hub, **hub_options(args))
+        info = pipe.push_concept_edits_to_hub(args.push_to_hub, **hub_options(args), **card_options(args))
         progress(f"Pushed: {info.pr_url or info.commit_url}")
     if args.output is not None:
         progress(f"Fusing the edit and saving to {args.output} ...")
         pipe.fuse_concept_edits()
-        pipe.save_pretrained(args.output, overwrite_model_card=args.overwrite)  # the card describes this output
+        # the card describes this output
+        pipe.save_pretrained(args.output, overwrite_model_card=args.overwrite, **card_options(args))
         report = {"edits": [record.to_dict() for record in output.edits], "report": output.report.to_dict(),
                   "model": args.model}
         write_json_atomic(os.path.join(args.output, REPORT_FILE), report)

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..utils.files import PICKLE_SUFFIXES
-from .common import add_hub_arguments, hub_options, progress
+from .common import add_card_arguments, add_hub_arguments, card_options, hub_options, progress
 
 HELP = "push a folder written by 'edit' (edited model, edit file or LoRA) to the Hub in one commit"
 
@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a folder written by 'edit --output', '--save-edits' or '--lora'")
     parser.add_argument("repo", metavar="REPO", help="the Hub repository (user/name), created if needed")
     parser.add_argument("--overwrite-model-card", action="store_true",
-                        help="replace a README.md already in the repository (it is kept otherwise)")
+                        help="replace a README.md already in the repository (it is kept otherwise, unless it is a "
+                             "card diffusers-uce wrote)")
     add_hub_arguments(parser)
+    add_card_arguments(parser)
 
 
 def _check_folder(folder: str) -> None:
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     progress(f"Pushing {args.folder} to {args.repo} ...")
     info = upload_folder_to_hub(args.folder, args.repo, overwrite_model_card=args.overwrite_model_card,
-                                **hub_options(args, commit_message="Upload concept edit (diffusers-uce)"))
+                                **hub_options(args, commit_message="Upload concept edit (diffusers-uce)"),
+                                **card_options(args))
     print(info.pr_url or info.commit_url)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from diffusers import DiffusionPipeline
@@ -15,6 +16,7 @@ from ..core.families import STABLE_DIFFUSION, Family
 from ..core.hardening import robustness_rows
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.targets import LayerFilter
+from ..utils.checks import check_base_model, check_license
 from ..utils.files import atomic_folder
 from .edit_file import UCEIOMixin
 from .edit_state import EditState
@@ -289,43 +291,62 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
 
     @serialized
     def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False,
-                        overwrite_model_card: bool = False, **kwargs):
+                        overwrite_model_card: bool = False, base_model: str | None = None, license: str | None = None,
+                        **kwargs):
         """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused; with the installed plugin
         it also writes the model card of the fused edit (`base_model_relation: finetune`).
 
         Args:
             fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
-            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder.
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
+                kept otherwise, unless it is a card diffusers-uce wrote and nobody edited since).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder.
+            license (`str`, *optional*): the licence id for the card's metadata; by default the base model's when it
+                is a well-known model.
         """
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         self._uce_require_fused(fuse_concept_edits, "save")
         save_directory = os.fspath(save_directory)  # diffusers splits it as a string when pushing
         if kwargs.get("push_to_hub", False) or not self.concept_edits:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            with self._uce_card_options(overwrite=overwrite_model_card, **card):
+                return super().save_pretrained(save_directory, *args, **kwargs)
         readme = os.path.join(save_directory, "README.md")
         # Written aside and swapped in (model_index.json last): a save killed midway leaves the folder as it was.
         with atomic_folder(save_directory, last="model_index.json") as folder:
             result = super().save_pretrained(folder, *args, **kwargs)
-            if os.path.isfile(readme) and not overwrite_model_card:  # the card already there stays
+            if os.path.isfile(readme):  # the card already there, which the new one replaces only if it may
                 shutil.copy2(readme, os.path.join(folder, "README.md"))
-            self._uce_write_model_card(folder, "finetune", overwrite=overwrite_model_card)
+            self._uce_write_model_card(folder, "finetune", overwrite=overwrite_model_card, **card)
         return result
 
     @serialized
     def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, overwrite_model_card: bool = False,
-                    **kwargs):
+                    base_model: str | None = None, license: str | None = None, **kwargs):
         """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused.
 
         Args:
             fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the repository with
-                the generated card (with the installed plugin; it is kept otherwise).
+                the generated card (with the installed plugin; it is kept otherwise, unless it is a card
+                diffusers-uce wrote and nobody edited since).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder.
+            license (`str`, *optional*): the licence id for the card's metadata.
         """
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         self._uce_require_fused(fuse_concept_edits, "push")
-        self._uce_overwrite_model_card = overwrite_model_card  # read where the card is written, during the upload
-        try:
+        with self._uce_card_options(overwrite=overwrite_model_card, **card):
             return super().push_to_hub(repo_id, *args, **kwargs)
+
+    @contextmanager
+    def _uce_card_options(self, **options):
+        """Hold the card options of a push for the upload hook, which writes the card (`_uce_push_card`)."""
+        self._uce_push_card = options
+        try:
+            yield
         finally:
-            del self._uce_overwrite_model_card
+            del self._uce_push_card
 
     def _uce_require_fused(self, fuse: bool, action: str) -> None:
         state = self._uce_state
@@ -353,7 +374,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
     def _uce_write_model_card(self, save_directory, kind: str, *, overwrite: bool = False, **card) -> None:
         """Hook called after an edit or a fused model is saved: write its model card into `save_directory`.
 
-        The plugin's `UCEHubMixin` writes the generated card (`kind`: `"adapter"` or `"finetune"`; `card`: the
-        file names and repo id it shows); the bare mixin, which the single-file community pipeline carries, writes
-        none.
+        The plugin's `UCEHubMixin` writes the generated card (`kind`: `"adapter"` or `"finetune"`; `card`: its
+        `base_model`, `license`, `repo_id`...), describing the files of the edit the folder holds; the bare mixin,
+        which the single-file community pipeline carries, writes none.
         """

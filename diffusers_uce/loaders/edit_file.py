@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from diffusers.utils import logging
 
+from ..utils.checks import check_base_model, check_license
 from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
 from ..utils.versions import library_versions
 from .edit_format import (
@@ -45,9 +46,10 @@ class UCEIOMixin:
     @serialized
     def save_concept_edits(
         self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False,
-        write_model_card: bool = True, overwrite_model_card: bool = False,
+        write_model_card: bool = True, overwrite_model_card: bool = False, base_model: str | None = None,
+        license: str | None = None,
     ) -> str:
-        r"""Save the applied concept edit (solution, records, strength) as one safetensors file.
+        r"""Save the applied concept edit (solution, records, strength, report) as one safetensors file.
 
         The file holds each target group's d×d transform in float64 (4.7 MB for SD 1.5, 34 MB for SDXL, 134 MB for
         FLUX, whose T5 states are 4096 wide), far less than the model, and `load_concept_edits` installs it on any
@@ -61,7 +63,12 @@ class UCEIOMixin:
                 adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
                 writes none).
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
-                kept otherwise).
+                kept otherwise, unless it is a card diffusers-uce wrote and nobody edited since).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder; by default the pipeline's `name_or_path` when it is a Hub
+                id.
+            license (`str`, *optional*): the licence id for the card's metadata; by default the base model's when it
+                is a well-known model.
 
         Returns:
             `str`: the path of the file written.
@@ -76,34 +83,23 @@ class UCEIOMixin:
         """
         state = self._uce_require_state("save")
         check_weight_name(weight_name)
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         tensors = {}
         for group in state.groups:
             tensors.update(solution_tensors(f"{group.group.name}.uce", group.solution))
-        layers = state.layers
-        if callable(layers):  # store what it selected: attention names, which select the same modules as substrings
-            layers = list(dict.fromkeys(p.attention for p in state.projections))
-        elif layers is not None:
-            layers = list(layers)
         info = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "denoiser": self._uce_family.groups[0].component,
-            "family": self._uce_family.name,
-            "edits": [r.to_dict() for r in state.records],
             "projections": [{"group": g.group.name, "name": p.name, "shape": list(p.module.weight.shape)}
                             for g in state.groups for p in g.projections],
-            "edit_keys": bool(state.edit_keys),
-            "layers": layers,
-            "scale": state.scale,
-            "base_model": self._uce_base_info(len(state.projections)),
-            "versions": library_versions(),
+            **self._uce_saved_record(state),
         }
         with folder_lock(save_directory):  # the edit file and its card, as one unit
             path = atomic_save_safetensors(tensors, save_directory, weight_name,
                                            {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
             if write_model_card:
-                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-                                           weight_name=weight_name)
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card, **card)
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
         return path
 
@@ -179,6 +175,25 @@ class UCEIOMixin:
                     f"this pipeline changes {group.group.name} differently from the stored edit (relative difference "
                     f"{difference:.2g}). The file was changed after it was saved, or made from another model; "
                     "load_concept_edits(..., verify=False) loads it anyway")
+
+    def _uce_saved_record(self, state) -> dict:
+        """What every saved file of an edit (edit file, LoRA export) records about it, enough to write its model card
+        again: family, records, shared options, strength, base model, report and library versions."""
+        layers = state.layers
+        if callable(layers):  # store what it selected: attention names, which select the same modules as substrings
+            layers = list(dict.fromkeys(p.attention for p in state.projections))
+        elif layers is not None:
+            layers = list(layers)
+        return {
+            "family": self._uce_family.name,
+            "edits": [r.to_dict() for r in state.records],
+            "edit_keys": bool(state.edit_keys),
+            "layers": layers,
+            "scale": state.scale,
+            "base_model": self._uce_base_info(len(state.projections)),
+            "report": None if state.report is None else state.report.to_dict(),
+            "versions": library_versions(),
+        }
 
     def _uce_base_info(self, num_projections: int | None) -> dict:
         name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)

@@ -24,10 +24,16 @@ from diffusers.utils import logging
 
 from ..core.lowrank import LowRankFactors, layerwise_low_rank, per_layer_low_rank, shared_low_rank
 from ..core.solve import Correction, edited_weights
-from ..utils.checks import is_whole_number
+from ..utils.checks import check_base_model, check_license, is_whole_number
 from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
-from ..utils.versions import library_versions
-from .lora_kohya import KOHYA_WEIGHT_NAME, check_lora_format, kohya_base_version, kohya_metadata, kohya_state_dict
+from .lora_kohya import (
+    KOHYA_WEIGHT_NAME,
+    LORA_RECORD_KEY,
+    check_lora_format,
+    kohya_base_version,
+    kohya_metadata,
+    kohya_state_dict,
+)
 from .state_mixin import serialized
 
 logger = logging.get_logger(__name__)
@@ -80,7 +86,7 @@ class UCELoraMixin:
     def save_concept_edits_as_lora(
         self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str | None = None,
         overwrite: bool = False, write_model_card: bool = True, overwrite_model_card: bool = False,
-        format: str = "diffusers",
+        format: str = "diffusers", base_model: str | None = None, license: str | None = None,
     ) -> float:
         r"""Write the applied concept edit, at its current strength, as a LoRA for the denoiser (UNet or transformer).
 
@@ -89,7 +95,9 @@ class UCELoraMixin:
         layers) or, for the
         "tensor" technique, of each layer's change. Load it without this plugin, with PEFT installed, into the
         pipeline class of the same family: `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `FluxPipeline`
-        `.from_pretrained(...).load_lora_weights(save_directory)`.
+        `.from_pretrained(...).load_lora_weights(save_directory)`. The file's header also records the edit (records,
+        strength, base model, report; key `"diffusers_uce"`), so that its card can be written again from the file
+        alone, as a push of the folder does.
 
         Args:
             save_directory (`str` or `os.PathLike`): folder to write into (created if needed).
@@ -102,12 +110,17 @@ class UCELoraMixin:
                 adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
                 writes none).
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
-                kept otherwise).
+                kept otherwise, unless it is a card diffusers-uce wrote and nobody edited since).
             format (`str`, defaults to `"diffusers"`): `"diffusers"` (PEFT keys and `LoraConfig` header) or
                 `"kohya"`: the same factors as one file in the kohya/sd-scripts layout that AUTOMATIC1111 and ComfyUI
                 load (``lora_unet_*.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` = rank, SGM block names for
                 SDXL, sd-scripts' ``ss_*`` and ``modelspec.*`` metadata); diffusers' `load_lora_weights` reads it
                 too. SD 1.x/2.x and SDXL only (see `diffusers_uce.loaders.lora_kohya`).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder; by default the pipeline's `name_or_path` when it is a Hub
+                id.
+            license (`str`, *optional*): the licence id for the card's metadata; by default the base model's when it
+                is a well-known model.
 
         Returns:
             `float`: the relative error ``‖ΔW_approx − ΔW‖_F / ‖ΔW‖_F`` over all edited layers (0 up to float error at
@@ -124,6 +137,7 @@ class UCELoraMixin:
         if rank is not None and not is_whole_number(rank, 1):
             raise ValueError(f"rank must be a positive integer or None (the exact rank), got {rank!r}")
         check_lora_format(format)
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         kohya = format == "kohya"
         weight_name = weight_name if weight_name is not None else KOHYA_WEIGHT_NAME if kohya else LORA_WEIGHT_NAME
         check_weight_name(weight_name)
@@ -151,22 +165,19 @@ class UCELoraMixin:
         config = {f"{component}.{k}": v for component, kept in modules.items()
                   for k, v in lora_config([n for n, _ in kept], [r for _, r in kept]).items()}
         header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-        header["diffusers_uce"] = json.dumps({
-            "edits": [r.to_dict() for r in state.records], "scale": state.scale, "rank": rank,
-            "relative_error": relative_error, "versions": library_versions(),
-        })
+        header[LORA_RECORD_KEY] = json.dumps({**self._uce_saved_record(state), "rank": rank,
+                                               "relative_error": relative_error})
         if kohya:
             unet_config = self.unet.config
             tensors = kohya_state_dict(tensors, next(iter(modules)), unet_config,
                                        sgm=self._uce_family.name == "stable-diffusion-xl")
             header = kohya_metadata(tensors, state.records, self._uce_family.name, unet_config,
-                                    weight_name[:-len(".safetensors")], header["diffusers_uce"],
+                                    weight_name[:-len(".safetensors")], header[LORA_RECORD_KEY],
                                     getattr(self.scheduler.config, "prediction_type", "epsilon"))
         with folder_lock(save_directory):  # the LoRA and its card, as one unit
             path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
             if write_model_card:
-                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-                                           lora_weight_name=weight_name)
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card, **card)
         ranks = sorted({r for kept in modules.values() for _, r in kept})
         modules_saved = [n for kept in modules.values() for n, _ in kept]
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "

@@ -14,6 +14,7 @@ import torch
 
 LORA_FORMATS = ("diffusers", "kohya")
 KOHYA_WEIGHT_NAME = "uce_lora.safetensors"
+LORA_RECORD_KEY = "diffusers_uce"  # header key of the edit's records in both formats
 
 
 def check_lora_format(format: str) -> str:
@@ -122,7 +123,7 @@ def kohya_metadata(tensors: dict[str, torch.Tensor], records, family_name: str, 
         family_name (`str`): the pipeline family's name.
         unet_config: the UNet's config.
         output_name (`str`): the file name without ``.safetensors`` (what A1111 lists it as).
-        uce_json (`str`): the ``diffusers_uce`` JSON the diffusers format writes too.
+        uce_json (`str`): the JSON of the edit's records (``LORA_RECORD_KEY``) the diffusers format writes too.
         prediction_type (`str`, defaults to `"epsilon"`): the scheduler's (tells SD 2.x 768-v apart).
     """
     version, architecture = kohya_base_version(family_name, unet_config, prediction_type)
@@ -136,5 +137,5 @@ def kohya_metadata(tensors: dict[str, torch.Tensor], records, family_name: str, 
         "ss_training_comment": f"{title} (Unified Concept Editing: a closed-form edit, no training)",
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers", "modelspec.title": title,
-        "diffusers_uce": uce_json,
+        LORA_RECORD_KEY: uce_json,
     }

@@ -74,7 +74,7 @@ def library_versions() -> dict[str, str | None]:
 # --------------------------------------------------------------------------------------------------------------------
 # diffusers_uce/utils/checks.py
 # --------------------------------------------------------------------------------------------------------------------
-# Checks of user-given numbers, with the errors every part of the package raises for them.
+# Checks of user-given numbers and Hub names, with the errors every part of the package raises for them.
 
 
 if TYPE_CHECKING:
@@ -113,6 +113,35 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every entry of every tensor is finite, with one reduction each (NaN and inf carry through
     ``aminmax``): several times faster than ``torch.isfinite(t).all()``, which first builds a mask of the tensor."""
     return all(t.numel() == 0 or all(math.isfinite(x.item()) for x in t.aminmax()) for t in tensors)
+
+
+# A Hub repository id: "owner/name" (letters, digits, "-", "_", "."; neither part starting with a separator).
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def check_base_model(base_model) -> str | None:
+    """`base_model` if it is `None` or looks like a Hub model id (``"owner/name"``), else a `ValueError`.
+
+    A model card's `base_model` metadata names a Hub repository; a local folder or a bare name cannot go there.
+    """
+    if base_model is None:
+        return None
+    if not isinstance(base_model, str) or not HUB_REPO_ID.match(base_model) or any(
+            bad in base_model for bad in ("--", "..")):
+        raise ValueError("base_model must be a Hub model id such as 'CompVis/stable-diffusion-v1-4' (owner/name), got "
+                         f"{base_model!r}: the model card's metadata links to it on the Hub")
+    return base_model
+
+
+def check_license(license) -> str | None:
+    """`license` if it is `None` or a licence id (``"mit"``, ``"creativeml-openrail-m"``, ``"other"``...), else a
+    `ValueError`."""
+    if license is None:
+        return None
+    if not isinstance(license, str) or not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise ValueError(f"license must be a Hub licence id such as 'creativeml-openrail-m', 'openrail++' or 'mit' "
+                         f"(lower case, no spaces), got {license!r}")
+    return license
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -4477,9 +4506,10 @@ class UCEIOMixin:
     @serialized
     def save_concept_edits(
         self, save_directory: str | os.PathLike, *, weight_name: str = EDIT_WEIGHT_NAME, overwrite: bool = False,
-        write_model_card: bool = True, overwrite_model_card: bool = False,
+        write_model_card: bool = True, overwrite_model_card: bool = False, base_model: str | None = None,
+        license: str | None = None,
     ) -> str:
-        r"""Save the applied concept edit (solution, records, strength) as one safetensors file.
+        r"""Save the applied concept edit (solution, records, strength, report) as one safetensors file.
 
         The file holds each target group's d×d transform in float64 (4.7 MB for SD 1.5, 34 MB for SDXL, 134 MB for
         FLUX, whose T5 states are 4096 wide), far less than the model, and `load_concept_edits` installs it on any
@@ -4493,7 +4523,12 @@ class UCEIOMixin:
                 adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
                 writes none).
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
-                kept otherwise).
+                kept otherwise, unless it is a card diffusers-uce wrote and nobody edited since).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder; by default the pipeline's `name_or_path` when it is a Hub
+                id.
+            license (`str`, *optional*): the licence id for the card's metadata; by default the base model's when it
+                is a well-known model.
 
         Returns:
             `str`: the path of the file written.
@@ -4508,34 +4543,23 @@ class UCEIOMixin:
         """
         state = self._uce_require_state("save")
         check_weight_name(weight_name)
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         tensors = {}
         for group in state.groups:
             tensors.update(solution_tensors(f"{group.group.name}.uce", group.solution))
-        layers = state.layers
-        if callable(layers):  # store what it selected: attention names, which select the same modules as substrings
-            layers = list(dict.fromkeys(p.attention for p in state.projections))
-        elif layers is not None:
-            layers = list(layers)
         info = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "denoiser": self._uce_family.groups[0].component,
-            "family": self._uce_family.name,
-            "edits": [r.to_dict() for r in state.records],
             "projections": [{"group": g.group.name, "name": p.name, "shape": list(p.module.weight.shape)}
                             for g in state.groups for p in g.projections],
-            "edit_keys": bool(state.edit_keys),
-            "layers": layers,
-            "scale": state.scale,
-            "base_model": self._uce_base_info(len(state.projections)),
-            "versions": library_versions(),
+            **self._uce_saved_record(state),
         }
         with folder_lock(save_directory):  # the edit file and its card, as one unit
             path = atomic_save_safetensors(tensors, save_directory, weight_name,
                                            {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
             if write_model_card:
-                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-                                           weight_name=weight_name)
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card, **card)
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
         return path
 
@@ -4612,6 +4636,25 @@ class UCEIOMixin:
                     f"{difference:.2g}). The file was changed after it was saved, or made from another model; "
                     "load_concept_edits(..., verify=False) loads it anyway")
 
+    def _uce_saved_record(self, state) -> dict:
+        """What every saved file of an edit (edit file, LoRA export) records about it, enough to write its model card
+        again: family, records, shared options, strength, base model, report and library versions."""
+        layers = state.layers
+        if callable(layers):  # store what it selected: attention names, which select the same modules as substrings
+            layers = list(dict.fromkeys(p.attention for p in state.projections))
+        elif layers is not None:
+            layers = list(layers)
+        return {
+            "family": self._uce_family.name,
+            "edits": [r.to_dict() for r in state.records],
+            "edit_keys": bool(state.edit_keys),
+            "layers": layers,
+            "scale": state.scale,
+            "base_model": self._uce_base_info(len(state.projections)),
+            "report": None if state.report is None else state.report.to_dict(),
+            "versions": library_versions(),
+        }
+
     def _uce_base_info(self, num_projections: int | None) -> dict:
         name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
         family = self._uce_family
@@ -4679,6 +4722,7 @@ class UCEIOMixin:
 
 LORA_FORMATS = ("diffusers", "kohya")
 KOHYA_WEIGHT_NAME = "uce_lora.safetensors"
+LORA_RECORD_KEY = "diffusers_uce"  # header key of the edit's records in both formats
 
 
 def check_lora_format(format: str) -> str:
@@ -4787,7 +4831,7 @@ def kohya_metadata(tensors: dict[str, torch.Tensor], records, family_name: str, 
         family_name (`str`): the pipeline family's name.
         unet_config: the UNet's config.
         output_name (`str`): the file name without ``.safetensors`` (what A1111 lists it as).
-        uce_json (`str`): the ``diffusers_uce`` JSON the diffusers format writes too.
+        uce_json (`str`): the JSON of the edit's records (``LORA_RECORD_KEY``) the diffusers format writes too.
         prediction_type (`str`, defaults to `"epsilon"`): the scheduler's (tells SD 2.x 768-v apart).
     """
     version, architecture = kohya_base_version(family_name, unet_config, prediction_type)
@@ -4801,7 +4845,7 @@ def kohya_metadata(tensors: dict[str, torch.Tensor], records, family_name: str, 
         "ss_training_comment": f"{title} (Unified Concept Editing: a closed-form edit, no training)",
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture,
         "modelspec.implementation": "diffusers", "modelspec.title": title,
-        "diffusers_uce": uce_json,
+        LORA_RECORD_KEY: uce_json,
     }
 
 
@@ -4871,7 +4915,7 @@ class UCELoraMixin:
     def save_concept_edits_as_lora(
         self, save_directory: str | os.PathLike, *, rank: int | None = None, weight_name: str | None = None,
         overwrite: bool = False, write_model_card: bool = True, overwrite_model_card: bool = False,
-        format: str = "diffusers",
+        format: str = "diffusers", base_model: str | None = None, license: str | None = None,
     ) -> float:
         r"""Write the applied concept edit, at its current strength, as a LoRA for the denoiser (UNet or transformer).
 
@@ -4880,7 +4924,9 @@ class UCELoraMixin:
         layers) or, for the
         "tensor" technique, of each layer's change. Load it without this plugin, with PEFT installed, into the
         pipeline class of the same family: `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `FluxPipeline`
-        `.from_pretrained(...).load_lora_weights(save_directory)`.
+        `.from_pretrained(...).load_lora_weights(save_directory)`. The file's header also records the edit (records,
+        strength, base model, report; key `"diffusers_uce"`), so that its card can be written again from the file
+        alone, as a push of the folder does.
 
         Args:
             save_directory (`str` or `os.PathLike`): folder to write into (created if needed).
@@ -4893,12 +4939,17 @@ class UCELoraMixin:
                 adapter`) that records every edit; with the installed plugin only (the single-file community pipeline
                 writes none).
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
-                kept otherwise).
+                kept otherwise, unless it is a card diffusers-uce wrote and nobody edited since).
             format (`str`, defaults to `"diffusers"`): `"diffusers"` (PEFT keys and `LoraConfig` header) or
                 `"kohya"`: the same factors as one file in the kohya/sd-scripts layout that AUTOMATIC1111 and ComfyUI
                 load (``lora_unet_*.lora_down.weight`` / ``lora_up.weight`` / ``alpha`` = rank, SGM block names for
                 SDXL, sd-scripts' ``ss_*`` and ``modelspec.*`` metadata); diffusers' `load_lora_weights` reads it
                 too. SD 1.x/2.x and SDXL only (see `diffusers_uce.loaders.lora_kohya`).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder; by default the pipeline's `name_or_path` when it is a Hub
+                id.
+            license (`str`, *optional*): the licence id for the card's metadata; by default the base model's when it
+                is a well-known model.
 
         Returns:
             `float`: the relative error ``‖ΔW_approx − ΔW‖_F / ‖ΔW‖_F`` over all edited layers (0 up to float error at
@@ -4915,6 +4966,7 @@ class UCELoraMixin:
         if rank is not None and not is_whole_number(rank, 1):
             raise ValueError(f"rank must be a positive integer or None (the exact rank), got {rank!r}")
         check_lora_format(format)
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         kohya = format == "kohya"
         weight_name = weight_name if weight_name is not None else KOHYA_WEIGHT_NAME if kohya else LORA_WEIGHT_NAME
         check_weight_name(weight_name)
@@ -4942,22 +4994,19 @@ class UCELoraMixin:
         config = {f"{component}.{k}": v for component, kept in modules.items()
                   for k, v in lora_config([n for n, _ in kept], [r for _, r in kept]).items()}
         header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-        header["diffusers_uce"] = json.dumps({
-            "edits": [r.to_dict() for r in state.records], "scale": state.scale, "rank": rank,
-            "relative_error": relative_error, "versions": library_versions(),
-        })
+        header[LORA_RECORD_KEY] = json.dumps({**self._uce_saved_record(state), "rank": rank,
+                                               "relative_error": relative_error})
         if kohya:
             unet_config = self.unet.config
             tensors = kohya_state_dict(tensors, next(iter(modules)), unet_config,
                                        sgm=self._uce_family.name == "stable-diffusion-xl")
             header = kohya_metadata(tensors, state.records, self._uce_family.name, unet_config,
-                                    weight_name[:-len(".safetensors")], header["diffusers_uce"],
+                                    weight_name[:-len(".safetensors")], header[LORA_RECORD_KEY],
                                     getattr(self.scheduler.config, "prediction_type", "epsilon"))
         with folder_lock(save_directory):  # the LoRA and its card, as one unit
             path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
             if write_model_card:
-                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card,
-                                           lora_weight_name=weight_name)
+                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card, **card)
         ranks = sorted({r for kept in modules.values() for _, r in kept})
         modules_saved = [n for kept in modules.values() for n, _ in kept]
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "
@@ -6254,43 +6303,62 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
 
     @serialized
     def save_pretrained(self, save_directory, *args, fuse_concept_edits: bool = False,
-                        overwrite_model_card: bool = False, **kwargs):
+                        overwrite_model_card: bool = False, base_model: str | None = None, license: str | None = None,
+                        **kwargs):
         """`DiffusionPipeline.save_pretrained`, refusing to drop an edit that is not fused; with the installed plugin
         it also writes the model card of the fused edit (`base_model_relation: finetune`).
 
         Args:
             fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
-            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder.
+            overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the folder (it is
+                kept otherwise, unless it is a card diffusers-uce wrote and nobody edited since).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder.
+            license (`str`, *optional*): the licence id for the card's metadata; by default the base model's when it
+                is a well-known model.
         """
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         self._uce_require_fused(fuse_concept_edits, "save")
         save_directory = os.fspath(save_directory)  # diffusers splits it as a string when pushing
         if kwargs.get("push_to_hub", False) or not self.concept_edits:
-            return super().save_pretrained(save_directory, *args, **kwargs)
+            with self._uce_card_options(overwrite=overwrite_model_card, **card):
+                return super().save_pretrained(save_directory, *args, **kwargs)
         readme = os.path.join(save_directory, "README.md")
         # Written aside and swapped in (model_index.json last): a save killed midway leaves the folder as it was.
         with atomic_folder(save_directory, last="model_index.json") as folder:
             result = super().save_pretrained(folder, *args, **kwargs)
-            if os.path.isfile(readme) and not overwrite_model_card:  # the card already there stays
+            if os.path.isfile(readme):  # the card already there, which the new one replaces only if it may
                 shutil.copy2(readme, os.path.join(folder, "README.md"))
-            self._uce_write_model_card(folder, "finetune", overwrite=overwrite_model_card)
+            self._uce_write_model_card(folder, "finetune", overwrite=overwrite_model_card, **card)
         return result
 
     @serialized
     def push_to_hub(self, repo_id: str, *args, fuse_concept_edits: bool = False, overwrite_model_card: bool = False,
-                    **kwargs):
+                    base_model: str | None = None, license: str | None = None, **kwargs):
         """`push_to_hub`, refusing (before anything is created on the Hub) to push an edit that is not fused.
 
         Args:
             fuse_concept_edits (`bool`, defaults to `False`): fuse applied edits first instead of refusing.
             overwrite_model_card (`bool`, defaults to `False`): replace a `README.md` already in the repository with
-                the generated card (with the installed plugin; it is kept otherwise).
+                the generated card (with the installed plugin; it is kept otherwise, unless it is a card
+                diffusers-uce wrote and nobody edited since).
+            base_model (`str`, *optional*): the Hub id of the base model (`"owner/name"`) for the card's metadata, when
+                the pipeline was loaded from a local folder.
+            license (`str`, *optional*): the licence id for the card's metadata.
         """
+        card = {"base_model": check_base_model(base_model), "license": check_license(license)}
         self._uce_require_fused(fuse_concept_edits, "push")
-        self._uce_overwrite_model_card = overwrite_model_card  # read where the card is written, during the upload
-        try:
+        with self._uce_card_options(overwrite=overwrite_model_card, **card):
             return super().push_to_hub(repo_id, *args, **kwargs)
+
+    @contextmanager
+    def _uce_card_options(self, **options):
+        """Hold the card options of a push for the upload hook, which writes the card (`_uce_push_card`)."""
+        self._uce_push_card = options
+        try:
+            yield
         finally:
-            del self._uce_overwrite_model_card
+            del self._uce_push_card
 
     def _uce_require_fused(self, fuse: bool, action: str) -> None:
         state = self._uce_state
@@ -6318,9 +6386,9 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
     def _uce_write_model_card(self, save_directory, kind: str, *, overwrite: bool = False, **card) -> None:
         """Hook called after an edit or a fused model is saved: write its model card into `save_directory`.
 
-        The plugin's `UCEHubMixin` writes the generated card (`kind`: `"adapter"` or `"finetune"`; `card`: the
-        file names and repo id it shows); the bare mixin, which the single-file community pipeline carries, writes
-        none.
+        The plugin's `UCEHubMixin` writes the generated card (`kind`: `"adapter"` or `"finetune"`; `card`: its
+        `base_model`, `license`, `repo_id`...), describing the files of the edit the folder holds; the bare mixin,
+        which the single-file community pipeline carries, writes none.
         """
 
 

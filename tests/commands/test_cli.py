@@ -33,6 +33,7 @@ EDIT_OPTIONS = [
     "--model", "--erase", "--guide", "--preserve", "--erase-scale", "--preserve-scale", "--lamb", "--token-mode",
     "--technique", "--no-edit-keys", "--held-out", "--output", "--overwrite", "--device", "--dtype", "--seed",
     "--save-edits", "--lora", "--rank", "--push-to-hub", "--private", "--token", "--create-pr", "--commit-message",
+    "--base-model", "--license",
 ]
 
 

@@ -19,8 +19,11 @@ from diffusers_uce.demo import make_demo_pipeline
 from diffusers_uce.hub.cards import (
     DEFAULT_TEMPLATE,
     TEMPLATE_PACKAGE,
+    CardFiles,
+    LoraFile,
     card_for_pipeline,
     hub_model_id,
+    is_generated_card,
     render_model_card,
     save_model_card,
     template_path,
@@ -77,17 +80,20 @@ def table_rows(text, header_start):
 
 class TestMetadata:
     def test_adapter(self, tmp_path):
+        files = CardFiles(edit_file="uce_edits.safetensors", loras=(LoraFile("pytorch_lora_weights.safetensors"),),
+                          community_pipeline=True)
         card = saved(render_model_card(edits=EDITS, base_model=SD14, kind="adapter", report=REPORT,
-                                       repo_id="me/sd14-uce", weight_name="uce_edits.safetensors"), tmp_path)
+                                       repo_id="me/sd14-uce", files=files), tmp_path)
         data = card.data
         assert data.library_name == "diffusers" and data.pipeline_tag == "text-to-image"
         assert data.base_model == SD14 and data.base_model_relation == "adapter"
         assert data.license == "creativeml-openrail-m"
-        assert {"uce", "concept-editing", "stable-diffusion", "diffusers", "text-to-image"} <= set(data.tags)
+        assert {"uce", "concept-editing", "lora", "stable-diffusion", "diffusers", "text-to-image"} <= set(data.tags)
         assert 'custom_pipeline="me/sd14-uce", trust_remote_code=True' in card.text
         assert 'pipe.load_concept_edits("me/sd14-uce", weight_name="uce_edits.safetensors")' in card.text
         assert f'diffusers_uce.attach(DiffusionPipeline.from_pretrained("{SD14}"' in card.text
-        assert "load_lora_weights" in card.text and BIBTEX in card.text
+        assert 'pipe.load_lora_weights("me/sd14-uce", weight_name="pytorch_lora_weights.safetensors"' in card.text
+        assert BIBTEX in card.text and is_generated_card((tmp_path / "README.md").read_text())
 
     def test_finetune(self, tmp_path):
         card = saved(render_model_card(edits=EDITS, base_model="stabilityai/stable-diffusion-xl-base-1.0",
@@ -242,9 +248,10 @@ class TestTemplateShipping:
     def test_found_through_importlib_resources(self):
         resource = importlib.resources.files(TEMPLATE_PACKAGE).joinpath(DEFAULT_TEMPLATE)
         assert resource.is_file() and "{{ card_data }}" in resource.read_text(encoding="utf-8")
+        # A source checkout renders its own template, even when an editable install of another checkout maps the
+        # package elsewhere.
         with template_path() as path:
-            assert path.read_text(encoding="utf-8") == resource.read_text(encoding="utf-8")
-        assert (REPO / "model_cards" / DEFAULT_TEMPLATE).is_file()
+            assert path.read_text(encoding="utf-8") == (REPO / "model_cards" / DEFAULT_TEMPLATE).read_text("utf-8")
 
     def test_setup_cfg_maps_the_folder_into_the_package(self):
         cfg = configparser.ConfigParser()
