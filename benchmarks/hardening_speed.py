@@ -6,11 +6,13 @@
 On the SD 1.5-shaped pipeline of benchmarks/shapes.py (CLIP ViT-L/14 and 32 attn2 projections, seeded random
 weights), N artists are erased toward "art" (no preserved concepts, no held-out report), in each token mode:
 
-- apply: `apply_concept_edits` on a fresh edit, without and with `harden=rounds` (the authors' tokens, "all": every
-  position of each concept prompt), best of `--repeats`; "added" is the difference, split into what the hardened
-  apply spends more on encoding (in "last" mode the authors' tokens need full-length encodings the plain edit does
-  not: inherent to `tokens="all"`) and on the rounds themselves (`_uce_harden`: the tokens, the attack, each round's
-  solve and the recovery measurement, beyond the plain edit's one measurement); the target is judged on the rounds.
+- apply: `apply_concept_edits` on a fresh edit as a first call (the pipeline's encoding cache cleared), without and
+  with `harden=rounds` (the authors' tokens, "all": every position of each concept prompt), best of `--repeats`;
+  "cached": the same two applies again with the prompts already encoded (a re-solve); "added" is the difference, split
+  into what the hardened apply spends more on encoding (in "last" mode the authors' tokens need full-length encodings
+  the plain edit does not: inherent to `tokens="all"`) and on the rounds themselves (`_uce_harden`: the tokens, the
+  attack, each round's solve and the recovery measurement, beyond the plain edit's one measurement); the target is
+  judged on the rounds.
 - rounds: the package's rounds alone (`hardening.replay_hardening` on the cached Gram matrix, then the one batched
   product ``W_all T`` that fusing writes) against a straightforward per-layer round as the authors' code does it:
   per round, a Python loop over layers for ``Σ W'ᵀW'`` and ``Σ W'ᵀW``, one solve for the attack, then per layer the
@@ -38,6 +40,7 @@ import results_md  # noqa: E402
 
 from diffusers_uce.core.hardening import hardening_blocks, replay_hardening  # noqa: E402
 from diffusers_uce.core.solve import edited_weights  # noqa: E402
+from diffusers_uce.loaders.encoding_cache import clear_encoding_cache  # noqa: E402
 
 HEADING = "Hardening speed: SD 1.5, `harden=3` vs none and vs a per-layer round"
 TARGETS = ("rounds add < 10 % to apply_concept_edits at N = 50 (CPU)", "package rounds >= 20x faster than per-layer")
@@ -74,10 +77,13 @@ def instrument(pipe, device) -> dict:
     return totals
 
 
-def time_apply(pipe, erase, mode, device, repeats, totals, **harden):
-    """Best of `repeats` applies; returns its time, the output and its encoding / hardening times."""
+def time_apply(pipe, erase, mode, device, repeats, totals, cold=True, **harden):
+    """Best of `repeats` applies (each a first call when `cold`: nothing encoded yet; else with the pipeline's cached
+    encodings); returns its time, the output and its encoding / hardening times."""
     best, out, parts = float("inf"), None, {}
     for _ in range(repeats):
+        if cold:
+            clear_encoding_cache(pipe)
         totals.update(encode=0.0, harden=0.0)
         sync(device)
         start = time.perf_counter()
@@ -157,6 +163,8 @@ def measure(pipe, n, mode, args) -> dict:
     totals = instrument(pipe, args.device)
     plain_s, _, plain_parts = time_apply(pipe, erase, mode, args.device, args.repeats, totals)
     hardened_s, out, hard_parts = time_apply(pipe, erase, mode, args.device, args.repeats, totals, **harden)
+    cached_s, _, cached_plain = time_apply(pipe, erase, mode, args.device, args.repeats, totals, cold=False)
+    _, _, cached_parts = time_apply(pipe, erase, mode, args.device, args.repeats, totals, cold=False, **harden)
     for name in ("_uce_encode", "_uce_harden"):
         delattr(pipe, name)
     pipe.apply_concept_edits(erase, guide=edit_speed.GUIDE, token_mode=mode, held_out=[])  # the plain edit, kept
@@ -188,7 +196,8 @@ def measure(pipe, n, mode, args) -> dict:
     pipe.unload_concept_edits()
     return {"mode": mode, "n": n, "tokens": int(blocks[0].erase.shape[0]), "plain": plain_s, "hardened": hardened_s,
             "added": hardened_s - plain_s, "encoding": hard_parts["encode"] - plain_parts["encode"],
-            "rounds": hard_parts["harden"] - plain_parts["harden"], "package": times["package"],
+            "rounds": hard_parts["harden"] - plain_parts["harden"], "package": times["package"], "cached": cached_s,
+            "cached_rounds": cached_parts["harden"] - cached_plain["harden"],
             "per_layer": times["per_layer"], "delta_err": float((ours - theirs).norm() / change), "floor": floor}
 
 
@@ -199,7 +208,9 @@ def section(rows, args, built_s) -> list[str]:
              f"{args.rounds} --modes {' '.join(args.modes)}`", "",
              f"Pipeline: SD 1.5-shaped (benchmarks/shapes.py, built in {built_s:.1f} s), {args.rounds} rounds at "
              "reg 0.1 with the authors' tokens (\"all\": 77 positions per concept, \" \" preserved once per concept). "
-             "apply: best of runs on a fresh edit; of which encoding / rounds: what the hardened apply spends more "
+             "apply: best of runs on a fresh edit, each a first call (nothing encoded yet), as a user's first "
+             "`apply_concept_edits`; cached: the same apply as a re-solve whose prompts the pipeline has encoded "
+             "already, and its rounds; of which encoding / rounds: what the hardened apply spends more "
              "than the plain one in `_uce_encode` / in `_uce_harden` (tokens, attack, each round's solve, recovery), "
              "the rest is noise and bookkeeping; rounds: package vs per-layer: the hardening alone on the solved edit "
              "(package: replay_hardening on the cached Gram + the batched write; per-layer: the authors' round in "
@@ -211,8 +222,9 @@ def section(rows, args, built_s) -> list[str]:
             lines.append(f"- {target}: not measured (no N = 50 row)")
             continue
         if target.startswith("rounds add"):
-            parts = [f"{r['mode']}: rounds +{100 * r['rounds'] / r['plain']:.1f} % (all of the hardening, encoding "
-                     f"included: {100 * r['added'] / r['plain']:+.0f} %)" for r in at50]
+            parts = [f"{r['mode']}: rounds +{100 * r['rounds'] / r['plain']:.1f} % of a first call (all of the "
+                     f"hardening, encoding included: {100 * r['added'] / r['plain']:+.0f} %; rounds against a "
+                     f"re-solve with cached encodings: +{100 * r['cached_rounds'] / r['cached']:.0f} %)" for r in at50]
             met = all(r["rounds"] < 0.1 * r["plain"] for r in at50)
         else:
             parts = [f"{r['mode']}: {r['per_layer'] / r['package']:.0f}×" for r in at50]
@@ -222,14 +234,17 @@ def section(rows, args, built_s) -> list[str]:
         "", "Floor: the d×d float64 work that any closed-form round needs (2 Cholesky factorisations, 2 solves "
               "with d right-hand sides, 5 products), timed alone on random matrices, for all the rounds: "
               + ", ".join(f"{r['mode']} N = {r['n']}: {r['floor']:.2f} s = {100 * r['floor'] / r['plain']:.1f} % "
-                          "of its plain apply" for r in at50) + "."]
+                          f"of its first call, {100 * r['floor'] / r['cached']:.0f} % of its cached re-solve"
+                          for r in at50) + "."]
     lines += ["", "| mode | N | hardening tokens | apply (s) | apply + hardening (s) | added | of which encoding | "
-              "of which rounds | rounds: package (s) | rounds: per-layer (s) | per-layer/package | ΔW diff |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "of which rounds | cached: apply (s), rounds | rounds: package (s) | rounds: per-layer (s) | "
+              "per-layer/package | ΔW diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['n']} | {r['tokens']} | {r['plain']:.2f} | {r['hardened']:.2f} | "
                      f"{r['added']:+.2f} s ({100 * r['added'] / r['plain']:+.0f} %) | {r['encoding']:+.2f} s | "
-                     f"{r['rounds']:+.2f} s ({100 * r['rounds'] / r['plain']:+.1f} %) | {r['package']:.3f} | "
+                     f"{r['rounds']:+.2f} s ({100 * r['rounds'] / r['plain']:+.1f} %) | {r['cached']:.2f}, "
+                     f"{r['cached_rounds']:+.2f} s ({100 * r['cached_rounds'] / r['cached']:+.0f} %) | "
+                     f"{r['package']:.3f} | "
                      f"{r['per_layer']:.2f} | {r['per_layer'] / r['package']:.0f}× | {r['delta_err']:.1e} |")
     return lines
 

@@ -2114,6 +2114,7 @@ class HardenBlock:
     rounds: int
     reg: float
     lamb: float
+    guide_key: torch.Tensor | None = None  # one integer per guide token, equal for equal tokens (finds the distinct)
 
 
 def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[HardenBlock]:
@@ -2147,7 +2148,7 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
         tokens = [homogeneous(t.double()) if biased else t.double() for t in tokens]
         blocks.append(HardenBlock(tokens[0], tokens[1], pair, len(record.erase), tokens[2],
                                   torch.cat(weight) if weight else tokens[2][:, 0], options["rounds"],
-                                  options["reg"], options["lamb"]))
+                                  options["reg"], options["lamb"], guide_key=rows_g[pair] * length + pos_g))
     return blocks
 
 
@@ -2214,7 +2215,12 @@ def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None
             grams = erase.new_empty(block.num_concepts, width, width)
             for i, rows in enumerate(erase[torch.argsort(block.concept, stable=True)].split(counts.tolist())):
                 torch.matmul(rows.T, rows, out=grams[i])
-    guides, where = torch.unique(block.guide, dim=0, return_inverse=True)  # often one guide prompt for all
+    if block.guide_key is None:  # often one guide prompt for all
+        guides, where = torch.unique(block.guide, dim=0, return_inverse=True)
+    else:  # the same from the (prompt, position) of each guide token: no comparison of rows
+        keys, where = torch.unique(block.guide_key, return_inverse=True)
+        first = where.new_empty(len(keys)).scatter_(0, where, torch.arange(len(where), device=where.device))
+        guides = block.guide[first]
     if 2 * guides.shape[0] < block.guide.shape[0]:
         cross = (guides, torch.zeros_like(guides).index_add_(0, where, erase))
     else:

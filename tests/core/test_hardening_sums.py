@@ -1,6 +1,7 @@
 """The hardening replay from token sums (diffusers_uce.core.hardening) equals the token path of
 diffusers_uce.core.robust on random data, with and without a bias, with per-concept Grams or token products."""
 
+import dataclasses
 import math
 
 import pytest
@@ -72,3 +73,15 @@ def test_sums_replay_equals_token_path(biased, shared_guide, path, monkeypatch):
     measured = replay_hardening(gram, reference.transform, [HardenBlock(*[*block.__dict__.values()][:6], 0, 0.1,
                                                                         0.1)], biased)[1][0]
     assert rel(measured[0], sums[-1]) < 1e-10  # a block without rounds: measured once, the same numbers
+
+
+def test_guide_keys_find_the_distinct_guides(monkeypatch):
+    """Keys of the guide tokens (prompt and position) find the same distinct guides as comparing their rows."""
+    gram, transform, block = setup(False, shared_guide=True)
+    keyed = dataclasses.replace(block, guide_key=torch.arange(POSITIONS).repeat(CONCEPTS) * 7 + 3)
+    guides, _ = hardening.block_sums(gram, keyed, False).cross
+    assert guides.shape[0] == POSITIONS and {tuple(r.tolist()) for r in guides} == {
+        tuple(r.tolist()) for r in block.guide[:POSITIONS]}
+    monkeypatch.setattr(hardening, "SUMS_FROM", 0.0)
+    (plain, plain_sums), (got, got_sums) = (replay_hardening(gram, transform, [b], False) for b in (block, keyed))
+    assert rel(got, plain) < 1e-12 and rel(got_sums[0], plain_sums[0]) < 1e-12
