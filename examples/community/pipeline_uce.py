@@ -3916,7 +3916,7 @@ class GroupEdit:
             transform, correction = scaled(s.transform if s.low_rank is None else s.low_rank, s.correction, scale)
             new = edited_weights(weights, transform, correction, row_layer)
         new = new[:, : originals[0].shape[1]]
-        if not all_finite(new):  # one reduction (NaN, inf propagate), no copy
+        if not all_finite(new):
             raise ValueError(f"the edit at scale {scale} gives non-finite weights; nothing was changed. Lower the "
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]
@@ -3931,9 +3931,9 @@ class GroupEdit:
         apply it in (an entry of 1e39 is finite in float64, not in float32), before anything is installed."""
         s = (solution or self.solution).to(dtype=torch.float32)
         eye = torch.eye(s.transform.shape[0], dtype=torch.float32, device=s.transform.device)
-        parts = [scale * (s.transform - eye)] + ([] if s.correction is None else [
-            s.correction.tokens, s.correction.solved, scale * s.correction.coef])
-        if not all_finite(*parts):
+        change = engine.Solution(scale * (s.transform - eye), None if s.correction is None else s.correction.times(
+            scale), layerwise=None if s.layerwise is None else s.layerwise.times(scale))
+        if not change.is_finite():
             raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")

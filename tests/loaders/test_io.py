@@ -428,6 +428,23 @@ def test_refuses_values_that_overflow_where_they_are_applied(pipe, family, tmp_p
     assert pipe.concept_edit_scale == -1.0
 
 
+@pytest.mark.parametrize("family", ["sd1"])
+def test_refuses_precise_factors_that_overflow_where_they_are_applied(pipe, family, tmp_path):
+    """A precise-erasure edit has no transform to check: its per-layer factors must be finite in float32 too."""
+    apply(pipe, ERASE, guide="art", method="speed")
+    path = pipe.save_concept_edits(tmp_path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    up = tensors["unet.uce.layerwise.up"] = tensors["unet.uce.layerwise.up"].double()
+    up[0, 0] = 1e39  # finite in float64, not in float32
+    safetensors.torch.save_file(tensors, str(tmp_path / "huge.safetensors"), metadata=metadata)
+    loaded = fresh(family)
+    before = weights(loaded)
+    with pytest.raises(ValueError, match="not finite in float32"):
+        loaded.load_concept_edits(tmp_path / "huge.safetensors", verify=False)
+    assert loaded._uce_state is None and all(torch.equal(w, weights(loaded)[n]) for n, w in before.items())
+
+
 def test_fusing_refuses_to_overflow_half_precision(tmp_path):
     pipe = diffusers_uce.attach(make_demo_pipeline("sd1", torch_dtype=torch.float16))
     pipe.apply_concept_edits(ERASE, guide="art", held_out=[])
