@@ -59,7 +59,7 @@ class DebiasOptions:
         for name in ("num_images", "num_inference_steps", "batch_size", "seed", "height", "width"):
             value, low = getattr(self, name), int(name != "seed")
             unset = value is None and name in ("height", "width")
-            if not unset and not (is_finite_number(value, int) and value >= low):
+            if not unset and not is_whole_number(value, low):
                 raise ValueError(f"debias option {name} must be a whole number >= {low}, got {value!r}")
         guidance_ok = self.guidance_scale is None or is_finite_number(self.guidance_scale)
         if not guidance_ok or not is_finite_number(self.step) or self.step <= 0:

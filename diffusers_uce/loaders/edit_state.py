@@ -85,7 +85,7 @@ class GroupEdit:
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]
         out = [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
-        if not all_finite(*out):  # e.g. beyond float16's range
+        if not all_finite(*(o for o, w in zip(out, originals) if w.dtype != new.dtype)):  # e.g. beyond float16's range
             raise ValueError(f"the edit at scale {scale} overflows the weights' dtype {originals[0].dtype}; nothing "
                              "was changed. Lower the edit scale, or fuse in a wider dtype")
         return out

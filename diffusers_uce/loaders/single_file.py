@@ -12,7 +12,7 @@ from diffusers.utils import logging
 
 from ..utils.files import atomic_save_safetensors, refuse_existing
 from ..utils.versions import library_versions
-from .lora_kohya import kohya_title, sai_architecture
+from .lora_kohya import LORA_RECORD_KEY, kohya_title, sai_architecture
 from .single_file_layout import (
     SINGLE_FILE_LAYOUTS,
     check_single_file_family,
@@ -101,12 +101,13 @@ class UCESingleFileMixin:
         plans = []  # from the keys alone: a weight with no place is refused before the pipeline changes
         for component, prefix, kind in parts:
             model = getattr(self, component)
-            keys = list(model.state_dict().keys())
-            plans.append(single_file_plan(component_table(kind, model.config, keys), keys, prefix))
+            state = model.state_dict()  # views of the parameters: fusing below writes into them in place
+            plans.append((single_file_plan(component_table(kind, model.config, list(state)), list(state), prefix),
+                          state))
         self._uce_require_fused(fuse_concept_edits, "save")
         tensors = {}
-        for (component, _, _), plan in zip(parts, plans):
-            tensors.update(single_file_tensors(plan, getattr(self, component).state_dict(), dtype))
+        for plan, state in plans:
+            tensors.update(single_file_tensors(plan, state, dtype))
         folder, name = os.path.split(path)
         atomic_save_safetensors(tensors, folder or ".", name, self._uce_single_file_metadata(layout, name),
                                 overwrite=overwrite)
@@ -140,7 +141,7 @@ class UCESingleFileMixin:
         size = self.unet.config.sample_size
         if isinstance(size, int) and isinstance(getattr(self, "vae_scale_factor", None), int):
             metadata["modelspec.resolution"] = f"{size * self.vae_scale_factor}x{size * self.vae_scale_factor}"
-        metadata["diffusers_uce"] = json.dumps({
+        metadata[LORA_RECORD_KEY] = json.dumps({
             "edits": [r.to_dict() for r in records], "scale": self.concept_edit_scale, "layout": layout,
             "base_model": self._uce_base_info(None), "versions": library_versions(),
         })

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.families import TargetGroup
@@ -60,7 +58,8 @@ class UCESolverMixin:
             robust.append(sums)
             solutions.append(solution)
             if report:
-                parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
+                parts.append(self._uce_report_part(group, weights, row_layer, solution, assembled, encoded, held,
+                                                    records))
         return solutions, parts, robust
 
     @staticmethod
@@ -121,13 +120,11 @@ class UCESolverMixin:
         return encoded
 
     @staticmethod
-    def _uce_report_part(group: GroupEdit, weights, solution, assembled, encoded, held, records):
+    def _uce_report_part(group: GroupEdit, weights, row_layer, solution, assembled, encoded, held, records):
         """What `build_report` needs from one group: its Gram matrices (or weights) and its tokens."""
         num_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
         if solution.layerwise is not None:  # precise erasure: one change per layer, measured on the stacked weights
-            grams = StackedWeights(weights, torch.repeat_interleave(
-                torch.arange(len(group.projections), device=weights.device),
-                torch.tensor([p.module.weight.shape[0] for p in group.projections], device=weights.device)))
+            grams = StackedWeights(weights, row_layer)
         elif solution.correction is not None:
             grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
         elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all

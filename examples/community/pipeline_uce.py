@@ -3921,7 +3921,7 @@ class GroupEdit:
                              "erase/preserve scales or the edit scale, or raise lamb")
         sizes = [w.shape[0] for w in originals]
         out = [part.to(device=w.device, dtype=w.dtype) for part, w in zip(new.split(sizes), originals)]
-        if not all_finite(*out):  # e.g. beyond float16's range
+        if not all_finite(*(o for o, w in zip(out, originals) if w.dtype != new.dtype)):  # e.g. beyond float16's range
             raise ValueError(f"the edit at scale {scale} overflows the weights' dtype {originals[0].dtype}; nothing "
                              "was changed. Lower the edit scale, or fuse in a wider dtype")
         return out
@@ -5406,12 +5406,13 @@ class UCESingleFileMixin:
         plans = []  # from the keys alone: a weight with no place is refused before the pipeline changes
         for component, prefix, kind in parts:
             model = getattr(self, component)
-            keys = list(model.state_dict().keys())
-            plans.append(single_file_plan(component_table(kind, model.config, keys), keys, prefix))
+            state = model.state_dict()  # views of the parameters: fusing below writes into them in place
+            plans.append((single_file_plan(component_table(kind, model.config, list(state)), list(state), prefix),
+                          state))
         self._uce_require_fused(fuse_concept_edits, "save")
         tensors = {}
-        for (component, _, _), plan in zip(parts, plans):
-            tensors.update(single_file_tensors(plan, getattr(self, component).state_dict(), dtype))
+        for plan, state in plans:
+            tensors.update(single_file_tensors(plan, state, dtype))
         folder, name = os.path.split(path)
         atomic_save_safetensors(tensors, folder or ".", name, self._uce_single_file_metadata(layout, name),
                                 overwrite=overwrite)
@@ -5445,7 +5446,7 @@ class UCESingleFileMixin:
         size = self.unet.config.sample_size
         if isinstance(size, int) and isinstance(getattr(self, "vae_scale_factor", None), int):
             metadata["modelspec.resolution"] = f"{size * self.vae_scale_factor}x{size * self.vae_scale_factor}"
-        metadata["diffusers_uce"] = json.dumps({
+        metadata[LORA_RECORD_KEY] = json.dumps({
             "edits": [r.to_dict() for r in records], "scale": self.concept_edit_scale, "layout": layout,
             "base_model": self._uce_base_info(None), "versions": library_versions(),
         })
@@ -5500,7 +5501,7 @@ class DebiasOptions:
         for name in ("num_images", "num_inference_steps", "batch_size", "seed", "height", "width"):
             value, low = getattr(self, name), int(name != "seed")
             unset = value is None and name in ("height", "width")
-            if not unset and not (is_finite_number(value, int) and value >= low):
+            if not unset and not is_whole_number(value, low):
                 raise ValueError(f"debias option {name} must be a whole number >= {low}, got {value!r}")
         guidance_ok = self.guidance_scale is None or is_finite_number(self.guidance_scale)
         if not guidance_ok or not is_finite_number(self.step) or self.step <= 0:
@@ -5956,7 +5957,8 @@ class UCESolverMixin:
             robust.append(sums)
             solutions.append(solution)
             if report:
-                parts.append(self._uce_report_part(group, weights, solution, assembled, encoded, held, records))
+                parts.append(self._uce_report_part(group, weights, row_layer, solution, assembled, encoded, held,
+                                                    records))
         return solutions, parts, robust
 
     @staticmethod
@@ -6017,13 +6019,11 @@ class UCESolverMixin:
         return encoded
 
     @staticmethod
-    def _uce_report_part(group: GroupEdit, weights, solution, assembled, encoded, held, records):
+    def _uce_report_part(group: GroupEdit, weights, row_layer, solution, assembled, encoded, held, records):
         """What `build_report` needs from one group: its Gram matrices (or weights) and its tokens."""
         num_tokens = len(assembled.terms.erase) + len(assembled.terms.preserve) + len(held)
         if solution.layerwise is not None:  # precise erasure: one change per layer, measured on the stacked weights
-            grams = StackedWeights(weights, torch.repeat_interleave(
-                torch.arange(len(group.projections), device=weights.device),
-                torch.tensor([p.module.weight.shape[0] for p in group.projections], device=weights.device)))
+            grams = StackedWeights(weights, row_layer)
         elif solution.correction is not None:
             grams = grouped_grams(list(weights.split([p.module.weight.shape[0] for p in group.projections])))
         elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
