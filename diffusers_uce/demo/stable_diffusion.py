@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import logging
 from transformers import CLIPTextModel
 
-from .components import tiny_vae
+from .components import cast_models, tiny_vae
 from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer
-
-logger = logging.get_logger(__name__)
 
 
 def make_demo_sd_pipeline(
@@ -64,10 +61,7 @@ def make_demo_sd_pipeline(
             norm_num_groups=8,
         )
         vae = tiny_vae()
-    for model in (text_encoder, unet, vae):
-        # Weights are drawn in float32 whatever `torch_dtype`, so dtypes only differ by rounding. `nn.Module.to`
-        # because diffusers' `ModelMixin.to(dtype=...)` warns about "modules kept in float32" even when there are none.
-        torch.nn.Module.to(model, device=device, dtype=torch_dtype)
+    cast_models((text_encoder, unet, vae), torch_dtype, device)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -88,5 +82,4 @@ def make_demo_sd_pipeline(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    logger.debug("Built %s demo pipeline (seed=%d, vocab=%d).", family, seed, len(tokenizer))
     return pipe
