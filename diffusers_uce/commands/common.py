@@ -69,7 +69,8 @@ def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-message", help="the Hub commit message")
 
 
-def _checked(check):
+def argument_type(check):
+    """An argparse `type` from `check` (text -> value, `ValueError` when bad): its message becomes the usage error."""
     def parse(text: str) -> str:
         try:
             return check(text)
@@ -81,10 +82,10 @@ def _checked(check):
 
 def add_card_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the model card options (`--base-model`, `--license`) to a subcommand's parser."""
-    parser.add_argument("--base-model", type=_checked(check_base_model), metavar="OWNER/NAME",
+    parser.add_argument("--base-model", type=argument_type(check_base_model), metavar="OWNER/NAME",
                         help="the base model's Hub id, for the model cards' metadata and loading snippets, when the "
                              "model was loaded from a local folder (default: the model's Hub id, if it has one)")
-    parser.add_argument("--license", type=_checked(check_license), metavar="ID",
+    parser.add_argument("--license", type=argument_type(check_license), metavar="ID",
                         help="the licence id for the model cards' metadata, e.g. creativeml-openrail-m (default: the "
                              "base model's, when it is a well-known model)")
 

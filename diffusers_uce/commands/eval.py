@@ -9,6 +9,7 @@ from .common import (
     DEMO_MODELS,
     SUPPORTED,
     add_device_arguments,
+    argument_type,
     check_model,
     load_pipeline,
     positive_int,
@@ -35,18 +36,9 @@ Several GPUs: 'accelerate launch -m diffusers_uce.commands.uce_cli eval ...' spl
 """
 
 
-def _metric_names(text: str) -> tuple[str, ...]:
-    from ..evaluation.metric_names import check_metrics
-
-    try:
-        return check_metrics(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of `diffusers-uce eval` to its parser."""
-    from ..evaluation.metric_names import METRICS
+    from ..evaluation.metric_names import METRICS, check_metrics
 
     add = parser.add_argument
     add("--prompts", required=True, metavar="CSV",
@@ -68,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--size", type=positive_int, metavar="PX", help="image height and width (default: the model's)")
     add("--batch-size", type=positive_int, default=4, metavar="N", help="prompts per pipeline call")
     add("--limit", type=positive_int, metavar="N", help="only the first N rows of the CSV")
-    add("--metrics", type=_metric_names, default=METRICS, metavar="A,B",
+    add("--metrics", type=argument_type(check_metrics), default=METRICS, metavar="A,B",
         help=f"comma-separated, from {', '.join(METRICS)} (default: all; unavailable ones are reported as skipped)")
     add("--clip-model", metavar="PATH_OR_ID",
         help="CLIP model for clip_score/clip_accuracy: a local folder or a Hub id already in the cache "

@@ -32,10 +32,10 @@ from .cards import (
     render_model_card,
     sign_card,
 )
+from .community import HUB_PIPELINE_FILENAME
 
 logger = logging.get_logger(__name__)
 
-COMMUNITY_PIPELINE_FILE = "pipeline.py"  # what diffusers fetches for `custom_pipeline="user/repo"`
 
 
 @dataclass
@@ -116,7 +116,7 @@ def folder_files(folder: str | os.PathLike, edits: list[dict] | None = None,
         logger.info(f"{folder / other.name} holds another edit than the card describes: the card leaves it out")
     edit_file = next((s for s in ours if s.lora is None), None)
     files = CardFiles(edit_file=edit_file.name if edit_file else None, loras=tuple(s.lora for s in ours if s.lora),
-                      community_pipeline=(folder / COMMUNITY_PIPELINE_FILE).is_file())
+                      community_pipeline=(folder / HUB_PIPELINE_FILENAME).is_file())
     return files, edit_file or (ours[0] if ours else None)
 
 
@@ -147,13 +147,14 @@ def card_for_folder(folder: str | os.PathLike, repo_id: str, *, base_model: str 
             logger.warning(f"{readme} was not written by diffusers-uce (or was edited since): it is uploaded as it "
                            "is, without the base model or licence given")
         return None
-    old = ModelCard(text).data if text is not None else None
+    parsed = ModelCard(text) if text is not None else None
+    old = parsed.data if parsed is not None else None
     license = license or _explicit_license(old)
     if (Path(folder) / "model_index.json").is_file():
-        return None if text is None else _retarget(text, repo_id, "finetune", base_model, license)
+        return None if parsed is None else _retarget(parsed, repo_id, "finetune", base_model, license)
     files, saved = folder_files(folder)
     if saved is None:
-        return None if text is None else _retarget(text, repo_id, "adapter", base_model, license)
+        return None if parsed is None else _retarget(parsed, repo_id, "adapter", base_model, license)
     info = saved.info
     stored_base = (info.get("base_model") or {}).get("name_or_path")
     family = _family(info.get("family") or "stable-diffusion")
@@ -176,10 +177,9 @@ def _explicit_license(data) -> str | None:
     return license if license and license != known else None
 
 
-def _retarget(text: str, repo_id: str, kind: str, base_model: str | None, license: str | None) -> str:
+def _retarget(card: ModelCard, repo_id: str, kind: str, base_model: str | None, license: str | None) -> str:
     """A generated card that cannot be written again, with `repo_id` in place of the placeholder and the metadata of
-    `base_model` and `license` when given."""
-    card = ModelCard(text)
+    `base_model` and `license` when given (`card` is changed in place)."""
     card.text = card.text.replace(REPO_PLACEHOLDER, repo_id)
     if base_model or license:
         hub_id = base_model or hub_model_id(card.data.base_model)

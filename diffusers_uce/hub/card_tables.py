@@ -82,7 +82,7 @@ def report_view(report: Any) -> dict | None:
     if report is None or (isinstance(report, Mapping) and not report):
         return None
     report = EditReport.from_dict(report.to_dict() if hasattr(report, "to_dict") else dict(report))
-    data, summary = report.to_dict(), report.summary()
+    summary = report.summary()
     erased, preserved, held = report.erased, report.preserved, report.held_out
     fmt = lambda x: None if x is None else f"{x:.4f}"  # noqa: E731
     rows = [{"role": "erased", "concept": _concept(r["concept"]), "guide": "→ " + _concept(r.get("guide") or ""),
@@ -100,7 +100,7 @@ def report_view(report: Any) -> dict | None:
         "mean_preserved": fmt(summary["mean_preserved_interference"]),
         "mean_held_out": fmt(summary["mean_held_out_interference"]),
         "max_invariant_change": fmt(summary.get("max_invariant_change")),
-        "layers": str(data["layers"]) if data.get("layers") else None,
+        "layers": str(report.layers) if report.layers else None,
         "rows": rows[:MAX_REPORT_ROWS],
         "more": f"*… and {hidden} more rows.*" if hidden > 0 else None,
     }

@@ -283,11 +283,11 @@ def render_model_card(
     """
     if kind not in CARD_KINDS:
         raise ValueError(f"unknown card kind {kind!r}; use 'adapter' (an edit file) or 'finetune' (a fused pipeline)")
-    if files is None:
+    if kind == "finetune":  # a fused pipeline: no edit or LoRA file to load
+        files = CardFiles()
+    elif files is None:
         loras = (LoraFile(lora_weight_name),) if lora_weight_name else ()
         files = CardFiles(edit_file=weight_name or (None if loras else EDIT_WEIGHT_NAME), loras=loras)
-    if kind == "finetune":
-        files = CardFiles()
     # Records as dicts (also those of a community pipeline, whose ConceptEdit is its own copy of the class).
     edits = [e.to_dict() if hasattr(e, "to_dict") else dict(e) for e in edits or ()]
     hub_id = hub_model_id(base_model)

@@ -24,7 +24,7 @@ from typing import Sequence
 from diffusers.utils import logging
 
 from ..utils.files import write_text_atomic
-from .module_merger import _WIDTH, PACKAGE, merge_sources, parse_module  # noqa: F401
+from .module_merger import _WIDTH, PACKAGE, merge_sources
 
 logger = logging.get_logger(__name__)
 
