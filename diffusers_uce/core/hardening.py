@@ -358,10 +358,14 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
             current = current @ (further_step(fixed, adversarial, b.lamb, biased) if by_sums else _further_edit(
                 adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight, biased))
         sums[i] = torch.stack(rows)
-    for i, b in enumerate(blocks):  # one measurement: from the adversarial tokens, always cheaper than from sums
-        if not b.rounds:
-            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
-            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
+    measured = [i for i, b in enumerate(blocks) if not b.rounds]
+    for reg in dict.fromkeys(blocks[i].reg for i in measured):  # one attack of all their tokens per ρ
+        same = [i for i in measured if blocks[i].reg == reg]
+        sizes = [blocks[i].erase.shape[0] for i in same]  # from the adversarial tokens: cheaper than from sums
+        tokens = torch.cat([blocks[i].erase for i in same])
+        adversarial, moved = _attack(gram, current, tokens, reg, biased, terms=True)
+        for i, x, m in zip(same, adversarial.split(sizes), moved.split(sizes)):
+            sums[i] = recovery_sums(blocks[i], x, m, fixed_sums(gram, blocks[i], biased), biased)[None]
     return current, sums
 
 

@@ -17,26 +17,28 @@ logger = logging.get_logger(__name__)
 class UCERobustMixin:
     """Hardening against adversarial embeddings and the closed-form attack (part of `UCEMixin`)."""
 
-    def _uce_harden(self, group, weights: torch.Tensor, solution: engine.Solution, records, encoded):
+    def _uce_harden(self, group, weights: torch.Tensor, solution: engine.Solution, records, encoded,
+                    measure: bool = True):
         """Replay the hardening rounds of `records` on one group's solved edit and measure every erased concept.
 
         Args:
             group (`GroupEdit`): the target group; its cached Gram matrix of the original weights is used.
             weights (`torch.Tensor`): the group's stacked original weights (``[W | b]`` when biased).
+            measure (`bool`, defaults to `True`): also measure the edits that are not hardened (for the report).
 
         Returns:
-            `tuple`: the (hardened) solution, and the per-record recovery sums (`None` when the edit has per-layer
-            corrections, whose robustness is not measured).
+            `tuple`: the (hardened) solution, and the per-record recovery sums (`None` without `measure`, or when the
+            edit has per-layer corrections, whose robustness is not measured).
         """
         if solution.correction is not None or solution.layerwise is not None:  # per-layer transforms
             return solution, None
-        blocks = hardening_blocks(records, encoded, group.biased)
+        blocks = [b for b in hardening_blocks(records, encoded, group.biased) if measure or b.rounds]
         if not blocks:
             return solution, None
         transform, sums = replay_hardening(group.gram(weights), solution.transform, blocks, group.biased)
         if any(r.harden for r in records):  # a hardened transform has no low-rank form: T is used as is
             solution = engine.Solution(transform, None, None)
-        return solution, sums
+        return solution, sums if measure else None
 
     @torch.no_grad()
     def adversarial_embeds(self, concept: str, reg: float = 0.1) -> dict:

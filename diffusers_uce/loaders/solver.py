@@ -54,7 +54,7 @@ class UCESolverMixin:
             if not solution.is_finite():
                 raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
                                  "preserve_scale or raise lamb")
-            solution, sums = self._uce_harden(group, weights, solution, records, encoded)
+            solution, sums = self._uce_harden(group, weights, solution, records, encoded, measure=report)
             robust.append(sums)
             solutions.append(solution)
             if report:

@@ -2323,10 +2323,14 @@ def replay_hardening(gram, transform, blocks: list[HardenBlock], biased: bool):
             current = current @ (further_step(fixed, adversarial, b.lamb, biased) if by_sums else _further_edit(
                 adversarial, b.guide, b.preserve, b.lamb, 1.0, b.preserve_weight, biased))
         sums[i] = torch.stack(rows)
-    for i, b in enumerate(blocks):  # one measurement: from the adversarial tokens, always cheaper than from sums
-        if not b.rounds:
-            adversarial, moved = _attack(gram, current, b.erase, b.reg, biased, terms=True)
-            sums[i] = recovery_sums(b, adversarial, moved, fixed_sums(gram, b, biased), biased)[None]
+    measured = [i for i, b in enumerate(blocks) if not b.rounds]
+    for reg in dict.fromkeys(blocks[i].reg for i in measured):  # one attack of all their tokens per ρ
+        same = [i for i in measured if blocks[i].reg == reg]
+        sizes = [blocks[i].erase.shape[0] for i in same]  # from the adversarial tokens: cheaper than from sums
+        tokens = torch.cat([blocks[i].erase for i in same])
+        adversarial, moved = _attack(gram, current, tokens, reg, biased, terms=True)
+        for i, x, m in zip(same, adversarial.split(sizes), moved.split(sizes)):
+            sums[i] = recovery_sums(blocks[i], x, m, fixed_sums(gram, blocks[i], biased), biased)[None]
     return current, sums
 
 
@@ -5741,26 +5745,28 @@ def clip_zero_shot_classifier(model_id_or_path: str | os.PathLike = "openai/clip
 class UCERobustMixin:
     """Hardening against adversarial embeddings and the closed-form attack (part of `UCEMixin`)."""
 
-    def _uce_harden(self, group, weights: torch.Tensor, solution: engine.Solution, records, encoded):
+    def _uce_harden(self, group, weights: torch.Tensor, solution: engine.Solution, records, encoded,
+                    measure: bool = True):
         """Replay the hardening rounds of `records` on one group's solved edit and measure every erased concept.
 
         Args:
             group (`GroupEdit`): the target group; its cached Gram matrix of the original weights is used.
             weights (`torch.Tensor`): the group's stacked original weights (``[W | b]`` when biased).
+            measure (`bool`, defaults to `True`): also measure the edits that are not hardened (for the report).
 
         Returns:
-            `tuple`: the (hardened) solution, and the per-record recovery sums (`None` when the edit has per-layer
-            corrections, whose robustness is not measured).
+            `tuple`: the (hardened) solution, and the per-record recovery sums (`None` without `measure`, or when the
+            edit has per-layer corrections, whose robustness is not measured).
         """
         if solution.correction is not None or solution.layerwise is not None:  # per-layer transforms
             return solution, None
-        blocks = hardening_blocks(records, encoded, group.biased)
+        blocks = [b for b in hardening_blocks(records, encoded, group.biased) if measure or b.rounds]
         if not blocks:
             return solution, None
         transform, sums = replay_hardening(group.gram(weights), solution.transform, blocks, group.biased)
         if any(r.harden for r in records):  # a hardened transform has no low-rank form: T is used as is
             solution = engine.Solution(transform, None, None)
-        return solution, sums
+        return solution, sums if measure else None
 
     @torch.no_grad()
     def adversarial_embeds(self, concept: str, reg: float = 0.1) -> dict:
@@ -5953,7 +5959,7 @@ class UCESolverMixin:
             if not solution.is_finite():
                 raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
                                  "preserve_scale or raise lamb")
-            solution, sums = self._uce_harden(group, weights, solution, records, encoded)
+            solution, sums = self._uce_harden(group, weights, solution, records, encoded, measure=report)
             robust.append(sums)
             solutions.append(solution)
             if report:

@@ -85,3 +85,15 @@ def test_guide_keys_find_the_distinct_guides(monkeypatch):
     monkeypatch.setattr(hardening, "SUMS_FROM", 0.0)
     (plain, plain_sums), (got, got_sums) = (replay_hardening(gram, transform, [b], False) for b in (block, keyed))
     assert rel(got, plain) < 1e-12 and rel(got_sums[0], plain_sums[0]) < 1e-12
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_blocks_without_rounds_are_measured_together_as_alone(biased):
+    """Edits that are not hardened share one attack per ρ; each is measured as if alone."""
+    gram, transform, block = setup(biased, shared_guide=True)
+    first = dataclasses.replace(block, rounds=0)
+    second = dataclasses.replace(setup(biased, shared_guide=False, seed=1)[2], rounds=0)
+    other_reg = dataclasses.replace(first, reg=0.5)
+    _, together = replay_hardening(gram, transform, [first, second, other_reg], biased)
+    alone = [replay_hardening(gram, transform, [b], biased)[1][0] for b in (first, second, other_reg)]
+    assert all(rel(t, a) < 1e-12 for t, a in zip(together, alone))
