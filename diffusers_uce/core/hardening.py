@@ -16,7 +16,7 @@ import torch
 
 from ..utils.checks import all_finite, is_finite_number, is_whole_number
 from .prompts import EncodedPrompts, pair_positions, preserve_positions
-from .robust import _attack, _edit_inputs, _further_edit, _positive
+from .robust import _attack, _edit_inputs, _further_edit, _positive, attack_system
 from .solve import homogeneous, transform_from_sums, with_bias
 
 HARDEN_TOKENS = ("all", "record")
@@ -271,17 +271,11 @@ def attack_map(gram, transform, reg: float, biased: bool):
     """The attack of `robust.adversarial_embeddings` as one matrix: ``c' = L [c; 1]`` (``c' = L c`` without a bias).
 
     Returns ``L`` (k×w), ``R = (ρI + M_kk) L`` (the attack's right-hand sides), ``M = TᵀGT`` and ``G T``."""
-    gt = gram @ transform
-    m, k = transform.T @ gt, gram.shape[0] - biased
+    factor, m, gt = attack_system(gram, transform, reg, biased)
+    k = gram.shape[0] - biased
     rhs = gt.T[:k].clone()
     if biased:
         rhs[:, k] -= m[:k, k]
-    system = m[:k, :k].clone()
-    system.diagonal().add_(reg)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:
-        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
-                         "nothing was changed: check the weights and use a larger reg")
     return torch.cholesky_solve(rhs, factor), rhs, m, gt
 
 

@@ -120,22 +120,31 @@ def adversarial_embeddings(
     return _attack(gram, transform, tokens, reg, biased)
 
 
+def attack_system(gram, transform, reg: float, biased: bool):
+    """The attacker's system on checked float64 inputs: the Cholesky factor of ``ρI + M_kk`` (``M = TᵀGT``, ``k``
+    the coordinates the attacker controls: all but the constant one with a bias), ``M`` and ``G T``."""
+    gt = gram @ transform
+    m, k = transform.T @ gt, gram.shape[0] - biased
+    system = m[:k, :k].clone()
+    system.diagonal().add_(reg)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
+                         "nothing was changed: check the weights and use a larger reg")
+    return factor, m, gt
+
+
 def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
     """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`).
 
     With `terms`, also returns ``‖W T c' − W c‖² − ‖W c‖²`` per token without any further d×d product: with
     ``(ρI + M) x = r`` the attack's own system, it is ``−xᵀr − ρ‖x‖²`` (plus ``M_11 − 2 (TᵀGc)_1`` with a bias).
     """
-    gt = gram @ transform
-    m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
+    factor, m, gt = attack_system(gram, transform, reg, biased)
+    rhs, k = gt.T @ tokens.T, gram.shape[0] - biased  # TᵀG c, one column per token
     full = rhs
     if biased:
         rhs = rhs[:k] - m[:k, k:]
-    system = m[:k, :k] + reg * torch.eye(k, dtype=_F64, device=m.device)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:
-        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
-                         "nothing was changed: check the weights and use a larger reg")
     out = torch.cholesky_solve(rhs, factor).T
     if terms:
         moved = -(out * rhs.T).sum(-1) - reg * (out * out).sum(-1) + ((m[k, k] - 2 * full[k]) if biased else 0.0)
