@@ -1795,22 +1795,31 @@ def adversarial_embeddings(
     return _attack(gram, transform, tokens, reg, biased)
 
 
+def attack_system(gram, transform, reg: float, biased: bool):
+    """The attacker's system on checked float64 inputs: the Cholesky factor of ``ρI + M_kk`` (``M = TᵀGT``, ``k``
+    the coordinates the attacker controls: all but the constant one with a bias), ``M`` and ``G T``."""
+    gt = gram @ transform
+    m, k = transform.T @ gt, gram.shape[0] - biased
+    system = m[:k, :k].clone()
+    system.diagonal().add_(reg)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if int(info) != 0:
+        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
+                         "nothing was changed: check the weights and use a larger reg")
+    return factor, m, gt
+
+
 def _attack(gram, transform, tokens, reg, biased, terms: bool = False):
     """`adversarial_embeddings` on checked float64 inputs (homogeneous tokens when `biased`).
 
     With `terms`, also returns ``‖W T c' − W c‖² − ‖W c‖²`` per token without any further d×d product: with
     ``(ρI + M) x = r`` the attack's own system, it is ``−xᵀr − ρ‖x‖²`` (plus ``M_11 − 2 (TᵀGc)_1`` with a bias).
     """
-    gt = gram @ transform
-    m, rhs, k = transform.T @ gt, gt.T @ tokens.T, gram.shape[0] - biased  # M = TᵀGT, TᵀG c (one column per token)
+    factor, m, gt = attack_system(gram, transform, reg, biased)
+    rhs, k = gt.T @ tokens.T, gram.shape[0] - biased  # TᵀG c, one column per token
     full = rhs
     if biased:
         rhs = rhs[:k] - m[:k, k:]
-    system = m[:k, :k] + reg * torch.eye(k, dtype=_F64, device=m.device)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:
-        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
-                         "nothing was changed: check the weights and use a larger reg")
     out = torch.cholesky_solve(rhs, factor).T
     if terms:
         moved = -(out * rhs.T).sum(-1) - reg * (out * out).sum(-1) + ((m[k, k] - 2 * full[k]) if biased else 0.0)
@@ -2156,19 +2165,22 @@ GRAM_BUDGET = 2**29  # bytes of per-concept token Grams a replay may keep; beyon
 SUMS_FROM = 2.0  # rounds from token sums (`BlockSums`) when a block has more than this many tokens per width
 
 
+def _concept_sum(block: HardenBlock, values: torch.Tensor) -> torch.Tensor:
+    """`values` (one per token, or one row per token) summed over the tokens of each concept of `block`."""
+    out = torch.zeros(block.num_concepts, *values.shape[1:], dtype=torch.float64, device=values.device)
+    return out.index_add_(0, block.concept, values)
+
+
 def _per_concept(block: HardenBlock, rows, metric=None) -> torch.Tensor:
     """``Σ rowᵀ metric row`` (or ``Σ ‖row‖²``) over the rows of each concept of `block`."""
-    squares = ((rows if metric is None else rows @ metric) * rows).sum(-1)
-    out = torch.zeros(block.num_concepts, dtype=torch.float64, device=rows.device)
-    return out.index_add_(0, block.concept, squares)
+    return _concept_sum(block, ((rows if metric is None else rows @ metric) * rows).sum(-1))
 
 
 def recovery_sums(block: HardenBlock, adversarial, moved, fixed, biased: bool) -> torch.Tensor:
     """`measure` from the adversarial tokens themselves (few tokens): `moved` is ``‖W T c' − W c‖² − ‖W c‖²`` per
     token (from the attack), `fixed` what does not depend on the round (`fixed_sums`)."""
     k = adversarial.shape[1] - biased
-    squares = torch.zeros(block.num_concepts, dtype=torch.float64, device=adversarial.device)
-    recovered = squares.index_add(0, block.concept, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
+    recovered = _concept_sum(block, moved + fixed[2]).clamp_min(0)  # (rounding may dip below 0)
     return torch.stack([recovered, fixed[0], _per_concept(block, adversarial[:, :k]), fixed[1]])
 
 
@@ -2196,11 +2208,6 @@ class BlockSums:
     norm: torch.Tensor  # Σ ‖c‖² per concept (the constant coordinate excluded)
 
 
-def _concept_sum(block: HardenBlock, values: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(block.num_concepts, *values.shape[1:], dtype=torch.float64, device=values.device)
-    return out.index_add_(0, block.concept, values)
-
-
 def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None) -> BlockSums:
     """The round-invariant sums of `block`: O(tokens · d²) once, instead of in every round."""
     erase, width = block.erase, gram.shape[0]
@@ -2225,28 +2232,20 @@ def block_sums(gram, block: HardenBlock, biased: bool, budget: int | None = None
         cross = (guides, torch.zeros_like(guides).index_add_(0, where, erase))
     else:
         cross = (block.guide.T @ erase, None)  # (Σ c* cᵀ, None)
-    diff = erase - block.guide
     return BlockSums(erase=grams.sum(0) if grams is not None else erase.T @ erase, cross=cross,
                      preserve=(block.preserve * block.preserve_weight[:, None]).T @ block.preserve, grams=grams,
-                     gap=_concept_sum(block, ((diff @ gram) * diff).sum(-1)),
-                     norm=_concept_sum(block, (erase[:, :k] * erase[:, :k]).sum(-1)))
+                     gap=_per_concept(block, erase - block.guide, gram), norm=_per_concept(block, erase[:, :k]))
 
 
 def attack_map(gram, transform, reg: float, biased: bool):
     """The attack of `robust.adversarial_embeddings` as one matrix: ``c' = L [c; 1]`` (``c' = L c`` without a bias).
 
     Returns ``L`` (k×w), ``R = (ρI + M_kk) L`` (the attack's right-hand sides), ``M = TᵀGT`` and ``G T``."""
-    gt = gram @ transform
-    m, k = transform.T @ gt, gram.shape[0] - biased
+    factor, m, gt = attack_system(gram, transform, reg, biased)
+    k = gram.shape[0] - biased
     rhs = gt.T[:k].clone()
     if biased:
         rhs[:, k] -= m[:k, k]
-    system = m[:k, :k].clone()
-    system.diagonal().add_(reg)
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:
-        raise ValueError("the attacker's system is not positive definite (non-finite or overflowing values); "
-                         "nothing was changed: check the weights and use a larger reg")
     return torch.cholesky_solve(rhs, factor), rhs, m, gt
 
 
