@@ -164,9 +164,8 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
         rows_e = encoded.rows(record.erase)
         if options["tokens"] == "all":
             rows_g = encoded.rows([g or " " for g in record.guide])
-            positions = torch.arange(length, device=states.device)
-            pair = torch.arange(len(rows_e), device=states.device).repeat_interleave(length)
-            pos_e = pos_g = positions.repeat(len(rows_e))
+            pair, pos_e = preserve_positions(last[rows_e], "paper", length)  # every position of every prompt
+            pos_g = pos_e
         else:
             rows_g = encoded.rows([record.guide_prompt(g) for g in record.guide])
             pair, pos_e, pos_g = pair_positions(last[rows_e], last[rows_g], record.token_mode, length)
