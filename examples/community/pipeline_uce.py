@@ -2603,10 +2603,13 @@ def retain_set(name: str) -> list[str]:
 
 def drop_erased(retain, erased) -> tuple[list[str], list[str]]:
     """Split retain prompts into those kept and those that contain an erased concept as a whole word (any case)."""
-    patterns = [re.compile(rf"(?<!\w){re.escape(e)}(?!\w)", re.IGNORECASE) for e in erased if e]
+    words = [re.escape(e) for e in erased if e]
+    if not words:
+        return list(retain), []
+    pattern = re.compile(rf"(?<!\w)(?:{'|'.join(words)})(?!\w)", re.IGNORECASE)  # one search per prompt
     kept, dropped = [], []
     for prompt in retain:
-        (dropped if any(p.search(prompt) for p in patterns) else kept).append(prompt)
+        (dropped if pattern.search(prompt) else kept).append(prompt)
     return kept, dropped
 
 

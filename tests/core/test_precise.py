@@ -21,6 +21,7 @@ from diffusers_uce.core.precise import (
     smallest_right_singular_vectors,
     speed_update,
 )
+from diffusers_uce.core.speed_options import drop_erased
 
 F64 = torch.float64
 D = 32
@@ -300,3 +301,11 @@ def test_empty_null_space_asks_for_a_larger_threshold(augment):
     retain = torch.randn(200, D, generator=torch.Generator().manual_seed(9), dtype=F64) * 5  # uses every direction
     with pytest.raises(ValueError, match="larger threshold"):
         refined(weights, erase, guide, retain, invariants, augment=augment, filter=False)
+
+
+def test_drop_erased_matches_whole_words_of_any_erased_concept():
+    retain = ["A Van Gogh painting", "vangogh", "monet's garden", "c++ code", "monet", "a c++ manual", "Picasso."]
+    kept, dropped = drop_erased(retain, ["van gogh", "", "c++", "PICASSO"])
+    assert dropped == ["A Van Gogh painting", "c++ code", "a c++ manual", "Picasso."]
+    assert kept == ["vangogh", "monet's garden", "monet"]
+    assert drop_erased(retain, []) == (retain, []) and drop_erased(retain, [""]) == (retain, [])
