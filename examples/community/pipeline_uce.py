@@ -1996,6 +1996,8 @@ def harden(
 HARDEN_TOKENS = ("all", "record")
 HARDEN_OPTIONS = ("reg", "lamb", "preserve_scale", "preserve", "tokens")
 REPORT_REG = 0.1  # the attacker's ρ of the robustness numbers of an edit that is not hardened
+# How an edit that is not hardened is measured: no rounds, at REPORT_REG, with its own tokens.
+NOT_HARDENED = {"rounds": 0, "reg": REPORT_REG, "lamb": 0.1, "preserve_scale": 0.1, "preserve": (), "tokens": "record"}
 
 
 @dataclass(frozen=True)
@@ -2069,7 +2071,9 @@ def resolve_harden(harden, options=None, *, erase, moderate=None, expand_prompts
         raise ValueError("harden needs erased concepts: hardening protects erased concepts, and this edit erases none")
     rounds, reg = harden_preset(erase, moderate, expand_prompts)
     rounds = rounds if harden is True else int(harden)
-    options = {"reg": reg, "lamb": 0.1, "preserve_scale": 0.1, "tokens": "all", **options}
+    defaults = HardenOptions()
+    options = {"reg": reg, "lamb": defaults.lamb, "preserve_scale": defaults.preserve_scale, "tokens": defaults.tokens,
+               **options}
     resolved = {"rounds": rounds, **{k: _positive_option(options, k) for k in ("reg", "lamb", "preserve_scale")}}
     preserve = options.get("preserve")
     if preserve is None:
@@ -2133,8 +2137,7 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
     for record in records:
         if not record.erase:
             continue
-        options = record.harden or {"rounds": 0, "reg": REPORT_REG, "lamb": 0.1, "preserve_scale": 0.1,
-                                    "preserve": (), "tokens": "record"}
+        options = record.harden or NOT_HARDENED
         rows_e = encoded.rows(record.erase)
         if options["tokens"] == "all":
             rows_g = encoded.rows([g or " " for g in record.guide])
@@ -2340,10 +2343,10 @@ def robustness_rows(records, group_sums: list[list[torch.Tensor]]) -> list[dict]
         moved, gap, top, bottom = sums.unbind(1)
         recovery = torch.where(gap > 0, 1 - (moved / gap.clamp_min(1e-300)).sqrt(), 0.0)
         ratio = torch.where(bottom > 0, (top / bottom.clamp_min(1e-300)).sqrt(), 0.0)
-        harden = record.harden or {}
+        harden = record.harden or NOT_HARDENED
         for j, (concept, guide) in enumerate(zip(record.erase, record.guide)):
-            out.append({"concept": concept, "guide": guide, "reg": harden.get("reg", REPORT_REG),
-                        "rounds": harden.get("rounds", 0), "tokens": harden.get("tokens", "record"),
+            out.append({"concept": concept, "guide": guide, "reg": harden["reg"], "rounds": harden["rounds"],
+                        "tokens": harden["tokens"],
                         "recovery": recovery[:, j].tolist(), "norm_ratio": ratio[:, j].tolist()})
     return out
 
