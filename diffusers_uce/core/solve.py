@@ -77,8 +77,6 @@ def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
         `tuple[torch.Tensor, torch.Tensor]`: ``T`` (d×d) and the Cholesky factor ``L`` of ``B`` (d×d), both float64
         on the device of the inputs.
     """
-    if terms.lamb <= 0:
-        raise ValueError(f"lamb must be > 0 (got {terms.lamb}); it keeps the solve well posed, use e.g. 0.5")
     erase, guide, preserve = (t.to(torch.float64) for t in (terms.erase, terms.guide, terms.preserve))
     w = terms.erase_weight.to(erase)
     wp = terms.preserve_weight.to(erase)

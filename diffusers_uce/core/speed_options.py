@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
-import math
 import numbers
 import re
 
@@ -97,7 +96,7 @@ def _invariants(value):
         return [p.strip() for p in value]
     rows = value if isinstance(value, (list, tuple)) else None
     if not rows or not all(isinstance(r, (list, tuple)) and r and len(r) == len(rows[0]) for r in rows) or not all(
-            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for r in rows for x in r):
+            is_finite_number(x, numbers.Real) for r in rows for x in r):
         raise ValueError("method_options['invariants'] must be 'auto', a non-empty list of prompts or a (k, d) tensor "
                          "of finite tokens")
     return [[float(x) for x in r] for r in rows]

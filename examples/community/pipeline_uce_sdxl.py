@@ -1280,8 +1280,6 @@ def solve_transform(terms: EditTerms) -> tuple[torch.Tensor, torch.Tensor]:
         `tuple[torch.Tensor, torch.Tensor]`: ``T`` (d×d) and the Cholesky factor ``L`` of ``B`` (d×d), both float64
         on the device of the inputs.
     """
-    if terms.lamb <= 0:
-        raise ValueError(f"lamb must be > 0 (got {terms.lamb}); it keeps the solve well posed, use e.g. 0.5")
     erase, guide, preserve = (t.to(torch.float64) for t in (terms.erase, terms.guide, terms.preserve))
     w = terms.erase_weight.to(erase)
     wp = terms.preserve_weight.to(erase)
@@ -2636,7 +2634,7 @@ def _invariants(value):
         return [p.strip() for p in value]
     rows = value if isinstance(value, (list, tuple)) else None
     if not rows or not all(isinstance(r, (list, tuple)) and r and len(r) == len(rows[0]) for r in rows) or not all(
-            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for r in rows for x in r):
+            is_finite_number(x, numbers.Real) for r in rows for x in r):
         raise ValueError("method_options['invariants'] must be 'auto', a non-empty list of prompts or a (k, d) tensor "
                          "of finite tokens")
     return [[float(x) for x in r] for r in rows]
