@@ -170,7 +170,7 @@ def measure(pipe, n, mode, args) -> dict:
     pipe.apply_concept_edits(erase, guide=edit_speed.GUIDE, token_mode=mode, held_out=[])  # the plain edit, kept
     group = pipe._uce_state.groups[0]
     weights, _ = group.stacked(args.device)
-    gram, transform = group.gram(weights), group.solution.transform
+    gram, transform = group.gram(weights.device, weights), group.solution.transform
     record = out.edits[-1]
     encoded = pipe._uce_encode(group.group, record.prompts() + list(record.harden["preserve"])
                                + [g or " " for g in record.guide], False, args.device)

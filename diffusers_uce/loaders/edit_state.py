@@ -102,10 +102,14 @@ class GroupEdit:
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")
 
-    def gram(self, weights: torch.Tensor) -> torch.Tensor:
-        """``G = W_allᵀ W_all`` of the original weights `weights` (from `stacked`), float64, cached: the original
-        weights never change while the edit lives. Chunk products run in float32 unless the weights are float64."""
-        if self._gram is None or self._gram.device != weights.device:
+    def gram(self, device, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``G = W_allᵀ W_all`` of the original weights on `device`, float64, cached: the original weights never change
+        while the edit lives. `weights`: the stacked original weights (`stacked`) when the caller has them; otherwise
+        they are stacked here, only when ``G`` is not cached. Chunk products run in float32 unless the weights are
+        float64."""
+        device = torch.empty(0, device=device).device  # with its index, as a tensor's device
+        if self._gram is None or self._gram.device != device:
+            weights = self.stacked(device)[0] if weights is None else weights
             compute = torch.float64 if weights.dtype == torch.float64 else torch.float32
             self._gram = stacked_gram(weights, compute_dtype=compute)
         return self._gram

@@ -35,7 +35,8 @@ class UCERobustMixin:
         blocks = [b for b in hardening_blocks(records, encoded, group.biased) if measure or b.rounds]
         if not blocks:
             return solution, None
-        transform, sums = replay_hardening(group.gram(weights), solution.transform, blocks, group.biased)
+        gram = group.gram(weights.device, weights)
+        transform, sums = replay_hardening(gram, solution.transform, blocks, group.biased)
         if any(r.harden for r in records):  # a hardened transform has no low-rank form: T is used as is
             solution = engine.Solution(transform, None, None)
         return solution, sums if measure else None
@@ -78,11 +79,10 @@ class UCERobustMixin:
             if solution.correction is not None or solution.layerwise is not None:
                 raise ValueError("adversarial_embeds needs an edit whose layers share one transform: not available "
                                  "with the 'tensor' technique or debiasing")
-            weights, _ = group.stacked(device)
             transform = scaled(solution.transform.to(device, torch.float64), None, state.scale)[0]
             encoded = self._uce_encode(group.group, [concept], False, device)
             states = encoded.states[0]
-            attacked = adversarial_embeddings(group.gram(weights), transform, states, float(reg), group.biased)
+            attacked = adversarial_embeddings(group.gram(device), transform, states, float(reg), group.biased)
             attacked = attacked[:, : states.shape[-1]].to(states.dtype)
             if group.group.text.output == "pooled":
                 out["pooled_prompt_embeds"] = attacked.reshape(1, -1)

@@ -130,7 +130,7 @@ class UCESolverMixin:
         elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
             grams = weights
         else:  # the Gram of the original weights, cached on the group (the robustness report reads it too)
-            grams = group.gram(weights)[None]
+            grams = group.gram(weights.device, weights)[None]
         held_tokens = None
         if held:
             rows = encoded.rows(held)

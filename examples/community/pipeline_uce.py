@@ -3944,10 +3944,14 @@ class GroupEdit:
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")
 
-    def gram(self, weights: torch.Tensor) -> torch.Tensor:
-        """``G = W_allᵀ W_all`` of the original weights `weights` (from `stacked`), float64, cached: the original
-        weights never change while the edit lives. Chunk products run in float32 unless the weights are float64."""
-        if self._gram is None or self._gram.device != weights.device:
+    def gram(self, device, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``G = W_allᵀ W_all`` of the original weights on `device`, float64, cached: the original weights never change
+        while the edit lives. `weights`: the stacked original weights (`stacked`) when the caller has them; otherwise
+        they are stacked here, only when ``G`` is not cached. Chunk products run in float32 unless the weights are
+        float64."""
+        device = torch.empty(0, device=device).device  # with its index, as a tensor's device
+        if self._gram is None or self._gram.device != device:
+            weights = self.stacked(device)[0] if weights is None else weights
             compute = torch.float64 if weights.dtype == torch.float64 else torch.float32
             self._gram = stacked_gram(weights, compute_dtype=compute)
         return self._gram
@@ -5765,7 +5769,8 @@ class UCERobustMixin:
         blocks = [b for b in hardening_blocks(records, encoded, group.biased) if measure or b.rounds]
         if not blocks:
             return solution, None
-        transform, sums = replay_hardening(group.gram(weights), solution.transform, blocks, group.biased)
+        gram = group.gram(weights.device, weights)
+        transform, sums = replay_hardening(gram, solution.transform, blocks, group.biased)
         if any(r.harden for r in records):  # a hardened transform has no low-rank form: T is used as is
             solution = engine.Solution(transform, None, None)
         return solution, sums if measure else None
@@ -5808,11 +5813,10 @@ class UCERobustMixin:
             if solution.correction is not None or solution.layerwise is not None:
                 raise ValueError("adversarial_embeds needs an edit whose layers share one transform: not available "
                                  "with the 'tensor' technique or debiasing")
-            weights, _ = group.stacked(device)
             transform = scaled(solution.transform.to(device, torch.float64), None, state.scale)[0]
             encoded = self._uce_encode(group.group, [concept], False, device)
             states = encoded.states[0]
-            attacked = adversarial_embeddings(group.gram(weights), transform, states, float(reg), group.biased)
+            attacked = adversarial_embeddings(group.gram(device), transform, states, float(reg), group.biased)
             attacked = attacked[:, : states.shape[-1]].to(states.dtype)
             if group.group.text.output == "pooled":
                 out["pooled_prompt_embeds"] = attacked.reshape(1, -1)
@@ -6037,7 +6041,7 @@ class UCESolverMixin:
         elif 2 * num_tokens < weights.shape[1]:  # few tokens: ‖W_all u‖² directly beats forming W_allᵀW_all
             grams = weights
         else:  # the Gram of the original weights, cached on the group (the robustness report reads it too)
-            grams = group.gram(weights)[None]
+            grams = group.gram(weights.device, weights)[None]
         held_tokens = None
         if held:
             rows = encoded.rows(held)
