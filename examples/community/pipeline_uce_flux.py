@@ -4214,14 +4214,11 @@ class UCEEditStateMixin:
                 state.hooks += [p.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, i)))
                                 for i, p in enumerate(group.projections)]
                 continue
-            edits: dict[str, dict[str, ProjectionEdit]] = {}
-            for index, projection in enumerate(group.projections):
-                edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(group, index)
             originals = state.original_processors.setdefault(group.group.name, {})
-            for name, kinds in edits.items():
+            for name, kinds in _attention_edits(group).items():
                 attention = component.get_submodule(name)
                 originals[name] = attention.processor
-                attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
+                _wrap(attention, kinds)
 
     @serialized
     def _uce_check_installed(self) -> None:
@@ -4237,21 +4234,20 @@ class UCEEditStateMixin:
                 continue
             component = getattr(self, group.group.component)
             originals = state.original_processors[group.group.name]
+            edits = _attention_edits(group)
             for name in originals:
                 attention = component.get_submodule(name)
                 if getattr(attention, "fused_projections", False) or any(
-                        getattr(attention, p.kind, None) is not p.module for p in group.projections
-                        if p.attention == name):
+                        getattr(attention, kind, None) is not group.projections[edit.layer].module
+                        for kind, edit in edits[name].items()):
                     raise RuntimeError(
                         f"the key/value projections of {group.group.component}.{name} changed after the concept edit "
                         "was applied (fuse_qkv_projections()?), so the edit no longer acts: call "
                         "unfuse_qkv_projections(), or fuse_concept_edits() before fuse_qkv_projections()")
                 processor = attention.processor
                 if not isinstance(processor, UCEAttnProcessor):
-                    kinds = {p.kind: ProjectionEdit(group, i) for i, p in enumerate(group.projections)
-                             if p.attention == name}
                     originals[name] = processor  # what unload_concept_edits puts back now
-                    attention.set_processor(UCEAttnProcessor(processor, kinds.get("to_k"), kinds.get("to_v")))
+                    _wrap(attention, edits[name])
                     rewrapped += 1
         hooked = [(g, i, p) for g in state.groups if not g.group.cross_attention for i, p in enumerate(g.projections)]
         for k, (group, index, projection) in enumerate(hooked):
@@ -4261,6 +4257,19 @@ class UCEEditStateMixin:
         if rewrapped:
             logger.warning(f"the concept edit had been removed from {rewrapped} layer(s) (their attention processor "
                            "or hooks were replaced); it was installed again")
+
+
+def _attention_edits(group) -> dict[str, dict[str, ProjectionEdit]]:
+    """The edit of each projection of a cross-attention group, by attention module and kind (`"to_k"`, `"to_v"`)."""
+    edits: dict[str, dict[str, ProjectionEdit]] = {}
+    for index, projection in enumerate(group.projections):
+        edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(group, index)
+    return edits
+
+
+def _wrap(attention, kinds: dict[str, ProjectionEdit]) -> None:
+    """Wrap `attention`'s current processor in one that applies the edits of its key/value projections."""
+    attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
 
 
 # --------------------------------------------------------------------------------------------------------------------
