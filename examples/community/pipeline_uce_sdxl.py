@@ -4639,10 +4639,9 @@ class UCEIOMixin:
         if verify:
             self._uce_verify_edit_file(groups, records, solutions, path)
         device = self._execution_device
-        if adapter_name is not None:
-            if not isinstance(adapter_name, str) or not adapter_name.strip():
-                raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-            records = [replace(r, name=adapter_name) for r in records]
+        if adapter_name is not None:  # (the pipeline has no edits here: any valid name is new)
+            name = self._uce_new_name(adapter_name)
+            records = [replace(r, name=name) for r in records]
         groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
