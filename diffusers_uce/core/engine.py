@@ -9,7 +9,7 @@ import torch
 from ..utils.checks import all_finite
 from .edits import ConceptEdit
 from .layerwise import Layerwise
-from .prompts import EncodedPrompts, pair_positions, preserve_positions
+from .prompts import EncodedPrompts
 from .solve import (
     Correction,
     EditTerms,
@@ -55,14 +55,14 @@ def prompts_of(records: list[ConceptEdit]) -> list[str]:
 
 def assemble_terms(records: list[ConceptEdit], encoded: EncodedPrompts) -> AssembledTerms:
     """Select the tokens of every record (its token mode) and stack them into one `EditTerms`."""
-    states, last, length = encoded.states, encoded.last, encoded.max_length
+    states = encoded.states
     device = states.device
     erase, guide, weight, tensor_pair, token_pair, pairs = [], [], [], [], [], []
     preserve_keys: dict[tuple, int] = {}
     for record in records:
         rows_e = encoded.rows(record.erase)
         rows_g = encoded.rows([record.guide_prompt(g) for g in record.guide])
-        pair, pos_e, pos_g = pair_positions(last[rows_e], last[rows_g], record.token_mode, length)
+        pair, pos_e, pos_g = encoded.pairs(rows_e, rows_g, record.token_mode)
         erase.append(states[rows_e[pair], pos_e])
         guide.append(states[rows_g[pair], pos_g])
         weight.append(torch.full((len(pair),), record.erase_scale, dtype=torch.float64, device=device))
@@ -82,7 +82,7 @@ def assemble_terms(records: list[ConceptEdit], encoded: EncodedPrompts) -> Assem
     preserve, preserve_weight, token_preserved = [], [], []
     for (prompt, mode, scale), index in preserve_keys.items():
         row = encoded.rows([prompt])
-        _, pos = preserve_positions(last[row], mode, length)
+        _, pos = encoded.preserved(row, mode)
         preserve.append(states[row[0], pos])
         preserve_weight.append(torch.full((len(pos),), scale, dtype=torch.float64, device=device))
         token_preserved.append(torch.full((len(pos),), index, dtype=torch.long, device=device))
@@ -108,6 +108,9 @@ def _debias_tokens(records: list[ConceptEdit], encoded: EncodedPrompts):
     if not targets:
         return None
     states, last = encoded.states, encoded.last
+    if encoded.segments:
+        raise ValueError("debiasing reads one token per concept, and this pipeline's layers read several text "
+                         "encoders one after the other: debias on a pipeline whose edited layers read one encoder")
     device = states.device
     rows = encoded.rows([t.concept for _, t in targets])
     concepts = states[rows, last[rows]]

@@ -3,8 +3,14 @@
 A family is a list of *target groups*. A group is a set of linear maps of the same text tokens ``c ∈ R^d``: one
 shared transform is solved per group. SD 1.x/2.x and SDXL have one group (every cross-attention ``to_k``/``to_v`` of
 the UNet); FLUX has two (``context_embedder`` on the T5 states and the pooled-CLIP ``text_embedder.linear_1``), each
-with its own width and its own encoder. Everything else in the package is written against these descriptions, so a
-new family is a new `Family` here plus a pipeline class.
+with its own width and its own encoder. The edited layers are the first linear layers whose input depends on the text
+alone and whose output then meets the image stream, so an edit is exact at every denoising step and resolution.
+
+SD 1.x/2.x, SDXL and FLUX.1 encode prompts here, with their tokenizers and text encoders. The other families read
+their layers' inputs from the pipeline itself (`TextStates.captured`): the pipeline encodes the prompts its own way
+(chat templates, instruction prefixes, projections and norms inside the denoiser) and forward hooks on the layers
+record what they receive. Everything else in the package is written against these descriptions, so a new family is
+a new `Family` here.
 """
 
 from __future__ import annotations
@@ -23,12 +29,46 @@ class TextStates:
             (``pooler_output``: one token per prompt).
         causal (`bool`): the encoder is causal (CLIP), so ids may be cut after the last needed position.
         max_length (`int`, *optional*): padded length; the tokenizer's ``model_max_length`` when `None`.
+        captured (`bool`): the layers' inputs are recorded from the pipeline's own call (forward hooks), not encoded
+            here; `encoders` then only names what the states depend on, and `output` `"pooled"` means one vector per
+            prompt.
+        segments (`tuple[Segment, ...]`): for captured inputs, which tokenizer fills which positions (one run
+            per text encoder whose states the layers read one after the other).
+        fixed_length (`bool`): the captured sequence has the same length for every batch of prompts (padding to a
+            fixed length). Pipelines that trim to the longest prompt of the batch have no fixed positions past the
+            prompt, so every-position token modes are refused there.
     """
 
     encoders: tuple[tuple[str, str], ...]
     output: str = "last"
     causal: bool = True
     max_length: int | None = None
+    captured: bool = False
+    segments: tuple["Segment", ...] = ()
+    fixed_length: bool = True
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of positions of a captured input filled by one text encoder, and where a prompt's last token is in it.
+
+    A prompt's ``k`` in the run is ``offset + prefix + n − 1``, ``n`` being the number of the prompt's own tokens
+    (without special tokens): the authors' "attention-mask ones − 2" for a tokenizer that adds a start and an end
+    token. For ``""`` without a start token (T5) that would be before the run: ``k`` is then the run's first position
+    (T5's end token, which the pipelines' attention masks keep), and it never passes the run's last position.
+
+    Args:
+        tokenizer (`str`): the pipeline attribute of the tokenizer that fills the run.
+        offset (`int`): the run's first position in the layer's input sequence.
+        length (`int`, *optional*): its number of positions; up to the end of the sequence when `None`.
+        prefix (`int`, *optional*): tokens before the prompt's own tokens in the run (CLIP's start token: 1); counted
+            from the tokenizer (its special tokens before a word) when `None`.
+    """
+
+    tokenizer: str
+    offset: int = 0
+    length: int | None = None
+    prefix: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,8 +92,16 @@ class TargetGroup:
     def cross_attention(self) -> bool:
         return not self.modules
 
-    def text_width(self, pipe) -> int:
-        """Width of the tokens these layers read in `pipe`: its encoders' hidden sizes, concatenated."""
+    @property
+    def has_keys(self) -> bool:
+        """Whether the group edits key projections (so that `edit_keys=False` drops some of its layers)."""
+        return self.cross_attention or any(m.endswith("to_k") for m in self.modules)
+
+    def text_width(self, pipe) -> int | None:
+        """Width of the tokens these layers read in `pipe`: its encoders' hidden sizes, concatenated (`None` for a
+        captured input: the layers' own input width)."""
+        if self.text.captured:
+            return None
         return sum(int(getattr(pipe, encoder).config.hidden_size) for _, encoder in self.text.encoders)
 
 
@@ -66,12 +114,17 @@ class Family:
         groups (`tuple[TargetGroup, ...]`): its target groups, solved in this order.
         tags (`tuple[str, ...]`): Hub tags of an edited model of this family.
         pipeline (`str`): the diffusers pipeline class it is built on.
+        also (`tuple[str, ...]`): other pipeline classes of the family (same denoiser and text path).
+        call (`tuple[tuple[str, object], ...]`): keyword arguments that make the pipeline's call cheap when inputs
+            are captured (the smallest image or video it accepts); only those its `__call__` takes are passed.
     """
 
     name: str
     groups: tuple[TargetGroup, ...]
     tags: tuple[str, ...] = field(default=())
     pipeline: str = "StableDiffusionPipeline"
+    also: tuple[str, ...] = ()
+    call: tuple[tuple[str, object], ...] = ()
 
     @property
     def named_layers(self) -> str:
@@ -81,7 +134,11 @@ class Family:
     @property
     def has_keys(self) -> bool:
         """Whether the family edits key/value projections (so `edit_keys` means something)."""
-        return all(g.cross_attention for g in self.groups)
+        return any(g.has_keys for g in self.groups)
+
+    @property
+    def pipelines(self) -> tuple[str, ...]:
+        return (self.pipeline, *self.also)
 
 
 _CLIP = (("tokenizer", "text_encoder"),)
@@ -117,14 +174,79 @@ FLUX = Family(
     pipeline="FluxPipeline",
 )
 
-FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX)
+
+def _captured(*segments: Segment, encoders=(("tokenizer", "text_encoder"),), output: str = "last",
+              fixed_length: bool = True) -> TextStates:
+    return TextStates(encoders, output=output, causal=False, captured=True, segments=segments,
+                      fixed_length=fixed_length)
+
+
+def _cross_attention(blocks: str) -> tuple[str, ...]:
+    """Every block's cross-attention key and value projection, as module patterns."""
+    return (f"{blocks}.*.attn2.to_k", f"{blocks}.*.attn2.to_v")
+
+
+_T5 = Segment("tokenizer", prefix=0)
+_SMALL_IMAGE = (("height", 64), ("width", 64))
+
+# SD3 / 3.5: the joint sequence is both CLIP towers' penultimate states (concatenated, zero-padded to T5's width,
+# 77 positions) followed by T5's; the pooled path reads both towers' projected pooled embeddings (the FLUX.1 pattern).
+SD3 = Family(
+    "sd3",
+    (
+        TargetGroup("transformer.context_embedder", "transformer",
+                    _captured(Segment("tokenizer", 0, 77, prefix=1), Segment("tokenizer_3", 77, prefix=0),
+                              encoders=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"),
+                                        ("tokenizer_3", "text_encoder_3"))),
+                    modules=("context_embedder",)),
+        TargetGroup("transformer.text_embedder", "transformer",
+                    _captured(encoders=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+                              output="pooled"),
+                    modules=("time_text_embed.text_embedder.linear_1",)),
+    ),
+    tags=("stable-diffusion-3", "sd3", "text-to-image"),
+    pipeline="StableDiffusion3Pipeline",
+    call=_SMALL_IMAGE,
+)
+
+# PixArt-Σ/α: T5 states through the transformer's caption_projection, read by every block's cross-attention.
+PIXART = Family(
+    "pixart",
+    (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("transformer_blocks")),),
+    tags=("pixart", "text-to-image"),
+    pipeline="PixArtSigmaPipeline",
+    also=("PixArtAlphaPipeline",),
+    call=_SMALL_IMAGE,
+)
+
+# Wan 2.1/2.2: UMT5 states through condition_embedder.text_embedder, read by every block's cross-attention.
+WAN = Family(
+    "wan",
+    (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("blocks")),),
+    tags=("wan", "text-to-video"),
+    pipeline="WanPipeline",
+    call=(*_SMALL_IMAGE, ("num_frames", 1)),
+)
+
+# CogVideoX: T5 states enter the joint sequence through patch_embed.text_proj.
+COGVIDEOX = Family(
+    "cogvideox",
+    (TargetGroup("transformer.text_proj", "transformer", _captured(_T5), modules=("patch_embed.text_proj",)),),
+    tags=("cogvideox", "text-to-video"),
+    pipeline="CogVideoXPipeline",
+    call=(*_SMALL_IMAGE, ("num_frames", 9)),
+)
+
+FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, SD3, PIXART, WAN, COGVIDEOX)
 
 
 def family_of(pipeline_class: type) -> Family:
     """The family of a diffusers pipeline class (by its base classes' names), or a `TypeError` naming what works."""
     names = {c.__name__ for c in pipeline_class.__mro__}
     for family in FAMILIES:
-        if family.pipeline in names:
+        if names.intersection(family.pipelines):
             return family
-    supported = ", ".join(f.pipeline for f in FAMILIES)
-    raise TypeError(f"concept editing supports {supported} (and their subclasses), got {pipeline_class.__name__}")
+    supported = ", ".join(p for f in FAMILIES for p in f.pipelines)
+    raise ValueError(f"concept editing has no built-in family for {pipeline_class.__name__}; the supported pipelines "
+                     f"are {supported} (and their subclasses). For another pipeline, name the linear layers to edit: "
+                     "diffusers_uce.attach(pipe, targets=[...]) (layers whose input depends on the text alone)")

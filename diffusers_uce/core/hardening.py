@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils.checks import all_finite, is_finite_number, is_whole_number
-from .prompts import EncodedPrompts, pair_positions, preserve_positions
+from .prompts import EncodedPrompts
 from .robust import _attack, _edit_inputs, _further_edit, _positive, attack_system
 from .solve import homogeneous, transform_from_sums, with_bias
 
@@ -158,7 +158,7 @@ class HardenBlock:
 
 def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[HardenBlock]:
     """One block per record that erases something, in record order; homogeneous tokens for a biased group."""
-    states, last, length = encoded.states, encoded.last, encoded.max_length
+    states, length = encoded.states, encoded.max_length
     blocks = []
     for record in records:
         if not record.erase:
@@ -167,16 +167,15 @@ def hardening_blocks(records, encoded: EncodedPrompts, biased: bool) -> list[Har
         rows_e = encoded.rows(record.erase)
         if options["tokens"] == "all":
             rows_g = encoded.rows([g or " " for g in record.guide])
-            pair, pos_e = preserve_positions(last[rows_e], "paper", length)  # every position of every prompt
+            pair, pos_e = encoded.preserved(rows_e, "paper")  # every position of every prompt
             pos_g = pos_e
         else:
             rows_g = encoded.rows([record.guide_prompt(g) for g in record.guide])
-            pair, pos_e, pos_g = pair_positions(last[rows_e], last[rows_g], record.token_mode, length)
+            pair, pos_e, pos_g = encoded.pairs(rows_e, rows_g, record.token_mode)
         preserve, weight = [], []
         for prompt, count in Counter(options["preserve"]).items():
             row = encoded.rows([prompt])
-            _, pos = preserve_positions(last[row], "paper" if options["tokens"] == "all" else record.token_mode,
-                                        length)
+            _, pos = encoded.preserved(row, "paper" if options["tokens"] == "all" else record.token_mode)
             preserve.append(states[row[0], pos])
             weight.append(torch.full((len(pos),), options["preserve_scale"] * count, dtype=torch.float64,
                                      device=states.device))

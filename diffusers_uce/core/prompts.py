@@ -29,15 +29,50 @@ class EncodedPrompts:
             tokenizer's maximum when the encoder is causal and no later position is needed.
         last (`torch.Tensor`): ``k`` of each prompt, ``(num_prompts,)``, long, on the states' device.
         max_length (`int`): the padded length (77 for CLIP, 512 for FLUX's T5, 1 for a pooled embedding).
+        segments (`tuple[tuple[int, int], ...]`, *optional*): where the sequence joins the states of several text
+            encoders one after the other (SD3's CLIP then T5 positions), as ``(offset, length)`` runs. `last` is then
+            ``(num_prompts, num_segments)``: ``k`` of each prompt in each run, as positions of the whole sequence.
+            Empty (the default): one run, and `last` holds one ``k`` per prompt.
     """
 
     index: dict[str, int]
     states: torch.Tensor
     last: torch.Tensor
     max_length: int
+    segments: tuple[tuple[int, int], ...] = ()
 
     def rows(self, prompts) -> torch.Tensor:
         return torch.tensor([self.index[p] for p in prompts], dtype=torch.long, device=self.states.device)
+
+    def pairs(self, rows_e: torch.Tensor, rows_g: torch.Tensor, token_mode: str):
+        """`pair_positions` of erased prompts `rows_e` and their guides `rows_g`, in every run of the sequence: with
+        several runs, each pair has tokens in each (its last token in each encoder, or each run's paired ends)."""
+        if not self.segments:
+            return pair_positions(self.last[rows_e], self.last[rows_g], token_mode, self.max_length)
+        parts = [pair_positions(self.last[rows_e, s] - offset, self.last[rows_g, s] - offset, token_mode, length)
+                 for s, (offset, length) in enumerate(self.segments)]
+        pair = torch.cat([p for p, _, _ in parts])
+        order = torch.argsort(pair, stable=True)
+        pos_e = torch.cat([e + offset for (_, e, _), (offset, _) in zip(parts, self.segments)])
+        pos_g = torch.cat([g + offset for (_, _, g), (offset, _) in zip(parts, self.segments)])
+        return pair[order], pos_e[order], pos_g[order]
+
+    def preserved(self, rows: torch.Tensor, token_mode: str):
+        """`preserve_positions` of the prompts `rows`: their last token in every run ("last"), or every position."""
+        if not self.segments or token_mode != "last":
+            return preserve_positions(self.last[rows] if not self.segments else self.last[rows, 0], token_mode,
+                                      self.max_length)
+        count = len(self.segments)
+        index = torch.arange(len(rows), device=rows.device).repeat_interleave(count)
+        return index, self.last[rows].reshape(-1)
+
+    def real_positions(self, row: int) -> torch.Tensor:
+        """Positions of prompt `row`'s tokens up to its last one, in every run."""
+        device = self.states.device
+        if not self.segments:
+            return torch.arange(int(self.last[row]) + 1, device=device)
+        return torch.cat([torch.arange(offset, int(k) + 1, device=device)
+                          for (offset, _), k in zip(self.segments, self.last[row].tolist())])
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None):

@@ -64,7 +64,7 @@ def _positions(length: int) -> torch.Tensor:
 def _prompt_tokens(encoded: EncodedPrompts, prompt: str, full: bool) -> torch.Tensor:
     row = encoded.index[prompt]
     states = encoded.states[row]
-    positions = _positions(states.shape[0]) if full else encoded.last[row : row + 1].cpu()
+    positions = _positions(states.shape[0]) if full else encoded.last[row].reshape(-1).cpu()
     return states[positions.to(states.device)].double()
 
 
@@ -102,7 +102,7 @@ def _invariant_tokens(invariants, encoded: EncodedPrompts) -> torch.Tensor:
         return default_invariants(states, num_centres=min(3, states.shape[0] - 1))
     if isinstance(invariants[0], str):  # every real token of each prompt, once (CLIP's start token is shared)
         rows = encoded.rows(invariants)
-        tokens = torch.cat([encoded.states[r, : int(k) + 1] for r, k in zip(rows, encoded.last[rows])]).double()
+        tokens = torch.cat([encoded.states[r, encoded.real_positions(r)] for r in rows]).double()
         distance = torch.cdist(tokens, tokens)
         repeat = (distance <= 1e-6 * tokens.norm(dim=1).clamp_min(1e-12)[None]).tril(-1).any(1)
         return tokens[~repeat]

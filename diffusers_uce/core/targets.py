@@ -3,6 +3,7 @@ linear layers of a family's target group (FLUX)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -105,16 +106,40 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
     return projections
 
 
+def expand_names(component: torch.nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Module names of `component` matching `names`, in module order; ``*`` in a name stands for one name part
+    (``"transformer_blocks.*.attn2.to_k"``: every block's). A name without ``*`` is kept as it is, found or not."""
+    if not any("*" in n for n in names):
+        return list(names)
+    patterns = [re.compile("^" + r"[^.]+".join(map(re.escape, n.split("*"))) + "$") for n in names]
+    found = [m for m, _ in component.named_modules() if any(p.match(m) for p in patterns)]
+    exact = [n for n in names if "*" not in n]
+    missing = [n for n, p in zip(names, patterns) if "*" in n and not any(p.match(m) for m in found)]
+    if missing:
+        raise ValueError(f"{type(component).__name__} has no layer matching {missing[0]!r}: this is not the model "
+                         "the pipeline family expects")
+    return list(dict.fromkeys(exact + found))
+
+
 def find_linear_layers(component: torch.nn.Module, names: tuple[str, ...], *, layers: LayerFilter = None,
-                       context_dim: int | None = None) -> list[Projection]:
+                       context_dim: int | None = None, edit_keys: bool = True) -> list[Projection]:
     """The named linear layers of a target group (e.g. FLUX's ``context_embedder``), filtered by `layers`.
 
+    Args:
+        component (`torch.nn.Module`): the denoiser.
+        names (`tuple[str, ...]`): layer names; ``*`` stands for one name part (`expand_names`).
+        layers (`list[str]` or `Callable[[str], bool]`, *optional*): keep only the layers whose name contains one of
+            these strings (or for which the callable returns `True`).
+        context_dim (`int`, *optional*): the input width the layers must take (`None`: the first layer's, which
+            every other must share).
+        edit_keys (`bool`, defaults to `True`): keep key projections (names ending in ``to_k``).
+
     Raises:
-        ValueError: a layer is missing or not a `torch.nn.Linear`, or takes inputs of another width than `context_dim`.
+        ValueError: a layer is missing or not a `torch.nn.Linear`, carries a LoRA, or takes inputs of another width.
     """
     check_layer_filter(layers)
-    found = []
-    for name in names:
+    found, checked = [], []
+    for name in expand_names(component, names):
         try:
             module = component.get_submodule(name)
         except AttributeError:
@@ -123,11 +148,16 @@ def find_linear_layers(component: torch.nn.Module, names: tuple[str, ...], *, la
             raise ValueError(f"a LoRA is loaded on {name}: fuse it into the weights first (pipe.fuse_lora(); "
                              "pipe.unload_lora_weights()) or unload it before editing concepts")
         if not isinstance(module, torch.nn.Linear):
-            raise ValueError(f"{type(component).__name__} has no linear layer {name!r} to edit: this is not the "
-                             "model the pipeline family expects")
+            raise ValueError(f"{type(component).__name__} has no linear layer {name!r} to edit (found "
+                             f"{type(module).__name__ if module is not None else 'nothing'} there): this is not the "
+                             "model the pipeline family expects, or not a layer concept editing can change")
         if context_dim is not None and module.in_features != context_dim:
             raise ValueError(f"{name} takes {module.in_features}-dim inputs but its text encoder gives "
                              f"{context_dim}-dim states: this pipeline's denoiser and text encoder do not match")
-        if _selected(name, layers):
+        if checked and module.in_features != checked[0][1].in_features:
+            raise ValueError(f"{name} takes {module.in_features}-dim inputs but {checked[0][0]} takes "
+                             f"{checked[0][1].in_features}-dim ones: layers edited together must read the same input")
+        checked.append((name, module))
+        if _selected(name, layers) and (edit_keys or not name.endswith("to_k")):
             found.append(Projection(name, "", module))
     return found

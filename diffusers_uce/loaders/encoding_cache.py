@@ -43,6 +43,7 @@ class EncodingCache:
         self.entries: OrderedDict[tuple, tuple[torch.Tensor, int, bool]] = OrderedDict()
         self.fingerprints: dict[str, tuple] = {}
         self.max_length: dict[str, int] = {}
+        self.segments: dict[str, tuple] = {}
         self.size = 0
 
     def split(self, group: str, fingerprint: tuple, prompts: list[str], full: bool) -> list[str]:
@@ -65,6 +66,7 @@ class EncodingCache:
             self.entries[key] = (states.clone(), last[row], full)
             self.size += states.nbytes
         self.max_length[group] = encoded.max_length
+        self.segments[group] = encoded.segments
 
     def trim(self) -> None:
         """Drop the least recently used states until the cache fits its budget."""
@@ -85,7 +87,7 @@ class EncodingCache:
             states[i, : row.shape[0]] = row[:length]
         last = torch.tensor([r[1] for r in rows], dtype=torch.long, device=first.device)
         return EncodedPrompts(index={p: i for i, p in enumerate(distinct)}, states=states, last=last,
-                              max_length=max_length)
+                              max_length=max_length, segments=self.segments[group])
 
 
 def clear_encoding_cache(pipe) -> None:

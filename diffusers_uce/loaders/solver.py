@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.families import TargetGroup
 from ..core.hardening import hardening_prompts, needs_full_states
 from ..core.layerwise import StackedWeights
 from ..core.precise import smallest_right_singular_vectors
-from ..core.prompts import EncodedPrompts, encode_prompts, preserve_positions
+from ..core.prompts import EncodedPrompts, encode_prompts
 from ..core.solve import grouped_grams, homogeneous
 from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
-from ..core.targets import find_linear_layers, find_projections
+from ..core.targets import expand_names, find_linear_layers, find_projections
 from ..utils.checks import all_finite
+from .capture import capture_prompts
 from .edit_state import EditState, GroupEdit
 from .encoding_cache import EncodingCache, encoders_fingerprint
 
@@ -86,7 +89,8 @@ class UCESolverMixin:
             if group.cross_attention:
                 found = find_projections(component, edit_keys=state.edit_keys, layers=state.layers, context_dim=width)
             else:
-                found = find_linear_layers(component, group.modules, layers=state.layers, context_dim=width)
+                found = find_linear_layers(component, group.modules, layers=state.layers, context_dim=width,
+                                           edit_keys=state.edit_keys)
             if found:
                 groups.append(GroupEdit(state, group, found))
         if not groups:
@@ -107,8 +111,17 @@ class UCESolverMixin:
         encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
         full = not (text.causal and last_only)  # else each prompt is encoded up to its last token only
         cache = self.__dict__.get("_uce_encodings") or self.__dict__.setdefault("_uce_encodings", EncodingCache())
-        missing = cache.split(group.name, encoders_fingerprint([m for pair in encoders for m in pair]), prompts, full)
-        if missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
+        fingerprint = encoders_fingerprint([m for pair in encoders for m in pair])
+        if text.captured:  # what the layers read also depends on the denoiser's own text path
+            fingerprint += self._uce_text_path_fingerprint(group)
+        missing = cache.split(group.name, fingerprint, prompts, full)
+        if missing and text.captured:  # the pipeline's own call, for every captured group at once
+            captured = [g for g in self._uce_family.groups if g.text.captured]
+            for other, encoded in capture_prompts(self, self._uce_family, captured, missing, device).items():
+                if other != group.name:
+                    cache.split(other, fingerprint, [], True)
+                cache.store(other, encoded, True)
+        elif missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
             encoded = encode_prompts(encoders, missing, causal_cut=not full, output=text.output,
                                      max_length=text.max_length, device=device)
             if not all_finite(encoded.states):
@@ -118,6 +131,15 @@ class UCESolverMixin:
         encoded = cache.encoded(group.name, prompts, full)
         cache.trim()
         return encoded
+
+    def _uce_text_path_fingerprint(self, group: TargetGroup) -> tuple:
+        """What identifies the denoiser's weights on the text path of captured inputs: every weight of the component
+        but the edited layers' own (which fusing changes, and which do not change their own inputs)."""
+        component = getattr(self, group.component)
+        edited = {id(p) for g in self._uce_family.groups if g.modules for name in expand_names(component, g.modules)
+                  if isinstance(m := _get(component, name), torch.nn.Module) for p in m.parameters()}
+        return tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in component.parameters()
+                     if id(t) not in edited)
 
     @staticmethod
     def _uce_report_part(group: GroupEdit, weights, row_layer, solution, assembled, encoded, held, records):
@@ -134,9 +156,16 @@ class UCESolverMixin:
         held_tokens = None
         if held:
             rows = encoded.rows(held)
-            index, pos = preserve_positions(encoded.last[rows], records[-1].token_mode, encoded.max_length)
+            index, pos = encoded.preserved(rows, records[-1].token_mode)
             tokens = encoded.states[rows[index], pos].double()
             held_tokens = (held, homogeneous(tokens) if group.biased else tokens, index)
         if group.biased:
             assembled = engine.homogeneous_terms(assembled)
         return grams, solution, assembled, held_tokens
+
+
+def _get(component, name: str):
+    try:
+        return component.get_submodule(name)
+    except AttributeError:
+        return None
