@@ -12,18 +12,24 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
 from .clip import make_demo_clip
+from .cogvideox import make_demo_cogvideox_pipeline
 from .flux import make_demo_flux_pipeline
+from .pixart import make_demo_pixart_alpha_pipeline, make_demo_pixart_pipeline
+from .sd3 import make_demo_sd3_pipeline
 from .stable_diffusion import make_demo_sd_pipeline
 from .stable_diffusion_xl import make_demo_sdxl_pipeline
 from .tokenizers import make_clip_tokenizer, make_t5_tokenizer
+from .wan import make_demo_wan_pipeline
 
 logger = logging.get_logger(__name__)
 
-DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "pixart", "pixart-alpha", "wan", "cogvideox")
 
 __all__ = [
     "DEMO_FAMILIES", "make_clip_tokenizer", "make_demo_clip", "make_demo_flux_pipeline", "make_demo_pipeline",
     "make_demo_sd_pipeline", "make_demo_sdxl_pipeline", "make_t5_tokenizer",
+    "make_demo_cogvideox_pipeline", "make_demo_pixart_alpha_pipeline", "make_demo_pixart_pipeline",
+    "make_demo_sd3_pipeline", "make_demo_wan_pipeline",
 ]
 
 
@@ -42,7 +48,14 @@ def make_demo_pipeline(
             `"sd1"` or `"sd2"` (a [`~diffusers.StableDiffusionPipeline`], see [`make_demo_sd_pipeline`]), `"sdxl"`
             (a [`~diffusers.StableDiffusionXLPipeline`] with two CLIP text encoders of widths 32 and 48, see
             [`make_demo_sdxl_pipeline`]) or `"flux"` (a [`~diffusers.FluxPipeline`] with CLIP and T5 text encoders
-            and a flow-matching transformer, see [`make_demo_flux_pipeline`]).
+            and a flow-matching transformer, see [`make_demo_flux_pipeline`]), `"sd3"` (a
+            [`~diffusers.StableDiffusion3Pipeline`] with two CLIP and one T5 text encoders, see
+            [`make_demo_sd3_pipeline`]), `"pixart"` or `"pixart-alpha"` (a [`~diffusers.PixArtSigmaPipeline`] or
+            [`~diffusers.PixArtAlphaPipeline`] with a T5 text encoder, 256x256 images by default, see
+            [`make_demo_pixart_pipeline`]), `"wan"` (a [`~diffusers.WanPipeline`] for video with a UMT5 text
+            encoder; pass small `num_frames`, `height` and `width` to it, see [`make_demo_wan_pipeline`]) or
+            `"cogvideox"` (a [`~diffusers.CogVideoXPipeline`] for video with a T5 text encoder, see
+            [`make_demo_cogvideox_pipeline`]).
         seed (`int`, *optional*, defaults to 0):
             Seed for the weights; the same seed gives identical weights. The global RNG state is left untouched.
         torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
@@ -62,10 +75,13 @@ def make_demo_pipeline(
     """
     if family not in DEMO_FAMILIES:
         raise ValueError(f"Unknown demo family {family!r}; expected one of {', '.join(DEMO_FAMILIES)}.")
-    if family == "sdxl":
-        pipe = make_demo_sdxl_pipeline(seed=seed, torch_dtype=torch_dtype, device=device)
-    elif family == "flux":
-        pipe = make_demo_flux_pipeline(seed=seed, torch_dtype=torch_dtype, device=device)
+    builders = {
+        "sdxl": make_demo_sdxl_pipeline, "flux": make_demo_flux_pipeline, "sd3": make_demo_sd3_pipeline,
+        "pixart": make_demo_pixart_pipeline, "pixart-alpha": make_demo_pixart_alpha_pipeline,
+        "wan": make_demo_wan_pipeline, "cogvideox": make_demo_cogvideox_pipeline,
+    }
+    if family in builders:
+        pipe = builders[family](seed=seed, torch_dtype=torch_dtype, device=device)
     else:
         pipe = make_demo_sd_pipeline(family, seed=seed, torch_dtype=torch_dtype, device=device)
     logger.debug("Built %s demo pipeline (seed=%d).", family, seed)

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextModel
 
-from .components import cast_models, tiny_vae
+from .components import cast_models, clip_with_projection, tiny_vae
 from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer
-
-
-def _clip_with_projection(tokenizer, hidden_size: int, hidden_act: str, projection_dim: int):
-    config = clip_text_config(tokenizer, hidden_size, hidden_act)
-    config.projection_dim = projection_dim
-    return CLIPTextModelWithProjection(config)
 
 
 def make_demo_sdxl_pipeline(
@@ -46,7 +40,7 @@ def make_demo_sdxl_pipeline(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_size, "quick_gelu"))
-        text_encoder_2 = _clip_with_projection(tokenizer_2, hidden_size_2, "gelu", projection_dim)
+        text_encoder_2 = clip_with_projection(tokenizer_2, hidden_size_2, "gelu", projection_dim)
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,
