@@ -13,18 +13,22 @@ from diffusers.utils import logging
 
 from .clip import make_demo_clip
 from .flux import make_demo_flux_pipeline
+from .hidream import make_demo_hidream_pipeline
+from .sana import make_demo_sana_pipeline
 from .stable_diffusion import make_demo_sd_pipeline
 from .stable_diffusion_xl import make_demo_sdxl_pipeline
 from .tokenizers import make_clip_tokenizer, make_t5_tokenizer
 
 logger = logging.get_logger(__name__)
 
-DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sana", "hidream")
 
 __all__ = [
-    "DEMO_FAMILIES", "make_clip_tokenizer", "make_demo_clip", "make_demo_flux_pipeline", "make_demo_pipeline",
-    "make_demo_sd_pipeline", "make_demo_sdxl_pipeline", "make_t5_tokenizer",
+    "DEMO_FAMILIES", "make_clip_tokenizer", "make_demo_clip", "make_demo_flux_pipeline", "make_demo_hidream_pipeline",
+    "make_demo_pipeline", "make_demo_sana_pipeline", "make_demo_sd_pipeline", "make_demo_sdxl_pipeline",
+    "make_t5_tokenizer",
 ]
+_FAMILY_BUILDERS = {"sana": make_demo_sana_pipeline, "hidream": make_demo_hidream_pipeline}
 
 
 def make_demo_pipeline(
@@ -41,8 +45,11 @@ def make_demo_pipeline(
         family (`str`, *optional*, defaults to `"sd1"`):
             `"sd1"` or `"sd2"` (a [`~diffusers.StableDiffusionPipeline`], see [`make_demo_sd_pipeline`]), `"sdxl"`
             (a [`~diffusers.StableDiffusionXLPipeline`] with two CLIP text encoders of widths 32 and 48, see
-            [`make_demo_sdxl_pipeline`]) or `"flux"` (a [`~diffusers.FluxPipeline`] with CLIP and T5 text encoders
-            and a flow-matching transformer, see [`make_demo_flux_pipeline`]).
+            [`make_demo_sdxl_pipeline`]), `"flux"` (a [`~diffusers.FluxPipeline`] with CLIP and T5 text encoders
+            and a flow-matching transformer, see [`make_demo_flux_pipeline`]), `"sana"` (a [`~diffusers.SanaPipeline`]
+            with a Gemma 2 text encoder, see [`make_demo_sana_pipeline`]) or `"hidream"` (a
+            [`~diffusers.HiDreamImagePipeline`] with two CLIP, a T5 and a Llama text encoder, see
+            [`make_demo_hidream_pipeline`]).
         seed (`int`, *optional*, defaults to 0):
             Seed for the weights; the same seed gives identical weights. The global RNG state is left untouched.
         torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
@@ -62,7 +69,9 @@ def make_demo_pipeline(
     """
     if family not in DEMO_FAMILIES:
         raise ValueError(f"Unknown demo family {family!r}; expected one of {', '.join(DEMO_FAMILIES)}.")
-    if family == "sdxl":
+    if family in _FAMILY_BUILDERS:
+        pipe = _FAMILY_BUILDERS[family](seed=seed, torch_dtype=torch_dtype, device=device)
+    elif family == "sdxl":
         pipe = make_demo_sdxl_pipeline(seed=seed, torch_dtype=torch_dtype, device=device)
     elif family == "flux":
         pipe = make_demo_flux_pipeline(seed=seed, torch_dtype=torch_dtype, device=device)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from .components import cast_models, tiny_vae
-from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer, make_t5_tokenizer
+from .tokenizers import EOS_TOKEN, clip_text_config, make_clip_tokenizer, make_t5_tokenizer, t5_encoder_config
 
 
 def make_demo_flux_pipeline(
@@ -41,22 +41,7 @@ def make_demo_flux_pipeline(
     """
     tokenizer, tokenizer_2 = make_clip_tokenizer(pad_token=EOS_TOKEN), make_t5_tokenizer()
     hidden_size, d_model = 48, 64
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-    )
+    t5_config = t5_encoder_config(tokenizer_2, d_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_size, "quick_gelu"))

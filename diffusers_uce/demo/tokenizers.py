@@ -51,13 +51,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
-def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+def _learn_merges(words: list[str], end_of_word: str = "</w>") -> list[tuple[str, str]]:
     """Learns BPE merges (most frequent pair first, ties broken lexicographically) until every word is one token.
+    `end_of_word` marks each word's last symbol (CLIP's `"</w>"`); tokenizers that mark spaces instead pass `""`.
 
     A small deterministic learner: `tokenizers`' `BpeTrainer` breaks ties in hash-map order, so its merges (and
     therefore the token ids and the seeded embedding rows) differ between processes.
     """
-    corpus = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    corpus = [list(word[:-1]) + [word[-1] + end_of_word] for word in words]
     counts: dict[tuple[str, str], int] = defaultdict(int)
     where: dict[tuple[str, str], set[int]] = defaultdict(set)
     for i, symbols in enumerate(corpus):
@@ -164,6 +165,26 @@ def clip_text_config(tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def t5_encoder_config(tokenizer: transformers.T5TokenizerFast, d_model: int) -> transformers.T5Config:
+    """A 2-layer gated-GELU (T5 v1.1) encoder config of width `d_model` for the [`make_t5_tokenizer`] tokenizer."""
+    return transformers.T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
 
 
