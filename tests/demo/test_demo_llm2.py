@@ -31,11 +31,6 @@ LATENT_SHAPES = {"sana": (1, 32, 16, 16), "hidream": (1, 16, 16, 16)}
 SANA_INSTRUCTION = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family_pipe(request):
-    return request.param, make_demo_pipeline(request.param)
-
-
 @pytest.fixture(scope="module")
 def sana():
     return make_demo_pipeline("sana")
@@ -44,6 +39,11 @@ def sana():
 @pytest.fixture(scope="module")
 def hidream():
     return make_demo_pipeline("hidream")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_pipe(request):
+    return request.param, request.getfixturevalue(request.param)
 
 
 def _latents(pipe, prompt="a photo of a cat", seed=0):
