@@ -47,7 +47,74 @@ def _attn2(pipe):
     return [n for n, _ in pipe.unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
 
 
+def _call_default(pipe, name):
+    import inspect
+
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+def _t5_states(tokenizer, encoder, prompt, length, mask):
+    """T5 states of one prompt padded to `length`, with or without the attention mask, and its k (T5 has no start
+    token: "" is its end token, position 0)."""
+    inputs = tokenizer(prompt, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        kwargs = {"attention_mask": inputs.attention_mask} if mask else {}
+        states = encoder(inputs.input_ids, **kwargs)[0][0]
+    return states, max(int(inputs.attention_mask.sum()) - 2, 0), int(inputs.attention_mask.sum())
+
+
+def _pixart(pipe, prompt):  # T5 (masked) through the transformer's caption projection
+    states, k, _ = _t5_states(pipe.tokenizer, pipe.text_encoder, prompt, _call_default(pipe, "max_sequence_length"),
+                              True)
+    with torch.no_grad():
+        return pipe.transformer.caption_projection(states[None])[0].double(), k
+
+
+def _wan(pipe, prompt):  # UMT5 (masked), zero past the prompt's own tokens, through the text embedder
+    states, k, real = _t5_states(pipe.tokenizer, pipe.text_encoder, prompt,
+                                 _call_default(pipe, "max_sequence_length"), True)
+    states = torch.cat([states[:real], states.new_zeros(states.shape[0] - real, states.shape[1])])
+    with torch.no_grad():
+        return pipe.transformer.condition_embedder.text_embedder(states[None])[0].double(), k
+
+
+def _cogvideox(pipe, prompt):  # T5 without a mask, straight into patch_embed.text_proj
+    states, k, _ = _t5_states(pipe.tokenizer, pipe.text_encoder, prompt, _call_default(pipe, "max_sequence_length"),
+                              False)
+    return states.double(), k
+
+
+def _sd3(pipe, prompt):
+    """SD3's joint sequence: both CLIP towers' penultimate states side by side, zero-padded to T5's width (77
+    positions), then T5's; k in each run: [k_clip, 77 + k_t5]."""
+    a, k = _clip(pipe, prompt, pipe.tokenizer, pipe.text_encoder, "penultimate")
+    b, _ = _clip(pipe, prompt, pipe.tokenizer_2, pipe.text_encoder_2, "penultimate")
+    t5, k5, _ = _t5_states(pipe.tokenizer_3, pipe.text_encoder_3, prompt, _call_default(pipe, "max_sequence_length"),
+                           False)
+    clip = torch.cat([a[0], b[0]], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5]).double(), [k, 77 + k5]
+
+
+def _sd3_pooled(pipe, prompt):
+    def pooled(tokenizer, encoder):
+        inputs = tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return encoder(inputs.input_ids).text_embeds[0]
+    return torch.cat([pooled(pipe.tokenizer, pipe.text_encoder),
+                      pooled(pipe.tokenizer_2, pipe.text_encoder_2)])[None].double(), 0
+
+
+def _blocks(pipe, blocks):
+    return [n for n, _ in pipe.transformer.named_modules() if n.startswith(blocks + ".")
+            and n.endswith(("attn2.to_k", "attn2.to_v"))]
+
+
 GROUPS = {
+    "sd3": lambda pipe: [(["context_embedder"], _sd3), (["time_text_embed.text_embedder.linear_1"], _sd3_pooled)],
+    "pixart": lambda pipe: [(_blocks(pipe, "transformer_blocks"), _pixart)],
+    "wan": lambda pipe: [(_blocks(pipe, "blocks"), _wan)],
+    "cogvideox": lambda pipe: [(["patch_embed.text_proj"], _cogvideox)],
     "sd1": lambda pipe: [(_attn2(pipe), _sd)],
     "sd2": lambda pipe: [(_attn2(pipe), _sd)],
     "sdxl": lambda pipe: [(_attn2(pipe), _sdxl)],
@@ -55,8 +122,15 @@ GROUPS = {
 }
 
 
+NEW_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
+                "WanPipeline": "wan", "CogVideoXPipeline": "cogvideox"}
+
+
 def family_of(pipe) -> str:
     names = {c.__name__ for c in type(pipe).__mro__}
+    for name, family in NEW_FAMILIES.items():
+        if name in names:
+            return family
     if "FluxPipeline" in names:
         return "flux"
     if "StableDiffusionXLPipeline" in names:
@@ -65,7 +139,7 @@ def family_of(pipe) -> str:
 
 
 def denoiser(pipe):
-    return pipe.transformer if family_of(pipe) == "flux" else pipe.unet
+    return pipe.unet if family_of(pipe) in ("sd1", "sd2", "sdxl") else pipe.transformer
 
 
 def groups(pipe):
@@ -89,7 +163,10 @@ def select_tokens(pipe, erase, guides, preserve, mode, encode=None):
     pairs = []
     for e, g in zip(erase, guides):
         (se, ke), (sg, kg) = states[e], states[g]
-        if mode == "last":
+        if isinstance(ke, list):  # several runs (SD3): the last token of each, "last" mode only
+            assert mode == "last"
+            pairs.append([(se[a], sg[b]) for a, b in zip(ke, kg)])
+        elif mode == "last":
             pairs.append([(se[ke], sg[kg])])
         else:
             f = max(ke, kg)
@@ -100,7 +177,8 @@ def select_tokens(pipe, erase, guides, preserve, mode, encode=None):
     kept = []
     for p in preserve:
         sp, kp = states[p]
-        kept.extend([sp[kp]] if mode == "last" else [sp[i] for i in range(length)])
+        kp = kp if isinstance(kp, list) else [kp]
+        kept.extend([sp[i] for i in kp] if mode == "last" else [sp[i] for i in range(length)])
     return pairs, kept
 
 
