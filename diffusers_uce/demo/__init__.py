@@ -13,16 +13,25 @@ from diffusers.utils import logging
 
 from .clip import make_demo_clip
 from .flux import make_demo_flux_pipeline
+from .flux2 import make_demo_flux2_klein_pipeline, make_demo_flux2_pipeline
+from .qwenimage import make_demo_qwenimage_pipeline
 from .stable_diffusion import make_demo_sd_pipeline
 from .stable_diffusion_xl import make_demo_sdxl_pipeline
 from .tokenizers import make_clip_tokenizer, make_t5_tokenizer
 
 logger = logging.get_logger(__name__)
 
-DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux")
+DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "qwenimage", "flux2", "flux2-klein")
+
+_LLM_DEMOS = {
+    "qwenimage": make_demo_qwenimage_pipeline,
+    "flux2": make_demo_flux2_pipeline,
+    "flux2-klein": make_demo_flux2_klein_pipeline,
+}
 
 __all__ = [
     "DEMO_FAMILIES", "make_clip_tokenizer", "make_demo_clip", "make_demo_flux_pipeline", "make_demo_pipeline",
+    "make_demo_flux2_klein_pipeline", "make_demo_flux2_pipeline", "make_demo_qwenimage_pipeline",
     "make_demo_sd_pipeline", "make_demo_sdxl_pipeline", "make_t5_tokenizer",
 ]
 
@@ -42,7 +51,11 @@ def make_demo_pipeline(
             `"sd1"` or `"sd2"` (a [`~diffusers.StableDiffusionPipeline`], see [`make_demo_sd_pipeline`]), `"sdxl"`
             (a [`~diffusers.StableDiffusionXLPipeline`] with two CLIP text encoders of widths 32 and 48, see
             [`make_demo_sdxl_pipeline`]) or `"flux"` (a [`~diffusers.FluxPipeline`] with CLIP and T5 text encoders
-            and a flow-matching transformer, see [`make_demo_flux_pipeline`]).
+            and a flow-matching transformer, see [`make_demo_flux_pipeline`]), `"qwenimage"` (a
+            [`~diffusers.QwenImagePipeline`] with a Qwen2.5-VL text encoder, see [`make_demo_qwenimage_pipeline`]),
+            `"flux2"` (a [`~diffusers.Flux2Pipeline`] with a Mistral 3 text encoder, see [`make_demo_flux2_pipeline`])
+            or `"flux2-klein"` (a [`~diffusers.Flux2KleinPipeline`] with a Qwen3 text encoder, see
+            [`make_demo_flux2_klein_pipeline`]).
         seed (`int`, *optional*, defaults to 0):
             Seed for the weights; the same seed gives identical weights. The global RNG state is left untouched.
         torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
@@ -66,6 +79,8 @@ def make_demo_pipeline(
         pipe = make_demo_sdxl_pipeline(seed=seed, torch_dtype=torch_dtype, device=device)
     elif family == "flux":
         pipe = make_demo_flux_pipeline(seed=seed, torch_dtype=torch_dtype, device=device)
+    elif family in _LLM_DEMOS:
+        pipe = _LLM_DEMOS[family](seed=seed, torch_dtype=torch_dtype, device=device)
     else:
         pipe = make_demo_sd_pipeline(family, seed=seed, torch_dtype=torch_dtype, device=device)
     logger.debug("Built %s demo pipeline (seed=%d).", family, seed)

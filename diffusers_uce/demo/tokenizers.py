@@ -51,13 +51,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
-def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
+def _learn_merges(words: list[str], end_of_word: str = "</w>") -> list[tuple[str, str]]:
     """Learns BPE merges (most frequent pair first, ties broken lexicographically) until every word is one token.
+
+    `end_of_word` marks each word's last symbol (CLIP's `"</w>"`); GPT-2-style byte-level BPEs pass `""`.
 
     A small deterministic learner: `tokenizers`' `BpeTrainer` breaks ties in hash-map order, so its merges (and
     therefore the token ids and the seeded embedding rows) differ between processes.
     """
-    corpus = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    corpus = [list(word[:-1]) + [word[-1] + end_of_word] for word in words]
     counts: dict[tuple[str, str], int] = defaultdict(int)
     where: dict[tuple[str, str], set[int]] = defaultdict(set)
     for i, symbols in enumerate(corpus):
