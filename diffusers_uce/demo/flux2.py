@@ -60,7 +60,8 @@ _ARGS_DOC = r"""
 
 
 def _text_model_config(hidden_size: int, num_hidden_layers: int, vocab_size: int, **config) -> dict:
-    """A tiny decoder-only text model: 2 query heads of 8, 1 key-value head."""
+    """A tiny decoder-only text model: 2 query heads of 8, 1 key-value head. No `pad_token_id`, as in the real
+    configs: the padding token's embedding row is random like any other, not zero."""
     return dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -151,7 +152,6 @@ def make_demo_flux2_pipeline(
             sliding_window=None,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
             model_type="pixtral",
@@ -210,7 +210,6 @@ def make_demo_flux2_klein_pipeline(
         tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

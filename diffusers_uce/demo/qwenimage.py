@@ -70,7 +70,6 @@ def make_demo_qwenimage_pipeline(
             rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[2, 3, 3]),
             bos_token_id=ids("<|endoftext|>"),
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config=dict(
             depth=2,
