@@ -14,8 +14,10 @@ from diffusers.utils import logging
 from .clip import make_demo_clip
 from .cogvideox import make_demo_cogvideox_pipeline
 from .flux import make_demo_flux_pipeline
+from .flux2 import make_demo_flux2_klein_pipeline, make_demo_flux2_pipeline
 from .hidream import make_demo_hidream_pipeline
 from .pixart import make_demo_pixart_alpha_pipeline, make_demo_pixart_pipeline
+from .qwenimage import make_demo_qwenimage_pipeline
 from .sana import make_demo_sana_pipeline
 from .sd3 import make_demo_sd3_pipeline
 from .stable_diffusion import make_demo_sd_pipeline
@@ -25,10 +27,12 @@ from .wan import make_demo_wan_pipeline
 
 logger = logging.get_logger(__name__)
 
-DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "pixart", "pixart-alpha", "wan", "cogvideox", "sana", "hidream")
+DEMO_FAMILIES = ("sd1", "sd2", "sdxl", "flux", "sd3", "pixart", "pixart-alpha", "wan", "cogvideox", "sana", "hidream",
+                 "qwenimage", "flux2", "flux2-klein")
 
 __all__ = [
     "DEMO_FAMILIES", "make_clip_tokenizer", "make_demo_clip", "make_demo_flux_pipeline", "make_demo_pipeline",
+    "make_demo_flux2_klein_pipeline", "make_demo_flux2_pipeline", "make_demo_qwenimage_pipeline",
     "make_demo_sd_pipeline", "make_demo_sdxl_pipeline", "make_t5_tokenizer",
     "make_demo_cogvideox_pipeline", "make_demo_pixart_alpha_pipeline", "make_demo_pixart_pipeline",
     "make_demo_sd3_pipeline", "make_demo_wan_pipeline", "make_demo_hidream_pipeline", "make_demo_sana_pipeline",
@@ -58,8 +62,12 @@ def make_demo_pipeline(
             encoder; pass small `num_frames`, `height` and `width` to it, see [`make_demo_wan_pipeline`]),
             `"cogvideox"` (a [`~diffusers.CogVideoXPipeline`] for video with a T5 text encoder, see
             [`make_demo_cogvideox_pipeline`]), `"sana"` (a [`~diffusers.SanaPipeline`] with a Gemma 2 text
-            encoder, see [`make_demo_sana_pipeline`]) or `"hidream"` (a [`~diffusers.HiDreamImagePipeline`] with
-            two CLIP, a T5 and a Llama text encoder, see [`make_demo_hidream_pipeline`]).
+            encoder, see [`make_demo_sana_pipeline`]), `"hidream"` (a [`~diffusers.HiDreamImagePipeline`] with
+            two CLIP, a T5 and a Llama text encoder, see [`make_demo_hidream_pipeline`]), `"qwenimage"` (a
+            [`~diffusers.QwenImagePipeline`] with a Qwen2.5-VL text encoder, see [`make_demo_qwenimage_pipeline`]),
+            `"flux2"` (a [`~diffusers.Flux2Pipeline`] with a Mistral 3 text encoder, see [`make_demo_flux2_pipeline`])
+            or `"flux2-klein"` (a [`~diffusers.Flux2KleinPipeline`] with a Qwen3 text encoder, see
+            [`make_demo_flux2_klein_pipeline`]).
         seed (`int`, *optional*, defaults to 0):
             Seed for the weights; the same seed gives identical weights. The global RNG state is left untouched.
         torch_dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
@@ -84,6 +92,8 @@ def make_demo_pipeline(
         "pixart": make_demo_pixart_pipeline, "pixart-alpha": make_demo_pixart_alpha_pipeline,
         "wan": make_demo_wan_pipeline, "cogvideox": make_demo_cogvideox_pipeline,
         "sana": make_demo_sana_pipeline, "hidream": make_demo_hidream_pipeline,
+        "qwenimage": make_demo_qwenimage_pipeline, "flux2": make_demo_flux2_pipeline,
+        "flux2-klein": make_demo_flux2_klein_pipeline,
     }
     if family in builders:
         pipe = builders[family](seed=seed, torch_dtype=torch_dtype, device=device)

@@ -55,6 +55,8 @@ def _learn_merges(words: list[str], end_of_word: str = "</w>") -> list[tuple[str
     """Learns BPE merges (most frequent pair first, ties broken lexicographically) until every word is one token.
     `end_of_word` marks each word's last symbol (CLIP's `"</w>"`); tokenizers that mark spaces instead pass `""`.
 
+    `end_of_word` marks each word's last symbol (CLIP's `"</w>"`); GPT-2-style byte-level BPEs pass `""`.
+
     A small deterministic learner: `tokenizers`' `BpeTrainer` breaks ties in hash-map order, so its merges (and
     therefore the token ids and the seeded embedding rows) differ between processes.
     """
