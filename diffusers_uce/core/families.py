@@ -15,7 +15,9 @@ a new `Family` here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from .targets import expand_names
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,10 @@ class Segment:
     """A run of positions of a captured input filled by one text encoder, and where a prompt's last token is in it.
 
     A prompt's ``k`` in the run is ``offset + prefix + n − 1``, ``n`` being the number of the prompt's own tokens
-    (without special tokens): the authors' "attention-mask ones − 2" for a tokenizer that adds a start and an end
-    token. For ``""`` without a start token (T5) that would be before the run: ``k`` is then the run's first position
-    (T5's end token, which the pipelines' attention masks keep), and it never passes the run's last position.
+    (without special tokens, counted on the text as the pipeline preprocesses it): the authors' "attention-mask
+    ones − 2" for a tokenizer that adds a start and an end token. For ``""`` without a start token (T5) that would be
+    before the run: ``k`` is then the run's first position (T5's end token, which the pipelines' attention masks keep)
+    unless `wrap`, and it never passes the run's last position.
 
     Args:
         tokenizer (`str`): the pipeline attribute of the tokenizer that fills the run.
@@ -63,12 +66,18 @@ class Segment:
         length (`int`, *optional*): its number of positions; up to the end of the sequence when `None`.
         prefix (`int`, *optional*): tokens before the prompt's own tokens in the run (CLIP's start token: 1); counted
             from the tokenizer (its special tokens before a word) when `None`.
+        wrap (`bool`, *optional*, defaults to `False`): a ``k`` before the run is its last position instead of its
+            first (the authors' scripts index with ``mask.sum() − 2``, which is −1 for ``""`` without a start token).
+        suffix (`int`, *optional*): for runs padded on the left (FLUX.2's Mistral template), the number of template
+            tokens after the prompt: ``k`` is then ``offset + length − 1 − suffix`` for every prompt.
     """
 
     tokenizer: str
     offset: int = 0
     length: int | None = None
     prefix: int | None = None
+    wrap: bool = False
+    suffix: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,14 +88,24 @@ class TargetGroup:
         name (`str`): key prefix of the group in edit files (``"unet"``, ``"transformer.context_embedder"``).
         component (`str`): pipeline attribute holding the layers (``"unet"``, ``"transformer"``).
         text (`TextStates`): the tokens the layers read.
-        modules (`tuple[str, ...]`): names of the linear layers inside `component`; empty means every
-            cross-attention (``attn2``) ``to_k``/``to_v``.
+        modules (`tuple[str, ...]`): names of the linear layers inside `component` (``*`` stands for one name part);
+            empty means every cross-attention (``attn2``) ``to_k``/``to_v``.
+        per_layer (`bool`): each matched layer reads its own input (HiDream's caption projections, one per Llama
+            layer): `specialise` makes one group of each.
+        last_text (`TextStates`, *optional*): with `per_layer`, what the last matched layer reads instead of `text`
+            (HiDream's last caption projection reads T5).
+        bias_in_targets (`bool`): the layers' bias is part of every target, ``W′ = W T + b uᵀ``, as the authors'
+            FLUX.1 script solves it. Otherwise (the default) a bias is a constant that cancels out of the targets,
+            and ``W′ = W T`` maps each erased token's output exactly as the guide's would be mapped.
     """
 
     name: str
     component: str
     text: TextStates
     modules: tuple[str, ...] = ()
+    per_layer: bool = False
+    last_text: TextStates | None = None
+    bias_in_targets: bool = False
 
     @property
     def cross_attention(self) -> bool:
@@ -97,11 +116,12 @@ class TargetGroup:
         """Whether the group edits key projections (so that `edit_keys=False` drops some of its layers)."""
         return self.cross_attention or any(m.endswith("to_k") for m in self.modules)
 
-    def text_width(self, pipe) -> int | None:
-        """Width of the tokens these layers read in `pipe`: its encoders' hidden sizes, concatenated (`None` for a
-        captured input: the layers' own input width)."""
+    def text_width(self, pipe) -> int:
+        """Width of the tokens these layers read in `pipe`: its encoders' hidden sizes, concatenated (for a captured
+        input, the layers' own input width)."""
         if self.text.captured:
-            return None
+            denoiser = getattr(pipe, self.component)
+            return int(denoiser.get_submodule(expand_names(denoiser, self.modules)[0]).in_features)
         return sum(int(getattr(pipe, encoder).config.hidden_size) for _, encoder in self.text.encoders)
 
 
@@ -165,10 +185,10 @@ FLUX = Family(
     (
         TargetGroup("transformer.context_embedder", "transformer",
                     TextStates((("tokenizer_2", "text_encoder_2"),), causal=False, max_length=512),
-                    modules=("context_embedder",)),
+                    modules=("context_embedder",), bias_in_targets=True),
         TargetGroup("transformer.text_embedder", "transformer",
                     TextStates(_CLIP, output="pooled", causal=False),
-                    modules=("time_text_embed.text_embedder.linear_1",)),
+                    modules=("time_text_embed.text_embedder.linear_1",), bias_in_targets=True),
     ),
     tags=("flux", "flux-diffusers", "text-to-image"),
     pipeline="FluxPipeline",
@@ -188,6 +208,7 @@ def _cross_attention(blocks: str) -> tuple[str, ...]:
 
 _T5 = Segment("tokenizer", prefix=0)
 _SMALL_IMAGE = (("height", 64), ("width", 64))
+_NO_GUIDANCE = (*_SMALL_IMAGE, ("guidance_scale", 1.0))  # classifier-free guidance off: one row per prompt
 
 # SD3 / 3.5: the joint sequence is both CLIP towers' penultimate states (concatenated, zero-padded to T5's width,
 # 77 positions) followed by T5's; the pooled path reads both towers' projected pooled embeddings (the FLUX.1 pattern).
@@ -206,7 +227,7 @@ SD3 = Family(
     ),
     tags=("stable-diffusion-3", "sd3", "text-to-image"),
     pipeline="StableDiffusion3Pipeline",
-    call=_SMALL_IMAGE,
+    call=_NO_GUIDANCE,
 )
 
 # PixArt-Σ/α: T5 states through the transformer's caption_projection, read by every block's cross-attention.
@@ -216,7 +237,7 @@ PIXART = Family(
     tags=("pixart", "text-to-image"),
     pipeline="PixArtSigmaPipeline",
     also=("PixArtAlphaPipeline",),
-    call=_SMALL_IMAGE,
+    call=(*_NO_GUIDANCE, ("clean_caption", False)),
 )
 
 # Wan 2.1/2.2: UMT5 states through condition_embedder.text_embedder, read by every block's cross-attention.
@@ -225,7 +246,7 @@ WAN = Family(
     (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("blocks")),),
     tags=("wan", "text-to-video"),
     pipeline="WanPipeline",
-    call=(*_SMALL_IMAGE, ("num_frames", 1)),
+    call=(*_NO_GUIDANCE, ("num_frames", 1)),
 )
 
 # CogVideoX: T5 states enter the joint sequence through patch_embed.text_proj.
@@ -234,10 +255,88 @@ COGVIDEOX = Family(
     (TargetGroup("transformer.text_proj", "transformer", _captured(_T5), modules=("patch_embed.text_proj",)),),
     tags=("cogvideox", "text-to-video"),
     pipeline="CogVideoXPipeline",
-    call=(*_SMALL_IMAGE, ("num_frames", 9)),
+    call=(*_NO_GUIDANCE, ("num_frames", 9)),
 )
 
-FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, SD3, PIXART, WAN, COGVIDEOX)
+# Sana: Gemma states (instruction prefix cut away, prompt lowercased) through caption_projection and caption_norm,
+# read by every block's cross-attention. The kept sequence starts with Gemma's <bos>.
+SANA = Family(
+    "sana",
+    (TargetGroup("transformer", "transformer", _captured(Segment("tokenizer", prefix=1)),
+                 modules=_cross_attention("transformer_blocks")),),
+    tags=("sana", "text-to-image"),
+    pipeline="SanaPipeline",
+    call=(*_NO_GUIDANCE, ("use_resolution_binning", False), ("clean_caption", False)),
+)
+
+# Qwen-Image: Qwen2.5-VL's last states with the chat template's 34 prefix tokens dropped, trimmed to the batch's
+# longest prompt, through txt_norm into txt_in. No pooled path.
+QWEN_IMAGE = Family(
+    "qwenimage",
+    (TargetGroup("transformer.txt_in", "transformer", _captured(Segment("tokenizer", prefix=0), fixed_length=False),
+                 modules=("txt_in",)),),
+    tags=("qwen-image", "text-to-image"),
+    pipeline="QwenImagePipeline",
+    call=_SMALL_IMAGE,
+)
+
+# FLUX.2 [dev]: three intermediate Mistral layers stacked along the features, chat template padded on the left to
+# 512; the prompt's last token is always just before the closing [/INST]. No pooled path, no bias.
+FLUX2 = Family(
+    "flux2",
+    (TargetGroup("transformer.context_embedder", "transformer", _captured(Segment("tokenizer", suffix=1)),
+                 modules=("context_embedder",)),),
+    tags=("flux2", "flux", "text-to-image"),
+    pipeline="Flux2Pipeline",
+    call=_SMALL_IMAGE,
+)
+
+# FLUX.2 [klein]: the same reader on Qwen3's stacked layers; its template puts 3 tokens before the prompt and pads on
+# the right.
+FLUX2_KLEIN = Family(
+    "flux2-klein",
+    (TargetGroup("transformer.context_embedder", "transformer", _captured(Segment("tokenizer", prefix=3)),
+                 modules=("context_embedder",)),),
+    tags=("flux2", "flux", "text-to-image"),
+    pipeline="Flux2KleinPipeline",
+    call=_NO_GUIDANCE,
+)
+
+# HiDream-I1: caption_projection[i] reads Llama hidden layer llama_layers[i], the last one T5's states: one input per
+# layer, so one solve per layer, at the authors' tokens (mask ones − 2 in each tokenizer, −1 for "": the last
+# padding position).
+_HIDREAM_ENCODERS = (("tokenizer_4", "text_encoder_4"), ("tokenizer_3", "text_encoder_3"))
+HIDREAM = Family(
+    "hidream",
+    (TargetGroup("transformer.caption_projection", "transformer",
+                 _captured(Segment("tokenizer_4", prefix=0, wrap=True), encoders=_HIDREAM_ENCODERS),
+                 modules=("caption_projection.*.linear",), per_layer=True,
+                 last_text=_captured(Segment("tokenizer_3", prefix=0, wrap=True), encoders=_HIDREAM_ENCODERS)),),
+    tags=("hidream", "text-to-image"),
+    pipeline="HiDreamImagePipeline",
+    call=_NO_GUIDANCE,
+)
+
+FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, SD3, FLUX2, FLUX2_KLEIN, QWEN_IMAGE, HIDREAM, SANA, PIXART,
+            WAN, COGVIDEOX)
+
+
+def specialise(family: Family, denoiser) -> Family:
+    """`family` with its per-layer groups expanded to one group per layer of `denoiser` (a family without them is
+    returned as it is)."""
+    if not any(g.per_layer for g in family.groups):
+        return family
+    groups = []
+    for group in family.groups:
+        if not group.per_layer:
+            groups.append(group)
+            continue
+        names = expand_names(denoiser, group.modules)
+        for index, name in enumerate(names):
+            text = group.last_text if group.last_text is not None and index == len(names) - 1 else group.text
+            groups.append(replace(group, name=f"{group.component}.{name}", modules=(name,), per_layer=False,
+                                  text=text, last_text=None))
+    return replace(family, groups=tuple(groups))
 
 
 def family_of(pipeline_class: type) -> Family:

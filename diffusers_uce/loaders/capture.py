@@ -29,8 +29,7 @@ class _Captured(Exception):
 def _call_kwargs(pipe, prompts: list[str], call: dict) -> dict:
     """Arguments of a cheap call of `pipe` on `prompts`: one step, no classifier-free guidance, latents out."""
     accepted = inspect.signature(pipe._uce_base_class().__call__).parameters
-    kwargs = {"num_inference_steps": 1, "output_type": "latent", "guidance_scale": 1.0, "true_cfg_scale": 1.0,
-              "clean_caption": False, **call}
+    kwargs = {"num_inference_steps": 1, "output_type": "latent", **call}
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     kwargs["prompt"] = list(prompts)
     return kwargs
@@ -126,6 +125,8 @@ def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prom
 
 def prompt_positions(pipe, segments: tuple[Segment, ...], prompts: list[str], length: int) -> torch.Tensor:
     """``k`` of each prompt in each run of positions (see `Segment`), ``(len(prompts), len(segments))``."""
+    preprocess = getattr(pipe, "_text_preprocessing", None)  # PixArt and Sana lowercase prompts before encoding
+    texts = [preprocess(p, clean_caption=False)[0] for p in prompts] if preprocess is not None else prompts
     columns = []
     for index, segment in enumerate(segments):
         tokenizer = getattr(pipe, segment.tokenizer)
@@ -134,8 +135,13 @@ def prompt_positions(pipe, segments: tuple[Segment, ...], prompts: list[str], le
             run = segments[index + 1].offset - segment.offset
         else:
             run = segment.length if segment.length is not None else length - segment.offset
-        counts = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        columns.append([segment.offset + min(max(prefix + n - 1, 0), run - 1) for n in counts])
+        if segment.suffix is not None:  # padded on the left: the prompt ends just before the template's suffix
+            columns.append([segment.offset + run - 1 - segment.suffix] * len(prompts))
+            continue
+        counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ks = [prefix + n - 1 for n in counts]
+        columns.append([segment.offset + (run - 1 if k < 0 and segment.wrap else min(max(k, 0), run - 1))
+                        for k in ks])
     return torch.tensor(columns, dtype=torch.long).T.reshape(len(prompts), len(segments))
 
 

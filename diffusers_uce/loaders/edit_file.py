@@ -90,7 +90,7 @@ class UCEIOMixin:
         info = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
-            "denoiser": self._uce_family.groups[0].component,
+            "denoiser": self._uce_layout().groups[0].component,
             "projections": [{"group": g.group.name, "name": p.name, "shape": list(p.module.weight.shape)}
                             for g in state.groups for p in g.projections],
             **self._uce_saved_record(state),
@@ -196,7 +196,7 @@ class UCEIOMixin:
 
     def _uce_base_info(self, num_projections: int | None) -> dict:
         name = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
-        family = self._uce_family
+        family = self._uce_layout()
         widths = {g.name: g.text_width(self) for g in family.groups}
         return {
             "name_or_path": str(name) if name else None,
@@ -211,7 +211,7 @@ class UCEIOMixin:
 
     def _uce_validate_edit_file(self, info: dict, tensors: dict, path: str):
         """Check a read edit file against this pipeline; return (groups, records, solutions). Changes nothing."""
-        family, stored_base, here = self._uce_family, info["base_model"], self._uce_base_info(None)
+        family, stored_base, here = self._uce_layout(), info["base_model"], self._uce_base_info(None)
         mismatch = (f"the edit file {path} was saved from {_describe(stored_base)}, but this pipeline is "
                     f"{_describe(here)}: load it onto the base model it was made for")
         first = family.groups[0].name  # version-1 files: Stable Diffusion 1.x/2.x, one group

@@ -17,8 +17,9 @@ from ..utils.checks import all_finite
 class GroupEdit:
     """One target group's part of an applied edit: ``W'_ℓ = W_ℓ T_ℓ`` for its layers.
 
-    A group whose layers have a bias is handled in homogeneous form (`solve.with_bias`): its weights are
-    ``[W | b]`` and its solution ``(d+1)×(d+1)``; only ``W`` is ever written, the bias stays as it is.
+    A group whose layers have a bias that the targets include (FLUX.1, as the authors' script) is handled in
+    homogeneous form (`solve.with_bias`): its weights are ``[W | b]`` and its solution ``(d+1)×(d+1)``; only ``W`` is
+    ever written, the bias stays as it is.
 
     Args:
         state (`EditState`): the edit this group belongs to (holds the strength).
@@ -28,7 +29,9 @@ class GroupEdit:
 
     def __init__(self, state: "EditState", group: TargetGroup, projections: list[Projection]):
         self.state, self.group, self.projections = state, group, projections
-        self.biased = any(p.module.bias is not None for p in projections)
+        # The authors' FLUX.1 script puts the bias into the targets (solved in homogeneous form); elsewhere a bias
+        # is a constant the edit leaves alone, so it cancels out of every target and is not part of the solve.
+        self.biased = group.bias_in_targets and any(p.module.bias is not None for p in projections)
         self.solution: engine.Solution | None = None
         self.original_weights: list[torch.Tensor] | None = None  # saved while fused
         self._device_terms: dict = {}

@@ -80,7 +80,8 @@ class EncodingCache:
         for p in distinct:
             self.entries.move_to_end((group, p))
         max_length = self.max_length[group]
-        length = max_length if full else max(r[0].shape[0] for r in rows)
+        longest = max(r[0].shape[0] for r in rows)  # pipelines that trim to a batch's longest prompt vary
+        length = max(max_length, longest) if full else longest
         first = rows[0][0]
         states = first.new_zeros((len(rows), length, first.shape[-1]))
         for i, (row, _, _) in enumerate(rows):

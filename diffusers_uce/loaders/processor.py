@@ -88,7 +88,7 @@ class LinearEditHook:
             return output
         x = self.edit(args[0])
         if not self.edit.group.biased:
-            return F.linear(x, module.weight)
+            return F.linear(x, module.weight, module.bias)
         d = module.in_features
         bias = module.bias if module.bias is not None else 0
         return F.linear(x[..., :d], module.weight) + x[..., d:] * bias

@@ -7,7 +7,7 @@ import torch
 
 from ..core import engine
 from ..core.edits import ConceptEdit
-from ..core.families import TargetGroup
+from ..core.families import Family, TargetGroup, specialise
 from ..core.hardening import hardening_prompts, needs_full_states
 from ..core.layerwise import StackedWeights
 from ..core.precise import smallest_right_singular_vectors
@@ -78,7 +78,7 @@ class UCESolverMixin:
 
     def _uce_groups(self, state: EditState) -> list[GroupEdit]:
         """The family's target groups with the layers `state.edit_keys`/`state.layers` select (checked)."""
-        family = self._uce_family
+        family = self._uce_layout()
         if not state.edit_keys and not family.has_keys:
             raise ValueError(f"edit_keys=False needs key/value projections, and {family.name} pipelines edit "
                              f"{family.named_layers}: leave edit_keys=True")
@@ -116,8 +116,9 @@ class UCESolverMixin:
             fingerprint += self._uce_text_path_fingerprint(group)
         missing = cache.split(group.name, fingerprint, prompts, full)
         if missing and text.captured:  # the pipeline's own call, for every captured group at once
-            captured = [g for g in self._uce_family.groups if g.text.captured]
-            for other, encoded in capture_prompts(self, self._uce_family, captured, missing, device).items():
+            family = self._uce_layout()
+            captured = [g for g in family.groups if g.text.captured]
+            for other, encoded in capture_prompts(self, family, captured, missing, device).items():
                 if other != group.name:
                     cache.split(other, fingerprint, [], True)
                 cache.store(other, encoded, True)
@@ -132,11 +133,20 @@ class UCESolverMixin:
         cache.trim()
         return encoded
 
+    def _uce_layout(self) -> Family:
+        """The pipeline's family, with groups of layers that each read their own input (HiDream's caption
+        projections) expanded to one group per layer of this pipeline's denoiser."""
+        family = self._uce_family
+        if any(g.per_layer for g in family.groups):
+            family = specialise(family, getattr(self, family.groups[0].component))
+            self.__dict__["_uce_family"] = family
+        return family
+
     def _uce_text_path_fingerprint(self, group: TargetGroup) -> tuple:
         """What identifies the denoiser's weights on the text path of captured inputs: every weight of the component
         but the edited layers' own (which fusing changes, and which do not change their own inputs)."""
         component = getattr(self, group.component)
-        edited = {id(p) for g in self._uce_family.groups if g.modules for name in expand_names(component, g.modules)
+        edited = {id(p) for g in self._uce_layout().groups if g.modules for name in expand_names(component, g.modules)
                   if isinstance(m := _get(component, name), torch.nn.Module) for p in m.parameters()}
         return tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in component.parameters()
                      if id(t) not in edited)

@@ -13,7 +13,7 @@ logger = logging.get_logger(__name__)
 
 # Prompts whose inputs tell the targets' inputs apart (two, so that a layer reading one fixed vector shows).
 _PROBES = ["a photo of a cat", "an oil painting of a lighthouse at night"]
-_SMALL = {"height": 64, "width": 64, "num_frames": 1}
+_SMALL = {"height": 64, "width": 64, "num_frames": 1, "guidance_scale": 1.0}
 
 
 def explicit_family(pipe, base: type, targets) -> Family:
@@ -111,7 +111,7 @@ def _working_call(pipe, component: str, modules: dict) -> dict:
         return dict(_SMALL)
     except (ValueError, TypeError, RuntimeError) as error:
         logger.debug(f"a small call did not work ({error}); using the pipeline's default size")
-    return {}
+    return {"guidance_scale": 1.0}
 
 
 def _tokenizer_for(pipe, length: int) -> str:

@@ -50,7 +50,11 @@ def _attn2(pipe):
 def _call_default(pipe, name):
     import inspect
 
-    return inspect.signature(type(pipe).__call__).parameters[name].default
+    for cls in type(pipe).__mro__:  # the diffusers class's own __call__ (the plugin's wraps it as *args, **kwargs)
+        parameters = inspect.signature(cls.__call__).parameters if "__call__" in vars(cls) else {}
+        if name in parameters:
+            return parameters[name].default
+    raise KeyError(name)
 
 
 def _t5_states(tokenizer, encoder, prompt, length, mask):
@@ -105,6 +109,63 @@ def _sd3_pooled(pipe, prompt):
                       pooled(pipe.tokenizer_2, pipe.text_encoder_2)])[None].double(), 0
 
 
+def _sana(pipe, prompt):
+    """Sana: the pipeline's own encoding (lowercased, instruction prefix cut away) through caption_projection and
+    caption_norm; Gemma appends no end token, so the prompt's last token is at mask ones − 1, and "" reads <bos>
+    (position 0: the instruction's lone trailing "▁" is template, not prompt)."""
+    chi = _call_default(pipe, "complex_human_instruction")
+    embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, complex_human_instruction=chi,
+                                            max_sequence_length=_call_default(pipe, "max_sequence_length"))
+    with torch.no_grad():
+        states = pipe.transformer.caption_norm(pipe.transformer.caption_projection(embeds))
+    return states[0].double(), int(mask.sum()) - 1 if prompt else 0
+
+
+def _qwenimage(pipe, prompt):
+    """Qwen-Image: the pipeline's encoding of one prompt (template prefix dropped, 5 template tokens after the
+    prompt) through txt_norm."""
+    embeds, _ = pipe.encode_prompt(prompt, max_sequence_length=_call_default(pipe, "max_sequence_length"))
+    with torch.no_grad():
+        states = pipe.transformer.txt_norm(embeds)[0]
+    return states.double(), max(states.shape[0] - 6, 0)
+
+
+def _flux2(pipe, prompt):
+    """FLUX.2: stacked Mistral layers, left-padded: the prompt ends just before the closing [/INST]."""
+    embeds, _ = pipe.encode_prompt(prompt)
+    return embeds[0].double(), embeds.shape[1] - 2
+
+
+def _flux2_klein(pipe, prompt):
+    """FLUX.2 [klein]: stacked Qwen3 layers, right-padded; the prompt ends just before <|im_end|>."""
+    embeds, _ = pipe.encode_prompt(prompt)
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    ids = pipe.tokenizer(text)["input_ids"]
+    return embeds[0].double(), ids.index(pipe.tokenizer.convert_tokens_to_ids("<|im_end|>")) - 1
+
+
+def _hidream(layer):
+    """HiDream (the authors' script): Llama hidden layer `layer` (None: T5) at mask ones − 2 of its tokenizer, −1
+    (the last padding position) for a prompt of no tokens."""
+    def encode(pipe, prompt):
+        t5, _, llama, _, _, _ = pipe.encode_prompt(prompt=prompt, prompt_2=prompt, prompt_3=prompt, prompt_4=prompt,
+                                                   do_classifier_free_guidance=False)
+        tokenizer = pipe.tokenizer_3 if layer is None else pipe.tokenizer_4
+        states = t5[0] if layer is None else llama[layer][0]
+        mask = tokenizer(prompt, padding="max_length", max_length=states.shape[0], truncation=True).attention_mask
+        k = sum(mask) - 2
+        return states.double(), k if k >= 0 else states.shape[0] - 1
+    return encode
+
+
+def _hidream_groups(pipe):
+    layers = pipe.transformer.config.llama_layers
+    count = len(pipe.transformer.caption_projection)
+    return [([f"caption_projection.{i}.linear"], _hidream(layers[i] if i < count - 1 else None))
+            for i in range(count)]
+
+
 def _blocks(pipe, blocks):
     return [n for n, _ in pipe.transformer.named_modules() if n.startswith(blocks + ".")
             and n.endswith(("attn2.to_k", "attn2.to_v"))]
@@ -115,6 +176,11 @@ GROUPS = {
     "pixart": lambda pipe: [(_blocks(pipe, "transformer_blocks"), _pixart)],
     "wan": lambda pipe: [(_blocks(pipe, "blocks"), _wan)],
     "cogvideox": lambda pipe: [(["patch_embed.text_proj"], _cogvideox)],
+    "sana": lambda pipe: [(_blocks(pipe, "transformer_blocks"), _sana)],
+    "qwenimage": lambda pipe: [(["txt_in"], _qwenimage)],
+    "flux2": lambda pipe: [(["context_embedder"], _flux2)],
+    "flux2-klein": lambda pipe: [(["context_embedder"], _flux2_klein)],
+    "hidream": _hidream_groups,
     "sd1": lambda pipe: [(_attn2(pipe), _sd)],
     "sd2": lambda pipe: [(_attn2(pipe), _sd)],
     "sdxl": lambda pipe: [(_attn2(pipe), _sdxl)],
@@ -123,7 +189,9 @@ GROUPS = {
 
 
 NEW_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
-                "WanPipeline": "wan", "CogVideoXPipeline": "cogvideox"}
+                "WanPipeline": "wan", "CogVideoXPipeline": "cogvideox", "SanaPipeline": "sana",
+                "QwenImagePipeline": "qwenimage", "Flux2Pipeline": "flux2", "Flux2KleinPipeline": "flux2-klein",
+                "HiDreamImagePipeline": "hidream"}
 
 
 def family_of(pipe) -> str:

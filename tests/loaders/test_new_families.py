@@ -1,0 +1,104 @@
+"""The families whose edited layers read inputs the pipeline computes (SD3, FLUX.2, Qwen-Image, HiDream, Sana, PixArt,
+Wan, CogVideoX): one class of tests for all of them, against the float64 transcription of each family's rule."""
+
+import pytest
+import torch
+
+import diffusers_uce
+from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.loaders.edit_state import EditState
+from tests.support.helpers import rel, target_layers, weights
+from tests.support.reference import groups, reference_layer, select_tokens
+
+NEW_FAMILIES = ["sd3", "pixart", "pixart-alpha", "wan", "cogvideox", "sana", "hidream", "qwenimage", "flux2",
+                "flux2-klein"]
+ERASE = ["van gogh", "picasso"]
+PRESERVE = ["monet", "a photo of a dog"]
+CALL = {"wan": {"num_frames": 5, "height": 32, "width": 32}}
+
+
+@pytest.fixture(params=NEW_FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def pipe(family):
+    return diffusers_uce.attach(make_demo_pipeline(family))
+
+
+def reference(pipe, original, erase, guides, preserve, mode, preserve_scale, lamb=0.5):
+    out = {}
+    for names, encode in groups(pipe):
+        pairs, kept = select_tokens(pipe, erase, guides, preserve, mode, encode)
+        for name in names:
+            # a bias is a constant outside FLUX.1: it cancels out of the targets (W′c + b = W c* + b)
+            out[name] = reference_layer(original[name], pairs, kept, 1.0, preserve_scale, lamb, "replace")
+    return out
+
+
+def generate(pipe, family, prompt="a painting by van gogh"):
+    kwargs = dict(prompt=prompt, num_inference_steps=2, output_type="latent", **CALL.get(family, {}))
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    return (out.images if hasattr(out, "images") else out.frames).double()
+
+
+class TestNewFamilies:
+    def test_attach_picks_the_family(self, pipe, family):
+        expected = {"pixart-alpha": "pixart"}.get(family, family)
+        assert pipe._uce_family.name == expected
+        edited = {p.name for g in pipe._uce_groups(EditState(True, None)) for p in g.projections}
+        assert edited == {name for name, _ in target_layers(pipe)}  # the layers the family's rule names
+
+    def test_matches_float64_reference(self, pipe, family):
+        original = weights(pipe)
+        guides = ["art", ""]
+        pipe.apply_concept_edits(ERASE, guide=guides, preserve=PRESERVE, lamb=0.7)
+        pipe.fuse_concept_edits()
+        expected = reference(pipe, original, ERASE, guides, PRESERVE, "last", 1.0, lamb=0.7)
+        for name, module in target_layers(pipe):
+            assert rel(module.weight, expected[name]) < 1e-5, name
+            assert rel(expected[name], original[name].double()) > 1e-4, name  # the edit did change this layer
+
+    def test_processor_mode_equals_fused_and_unload_is_exact(self, pipe, family):
+        original = weights(pipe)
+        before = generate(pipe, family)
+        pipe.apply_concept_edits(ERASE, guide="art", preserve=PRESERVE)
+        assert all(torch.equal(module.weight, original[name]) for name, module in target_layers(pipe))
+        hooked = generate(pipe, family)
+        assert rel(hooked, before) > 1e-6  # the edit acts at generation time
+        pipe.set_concept_edit_scale(0.0)
+        assert rel(generate(pipe, family), before) < 1e-6
+        pipe.set_concept_edit_scale(1.0)
+        pipe.fuse_concept_edits()
+        assert rel(generate(pipe, family), hooked) < 1e-4
+        pipe.unfuse_concept_edits()
+        pipe.unload_concept_edits()
+        assert all(torch.equal(module.weight, original[name]) for name, module in target_layers(pipe))
+        assert torch.equal(generate(pipe, family), before)
+
+    def test_two_calls_equal_one_joint_call(self, family):
+        one = diffusers_uce.attach(make_demo_pipeline(family))
+        one.apply_concept_edits(ERASE[:1], guide="art")
+        one.apply_concept_edits(ERASE[1:], guide="art")
+        one.fuse_concept_edits()
+        joint = diffusers_uce.attach(make_demo_pipeline(family))
+        joint.apply_concept_edits(ERASE, guide="art")
+        joint.fuse_concept_edits()
+        for (name, a), (_, b) in zip(target_layers(one), target_layers(joint)):
+            assert rel(a.weight, b.weight) < 1e-5, name
+
+    def test_edit_file_round_trip(self, pipe, family, tmp_path):
+        pipe.apply_concept_edits(ERASE, guide="art", preserve=PRESERVE, adapter_name="no-artists")
+        pipe.save_concept_edits(tmp_path / "edit")
+        pipe.fuse_concept_edits()
+        other = diffusers_uce.attach(make_demo_pipeline(family))
+        other.load_concept_edits(tmp_path / "edit")  # verified: solved again from its records
+        assert other.get_concept_edit_names() == ["no-artists"]
+        other.fuse_concept_edits()
+        for (name, a), (_, b) in zip(target_layers(pipe), target_layers(other)):
+            assert rel(b.weight, a.weight) < 1e-5, name
+
+    def test_erased_concepts_move_to_their_guide(self, pipe, family):
+        out = pipe.apply_concept_edits(ERASE, guide="art", held_out=[], lamb=1e-6)
+        assert all(r["efficacy"] > 0.5 for r in out.report.erased), out.report.erased
