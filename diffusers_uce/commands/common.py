@@ -16,9 +16,13 @@ from ..utils.checks import check_base_model, check_license
 from ..utils.files import write_text_atomic
 
 # Built-in tiny offline pipelines (random weights), by --model name: their family in `demo.make_demo_pipeline`.
-DEMO_MODELS = {"demo": "sd1", "demo-sd2": "sd2", "demo-sdxl": "sdxl", "demo-flux": "flux"}
-SUPPORTED = ("a Stable Diffusion 1.x/2.x, SDXL or FLUX pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, "
-             "FluxPipeline or a subclass)")
+DEMO_MODELS = {"demo": "sd1", "demo-sd2": "sd2", "demo-sdxl": "sdxl", "demo-flux": "flux", "demo-sd3": "sd3",
+               "demo-flux2": "flux2", "demo-flux2-klein": "flux2-klein", "demo-qwenimage": "qwenimage",
+               "demo-hidream": "hidream", "demo-sana": "sana", "demo-pixart": "pixart", "demo-wan": "wan",
+               "demo-cogvideox": "cogvideox"}
+SUPPORTED = ("a pipeline of a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline, "
+             "StableDiffusion3Pipeline, Flux2Pipeline, Flux2KleinPipeline, QwenImagePipeline, HiDreamImagePipeline, "
+             "SanaPipeline, PixArtSigmaPipeline, PixArtAlphaPipeline, WanPipeline, CogVideoXPipeline or a subclass)")
 DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -198,7 +202,7 @@ def _check_pipeline_class(model: str, local_files_only: bool = False) -> None:
     if isinstance(cls, type):
         try:
             family_of(cls)
-        except TypeError:
+        except ValueError:
             raise _unsupported(model, name) from None
 
 
@@ -236,7 +240,7 @@ def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=local_only)
     try:
         attach(pipe)
-    except TypeError:
+    except ValueError:
         raise _unsupported(model, type(pipe).__name__) from None
     return pipe.to(device)
 

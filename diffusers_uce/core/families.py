@@ -36,9 +36,6 @@ class TextStates:
             prompt.
         segments (`tuple[Segment, ...]`): for captured inputs, which tokenizer fills which positions (one run
             per text encoder whose states the layers read one after the other).
-        fixed_length (`bool`): the captured sequence has the same length for every batch of prompts (padding to a
-            fixed length). Pipelines that trim to the longest prompt of the batch have no fixed positions past the
-            prompt, so every-position token modes are refused there.
     """
 
     encoders: tuple[tuple[str, str], ...]
@@ -47,7 +44,6 @@ class TextStates:
     max_length: int | None = None
     captured: bool = False
     segments: tuple["Segment", ...] = ()
-    fixed_length: bool = True
 
 
 @dataclass(frozen=True)
@@ -195,10 +191,8 @@ FLUX = Family(
 )
 
 
-def _captured(*segments: Segment, encoders=(("tokenizer", "text_encoder"),), output: str = "last",
-              fixed_length: bool = True) -> TextStates:
-    return TextStates(encoders, output=output, causal=False, captured=True, segments=segments,
-                      fixed_length=fixed_length)
+def _captured(*segments: Segment, encoders=(("tokenizer", "text_encoder"),), output: str = "last") -> TextStates:
+    return TextStates(encoders, output=output, causal=False, captured=True, segments=segments)
 
 
 def _cross_attention(blocks: str) -> tuple[str, ...]:
@@ -270,10 +264,11 @@ SANA = Family(
 )
 
 # Qwen-Image: Qwen2.5-VL's last states with the chat template's 34 prefix tokens dropped, trimmed to the batch's
-# longest prompt, through txt_norm into txt_in. No pooled path.
+# longest prompt (zeros past each prompt's own tokens, which add nothing to a solve), through txt_norm into txt_in.
+# No pooled path.
 QWEN_IMAGE = Family(
     "qwenimage",
-    (TargetGroup("transformer.txt_in", "transformer", _captured(Segment("tokenizer", prefix=0), fixed_length=False),
+    (TargetGroup("transformer.txt_in", "transformer", _captured(Segment("tokenizer", prefix=0)),
                  modules=("txt_in",)),),
     tags=("qwen-image", "text-to-image"),
     pipeline="QwenImagePipeline",

@@ -37,7 +37,7 @@ COMMUNITY_MODULES: tuple[str, ...] = (
     "core.precise", "core.speed_solve",
     "loaders.processor", "loaders.edit_state", "loaders.state_mixin", "loaders.edit_format", "loaders.edit_file",
     "loaders.lora_kohya", "loaders.lora", "loaders.single_file_layout", "loaders.single_file", "loaders.debias",
-    "loaders.robust", "loaders.encoding_cache", "loaders.solver",
+    "loaders.robust", "loaders.encoding_cache", "loaders.capture", "loaders.solver",
     "loaders.concept_edit",
 )
 PIPELINE_BASE = "StableDiffusionPipeline"
@@ -47,7 +47,15 @@ COMMUNITY_FILES = {"StableDiffusionPipeline": "examples/community/pipeline_uce.p
                    "FluxPipeline": "examples/community/pipeline_uce_flux.py"}
 _EXAMPLE_CHECKPOINTS = {"StableDiffusionPipeline": "CompVis/stable-diffusion-v1-4",
                         "StableDiffusionXLPipeline": "stabilityai/stable-diffusion-xl-base-1.0",
-                        "FluxPipeline": "black-forest-labs/FLUX.1-dev"}
+                        "FluxPipeline": "black-forest-labs/FLUX.1-dev",
+                        "StableDiffusion3Pipeline": "stabilityai/stable-diffusion-3.5-medium",
+                        "Flux2Pipeline": "black-forest-labs/FLUX.2-dev",
+                        "QwenImagePipeline": "Qwen/Qwen-Image",
+                        "HiDreamImagePipeline": "HiDream-ai/HiDream-I1-Full",
+                        "SanaPipeline": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+                        "PixArtSigmaPipeline": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+                        "WanPipeline": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                        "CogVideoXPipeline": "THUDM/CogVideoX-5b"}
 HUB_PIPELINE_FILENAME = "pipeline.py"  # what diffusers fetches for `custom_pipeline="user/repo"`
 DEFAULT_OUTPUT = COMMUNITY_FILES[PIPELINE_BASE]
 CITATION = ('R. Gandikota, H. Orgad, Y. Belinkov, J. Materzyńska, D. Bau, "Unified Concept Editing in Diffusion '

@@ -50,8 +50,8 @@ def kohya_base_version(family_name: str, unet_config, prediction_type: str = "ep
         v2 = bool(getattr(unet_config, "use_linear_projection", False))
         return "sd_v2" if v2 else "sd_v1", sai_architecture("sd2" if v2 else "sd1", prediction_type) + "/lora"
     raise ValueError(f"format='kohya' is not supported for {family_name} pipelines (the kohya layout of their edited "
-                     "text-embedding layers is not settled); use format='diffusers', which "
-                     "FluxPipeline.load_lora_weights and ComfyUI read")
+                     "text-embedding layers is not settled); use format='diffusers', which the pipeline's own "
+                     "load_lora_weights reads")
 
 
 def sgm_module_name(name: str, unet_config) -> str:

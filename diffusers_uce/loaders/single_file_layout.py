@@ -66,7 +66,7 @@ def check_single_file_family(family_name: str) -> tuple[str, ...]:
     """The layouts a pipeline family can be written in, or a `ValueError` before anything is done (FLUX...)."""
     if family_name not in SUPPORTED_FAMILIES:
         raise ValueError(f"single-file export supports Stable Diffusion 1.x/2.x and SDXL, not {family_name} "
-                         "pipelines; use save_pretrained or the LoRA export for FLUX")
+                         "pipelines; use save_pretrained (a folder diffusers loads) or the LoRA export")
     return SUPPORTED_FAMILIES[family_name]
 
 

@@ -37,13 +37,14 @@ class UCESolverMixin:
         precise = records[-1].method == "speed"
         prompts = (speed_prompts(records) if precise else engine.prompts_of(records)) + held
         prompts += hardening_prompts(records)
-        full = full_length_prompts(records) if precise else []
+        full = full_length_prompts(records) if precise else []  # (captured inputs are always full length)
         last_only = all(r.token_mode == "last" for r in records) and not needs_full_states(records)
         solutions, parts, robust = [], [], []
         for group in groups:  # one solve per target group (one for UNet families, two for FLUX)
             weights, row_layer = group.stacked(device)
             plain = weights[:, :-1] if group.biased else weights
-            if full:  # prompts read at full length are encoded apart; the others stop at their last token
+            if full and not group.group.text.captured:  # prompts read at full length are encoded apart, the
+                # others stop at their last token
                 encodings = [self._uce_encode(group.group, batch, cut, device) for batch, cut in (
                     ([p for p in prompts if p not in full], True), (full, False)) if batch]
                 encoded = encodings[0] if len(encodings) == 1 else merge_encoded(*encodings)

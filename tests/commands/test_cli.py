@@ -115,7 +115,7 @@ def test_unsupported_pipeline_class_is_a_one_line_error(family, cls, tmp_path):
     assert code == 2 and out == ""
     (line,) = [line for line in err.splitlines() if "error:" in line]
     assert line.startswith("diffusers-uce: error:") and f"is a {cls.__name__}, which diffusers-uce cannot edit" in line
-    assert "StableDiffusionXLPipeline, FluxPipeline" in line and "Traceback" not in err
+    assert "StableDiffusionXLPipeline, FluxPipeline, StableDiffusion3Pipeline" in line and "Traceback" not in err
 
 
 def test_every_family_end_to_end(family, tmp_path):
