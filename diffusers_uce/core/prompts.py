@@ -77,18 +77,33 @@ class EncodedPrompts:
 
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None):
     """Tokenise with padding to `max_length` (the tokenizer's ``model_max_length`` by default), warning about every
-    prompt that had to be cut."""
+    prompt that had to be cut.
+
+    Prompts are tokenised once; only those longer than `max_length` (rare) go through the tokenizer's truncation again.
+    Returns ``{"input_ids", "attention_mask"}``, long tensors of shape ``(len(prompts), max_length)``.
+    """
     max_length = max_length or tokenizer.model_max_length
-    inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
-    for prompt, ids in zip(prompts, full):
-        if len(ids) > max_length:
-            cut = tokenizer.decode(ids[max_length - 1 : -1])
-            logger.warning(
-                f"prompt {prompt!r} is longer than the tokenizer's limit of {max_length} tokens; this part was cut: "
-                f"{cut!r}. Shorten the concept to edit all of it."
-            )
-    return inputs
+    long = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    for i in long:
+        cut = tokenizer.decode(full[i][max_length - 1 : -1])
+        logger.warning(
+            f"prompt {prompts[i]!r} is longer than the tokenizer's limit of {max_length} tokens; this part was cut: "
+            f"{cut!r}. Shorten the concept to edit all of it."
+        )
+    if getattr(tokenizer, "padding_side", "right") != "right" or tokenizer.pad_token_id is None:
+        inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    if long:  # the tokenizer's own truncation (which special tokens it keeps is its business)
+        cut = tokenizer([prompts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+        for i, ids in zip(long, cut):
+            full[i] = ids
+    ids = torch.full((len(prompts), max_length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), max_length), dtype=torch.long)
+    for row, tokens in enumerate(full):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def last_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -108,7 +123,7 @@ def _states(text_encoder, ids, mask, output: str, use_mask: bool) -> torch.Tenso
 @torch.no_grad()
 def encode_prompts(
     encoders, prompts: list[str], *, causal_cut: bool, output: str = "last", max_length: int | None = None,
-    device=None, batch_size: int = 32, desc: str = "Encoding prompts",
+    device=None, batch_size: int | None = None, desc: str = "Encoding prompts",
 ) -> EncodedPrompts:
     """Encode every distinct prompt once, in batches, with the pipeline's tokenizer(s) and text encoder(s).
 
@@ -124,8 +139,9 @@ def encode_prompts(
             ``k = 0``).
         max_length (`int`, *optional*): padded length (each tokenizer's ``model_max_length`` by default).
         device: where to run the encoders (defaults to the first one's device).
-        batch_size (`int`, defaults to 32): prompts per encoder call. Batches of length-sorted prompts are cut at their
-            own longest prompt, so smaller batches waste less on padding; 32 short sequences still fill a GEMM.
+        batch_size (`int`, *optional*): prompts per encoder call; 32 on the CPU, 256 on an accelerator. Batches of
+            length-sorted prompts are cut at their own longest prompt, so smaller batches waste less on padding; 32
+            short sequences still fill a CPU GEMM, while a GPU needs larger batches to amortise each call's launches.
 
     Returns:
         [`EncodedPrompts`]: the states of each distinct prompt (concatenated over `encoders`) and its ``k``.
@@ -143,27 +159,32 @@ def encode_prompts(
                 "states of other tokens there. Rephrase these concepts if both encoders should read the same word."
             )
     cut_at = torch.stack(lasts).amax(0)  # the largest k over tokenizers: every state read is computed
-    device = device if device is not None else encoders[0][1].device
+    device = torch.device(device if device is not None else encoders[0][1].device)
+    batch_size = batch_size or (32 if device.type == "cpu" else 256)
     pooled = output == "pooled"
     causal_cut = causal_cut and not pooled
     # With a causal encoder, prompts sorted by length are batched and each batch is cut after its own largest k:
     # the encoder sees about Σ (k + 1) tokens instead of len(prompts) · 77.
     order = torch.argsort(cut_at, stable=True) if causal_cut else torch.arange(len(distinct))
     batches = [order[i : i + batch_size] for i in range(0, len(distinct), batch_size)]
-    states = None
-    for rows in tqdm(batches, desc=desc, disable=len(batches) < 4, leave=False):
-        parts = []
-        for (_, text_encoder), tokens in zip(encoders, inputs):
-            ids, mask = tokens["input_ids"][rows], tokens["attention_mask"][rows]
-            length = int(cut_at[rows].max()) + 1 if causal_cut else ids.shape[-1]
+    # One host-to-device copy per tokenizer (ids and mask sorted in batch order), then slices of it: no transfer or
+    # synchronisation per batch; the lengths are read from host tensors.
+    lengths = [int(cut_at[rows].max()) + 1 if causal_cut else None for rows in batches]
+    on_device = [(t["input_ids"][order].to(device, non_blocking=True),
+                  t["attention_mask"][order].to(device, non_blocking=True)) for t in inputs]
+    states, start = None, 0
+    for rows, length in tqdm(list(zip(batches, lengths)), desc=desc, disable=len(batches) < 4, leave=False):
+        parts, end = [], start + len(rows)
+        for (_, text_encoder), (ids, mask) in zip(encoders, on_device):
             use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-            parts.append(_states(text_encoder, ids[:, :length].to(device), mask[:, :length].to(device), output,
-                                 use_mask))
+            parts.append(_states(text_encoder, ids[start:end, :length], mask[start:end, :length], output, use_mask))
         out = torch.cat([p.to(parts[0].device) for p in parts], dim=-1)
         if states is None:
             width = 1 if pooled else int(cut_at.max()) + 1 if causal_cut else out.shape[1]
             states = out.new_zeros((len(distinct), width, out.shape[-1]))
-        states[rows.to(out.device), : out.shape[1]] = out
+            where = order.to(out.device, non_blocking=True)
+        states[where[start:end], : out.shape[1]] = out
+        start = end
     return EncodedPrompts(
         index={p: i for i, p in enumerate(distinct)}, states=states,
         last=(torch.zeros_like(last) if pooled else last).to(states.device),

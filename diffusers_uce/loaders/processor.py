@@ -12,10 +12,18 @@ forward hook instead (`LinearEditHook`). They have a bias, and their edit is ``W
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 from ..core.solve import apply_to_inputs, homogeneous
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller."""
+    check = getattr(torch.compiler, "is_compiling", None) or getattr(torch._dynamo, "is_compiling", None)
+    return bool(check and check())
 
 
 class _InputTransform:
@@ -62,10 +70,26 @@ class ProjectionEdit:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The transformed input; ``[x; 1]`` transformed (one more feature) for a biased group."""
         scale = self.scale
+        if scale == 0:
+            return homogeneous(x) if self.group.biased else x
+        if torch.is_grad_enabled() or _compiling():  # traced or differentiated: no cache
+            return self._transform(x, scale)
+        # Generation: every layer of the group reads the same text states at every step, and without a per-layer
+        # correction they all get the same transformed states, so they are computed once and reused while the input
+        # tensor (the same object, unchanged), the solution and the strength stay the same.
+        group, solution = self.group, self.group.solution
+        shared = solution.correction is None and solution.layerwise is None
+        key = (scale, None if shared else self.layer, x._version)
+        cached = group.__dict__.get("_uce_inputs")
+        if cached is not None and cached[0]() is x and cached[1] is solution and cached[2] == key:
+            return cached[3]
+        out = self._transform(x, scale)
+        group._uce_inputs = (weakref.ref(x), solution, key, out)
+        return out
+
+    def _transform(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         if self.group.biased:
             x = homogeneous(x)
-        if scale == 0:
-            return x
         delta, correction = self.group.device_terms(x.device)
         correction = None if correction is None else correction.times(scale)
         layerwise = self.group.device_layerwise(x.device)

@@ -223,6 +223,8 @@ class UCEEditStateMixin:
         state = self._uce_state
         if state is None or state.fused:
             return
+        for group in state.groups:  # the device terms exist before a compiled denoiser traces the processors, so
+            group.device_terms(self._execution_device)  # filling their cache there causes no recompilation
         rewrapped = 0
         for group in state.groups:
             if not group.group.cross_attention:
