@@ -57,7 +57,7 @@ def expand_prompts(
         erase (`Sequence[str]`): concepts to erase.
         guides (`Sequence[str]`): one guide per concept, or one for all.
         kind (`str` or `None`): `"art"` ([`ART_TEMPLATES`]), `"object"` ([`OBJECT_TEMPLATES`]) or `None` (no
-        expansion).
+            expansion).
         template_guides (`bool`, defaults to `True`): put the guide in the same template; `False` pairs every
             templated prompt with the bare guide, as the authors' scripts do.
 

@@ -38,8 +38,10 @@ def evaluate_adversarial(
         output_dir (`str` or `os.PathLike`): where the images go (created if needed).
         reg (`float`, defaults to 0.1): the attacker's ``ρ`` (see `adversarial_embeds`).
         seed (`int`, defaults to 0): the seed of every image.
-        num_inference_steps (`int`, defaults to 50), guidance_scale (`float`, *optional*), height (`int`,
-            *optional*), width (`int`, *optional*): passed to the pipeline (its defaults when not given).
+        num_inference_steps (`int`, defaults to 50): passed to the pipeline.
+        guidance_scale (`float`, *optional*): passed to the pipeline (its default when not given).
+        height (`int`, *optional*): passed to the pipeline (its default when not given).
+        width (`int`, *optional*): passed to the pipeline (its default when not given).
 
     Returns:
         `dict`: the summary written to `summary.json`.

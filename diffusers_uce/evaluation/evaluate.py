@@ -123,8 +123,9 @@ def evaluate_edit(
             `evaluation_guidance` (a classifier-free guidance scale, as the paper's CSVs give for Stable Diffusion),
             else the pipeline's own default (7.5 for SD 1.x/2.x, 5.0 for SDXL). FLUX pipelines are guidance-distilled:
             they ignore `evaluation_guidance` (with a warning) and use their own default (3.5) unless this is given.
-        height (`int`, *optional*), width (`int`, *optional*): image size; the pipeline's default if not given. The
-            same arguments serve every family (SD 1.x/2.x, SDXL, FLUX); none of them takes a negative prompt here.
+        height (`int`, *optional*): image height; the pipeline's default if not given. The same arguments serve
+            every family (SD 1.x/2.x, SDXL, FLUX); none of them takes a negative prompt here.
+        width (`int`, *optional*): image width; the pipeline's default if not given.
         batch_size (`int`, defaults to 4): prompts per pipeline call (rows with equal guidance are batched).
         limit (`int`, *optional*): only the first `limit` rows.
         metrics (`tuple[str]` or `str`): any of `"nudenet"` (exposed-class detections per image at

@@ -166,8 +166,14 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
             max_iterations (`int`, defaults to 10): the loop's budget of solves.
             options (`dict`, *optional*): generation and step settings of the loop (see
                 `diffusers_uce.loaders.debias.DebiasOptions`).
-            preserve, erase_scale, preserve_scale, lamb, edit_keys, layers, held_out, adapter_name: as in
-                `apply_concept_edits`.
+            preserve (`str` or `list[str]`, *optional*): as in `apply_concept_edits`.
+            erase_scale (`float`, defaults to 1.0): as in `apply_concept_edits`.
+            preserve_scale (`float`, *optional*): as in `apply_concept_edits`.
+            lamb (`float`, defaults to 0.5): as in `apply_concept_edits`.
+            edit_keys (`bool`, defaults to `True`): as in `apply_concept_edits`.
+            layers (`list[str]` or `Callable`, *optional*): as in `apply_concept_edits`.
+            held_out (`list[str]`, *optional*): as in `apply_concept_edits`.
+            adapter_name (`str`, *optional*): as in `apply_concept_edits`.
 
         Returns:
             [`ConceptEditOutput`]: the last solve's; its `report.ratios` lists, per concept and attribute set, the

@@ -26,8 +26,9 @@ class DebiasOptions:
             error ≈ ``0.5/√n``): 20 keeps a binary tolerance of 0.05 reachable (9-11 of 20); the authors use 50.
         num_inference_steps (`int`, defaults to 20): denoising steps per image (the authors' script uses 20; a
             distilled model such as FLUX.1-schnell needs only about 4).
-        height (`int`, *optional*), width (`int`, *optional*): image size, the pipeline's own by default: smaller
-            is cheaper, but a model draws other images below its native size and the weights would fit those.
+        height (`int`, *optional*): image height, the pipeline's own by default: smaller is cheaper, but a model
+            draws other images below its native size and the weights would fit those.
+        width (`int`, *optional*): image width, the pipeline's own by default.
         guidance_scale (`float`, *optional*): the pipeline's own default when `None`: classifier-free guidance 7.5
             for SD 1.x/2.x (as the authors use), 5.0 for SDXL; for FLUX the distilled guidance 3.5 (no negative
             prompt, no classifier-free guidance: FLUX.1 is guidance-distilled).

@@ -122,8 +122,8 @@ class UCEAttnProcessor:
     """Attention processor that applies a UCE concept edit to the keys and values of a cross-attention layer.
 
     Args:
-        processor: the processor that was installed before; it does the attention, and `unload_concept_edits`
-            puts it back.
+        processor (`AttnProcessor`): the processor that was installed before; it does the attention, and
+            `unload_concept_edits` puts it back.
         key (`ProjectionEdit`, *optional*): transform for ``to_k`` inputs (`None` leaves keys unchanged).
         value (`ProjectionEdit`, *optional*): transform for ``to_v`` inputs.
     """
