@@ -39,9 +39,10 @@ def positive_int(text: str) -> int:
 
 
 def concepts(text: str) -> list[str]:
-    """argparse type of a concept list: split on ";" (names may contain commas), whitespace stripped, empty items
-    dropped."""
-    return [item.strip() for item in text.split(";") if item.strip()]
+    """argparse type of a concept list: split on ";" as the Python API splits a string (`split_concepts`)."""
+    from ..core.concepts import split_concepts
+
+    return split_concepts(text)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, *, purpose: str, models: str = "the model",
