@@ -14,6 +14,7 @@ from .common import (
     add_card_arguments,
     add_device_arguments,
     add_hub_arguments,
+    add_model_arguments,
     card_options,
     check_model,
     check_output,
@@ -22,9 +23,11 @@ from .common import (
     demo_names,
     hub_options,
     load_pipeline,
+    model_options,
     positive_int,
     progress,
     resolve_device,
+    resolve_dtype,
     write_json_atomic,
 )
 
@@ -149,6 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_hub_arguments(parser)
     add_card_arguments(parser)
     add_device_arguments(parser, purpose="load the model and solve", seed_note="the edit itself is deterministic")
+    add_model_arguments(parser)
     _add_debias_arguments(parser)
 
 
@@ -258,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lora_format is not None and args.lora is None:
         raise ValueError("--lora-format only applies with --lora DIR")
     device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device)
     classifier = None
     if debias is not None:
         from ..loaders.debias import DebiasOptions, clip_zero_shot_classifier
@@ -267,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
         classifier = clip_zero_shot_classifier(clip_model, device=device).load()
 
     progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
-    pipe = load_pipeline(args.model, args.dtype, device, args.seed)
+    pipe = load_pipeline(args.model, args.dtype, device, args.seed, **model_options(args))
     if not args.edit_keys and not pipe._uce_family.has_keys:
         raise ValueError(f"--no-edit-keys: {args.model} is a {pipe._uce_family.name} pipeline, whose edited layers "
                          "(text-embedding projections) have no keys to leave out; drop the flag")
