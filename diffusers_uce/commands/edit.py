@@ -146,6 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora-format", choices=("diffusers", "kohya"),
         help="with --lora: 'diffusers' (load_lora_weights; the default) or 'kohya': one uce_lora.safetensors in the "
              "kohya/sd-scripts layout for AUTOMATIC1111 and ComfyUI (SD 1.x/2.x, SDXL)")
+    add("--plot", metavar="PATH",
+        help="draw the report (efficacy, interference, recovery per hardening round) to this image file (.png, .svg "
+             "or .pdf; needs matplotlib); the model cards of --output/--save-edits/--lora then show it as report.png")
     add("--push-to-hub", metavar="REPO",
         help="push the edit (edit file, its exact LoRA, model card, community pipeline.py) to this Hub repository in "
              "one commit")
@@ -257,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
             check_output(folder, args.overwrite, option)
     if args.output_single_file is not None:
         check_output_file(args.output_single_file, args.overwrite, "--output-single-file", ".safetensors")
+    if args.plot is not None:
+        _check_plot(args.plot, args.overwrite)
     if args.rank is not None and args.lora is None:
         raise ValueError("--rank only applies with --lora DIR")
     if args.lora_format is not None and args.lora is None:
@@ -303,8 +308,32 @@ def run(args: argparse.Namespace) -> int:
             held_out=args.held_out,
         )
     print(output.report)
+    if args.plot is not None:
+        _plot(args, output.report)
     _save(args, pipe, output)
     return 0
+
+
+def _check_plot(path: str, overwrite: bool) -> None:
+    """Refuse a bad `--plot PATH` before anything loads: an image suffix, a new file (or --overwrite), matplotlib."""
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"--plot {path}: give a file name ending in .png, .svg or .pdf")
+    check_output_file(path, overwrite, "--plot", os.path.splitext(path)[1])
+    from ..core.report_plot import _matplotlib
+
+    _matplotlib()  # ImportError: "pip install matplotlib"
+
+
+def _plot(args: argparse.Namespace, report) -> None:
+    """Draw the report to `--plot`, and as report.png into every output folder, where the model card shows it."""
+    from ..hub.cards import REPORT_PLOT_NAME
+
+    figure = report.plot(path=args.plot)
+    progress(f"Saved the report's plot to {args.plot}")
+    for folder in (args.output, args.save_edits, args.lora):
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+            figure.savefig(os.path.join(folder, REPORT_PLOT_NAME), dpi=110)
 
 
 def _save(args: argparse.Namespace, pipe, output) -> None:

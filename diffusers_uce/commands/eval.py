@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "(e.g. openai/clip-vit-large-patch14); never downloaded")
     add("--nudenet-threshold", type=float, default=0.6, metavar="F", help="minimum NudeNet detection score")
     add("--overwrite", action="store_true", help="regenerate images already in --output")
+    add("--keep-safety-checker", action="store_true",
+        help="keep the model's safety checker (default: it is switched off, since it blackens flagged images and "
+             "so skews every metric, NudeNet counts first)")
     add_device_arguments(parser, purpose="generate and score", models="the models")
     add_model_arguments(parser)
 
@@ -108,11 +111,16 @@ def run(args: argparse.Namespace) -> int:
     if args.base_model is not None:
         progress(f"Loading base model {args.base_model} ...")
         base = load_pipeline(args.base_model, args.dtype, device, args.seed, **model_options(args))
+    for p in (pipe, base):
+        if p is not None and getattr(p, "safety_checker", None) is not None and not args.keep_safety_checker:
+            progress("Switching the safety checker off (it blackens flagged images); --keep-safety-checker keeps it")
+            p.safety_checker = None
     summary = evaluate_edit(
         pipe, args.prompts, args.output, base_pipe=base, num_inference_steps=args.steps,
         guidance_scale=args.guidance, height=args.size, width=args.size, batch_size=args.batch_size,
         limit=args.limit, metrics=args.metrics, clip_model=args.clip_model,
         nudenet_threshold=args.nudenet_threshold, overwrite=args.overwrite, accelerator=state,
+        allow_safety_checker=args.keep_safety_checker,
     )
     if not summary:  # not the main process: it writes and prints the results
         return 0

@@ -17,10 +17,10 @@ PYTHON_FLAGS = {
     "--expand-prompts", "moderate": "--moderate", "num_inference_steps": "--steps", "batch_size": "--batch-size",
     "guidance_scale": "--guidance", "clip_model": "--clip-model", "nudenet_threshold": "--nudenet-threshold",
     "max_iterations": "--max-iterations", "tolerance": "--tolerance", "ratios": "--ratios", "rank": "--rank",
-    "limit": "--limit", "metrics": "--metrics",
+    "limit": "--limit", "metrics": "--metrics", "allow_safety_checker": "--keep-safety-checker",
 }
 _NAMES = "|".join(sorted(map(re.escape, PYTHON_FLAGS), key=len, reverse=True))
-_ASSIGNED = re.compile(rf"(?<![\w-])({_NAMES})=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)")
+_ASSIGNED = re.compile(rf"(?<![\w.-])({_NAMES})=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)")
 _INDEXED = re.compile(r"(?<![\w-])(method_options|harden_options)\[['\"](\w+)['\"]\]")
 _BARE = re.compile(rf"(?<![\w-])({'|'.join(n for n in PYTHON_FLAGS if '_' in n or n in ('harden', 'lamb'))})(?![\w(])")
 
@@ -30,6 +30,7 @@ def flag_names(message: str) -> str:
     `--technique replace`, `method_options['threshold']` becomes `--method-option threshold`, `edit_keys=False`
     becomes `--no-edit-keys`."""
     message = message.replace("edit_keys=False", "--no-edit-keys")
+    message = message.replace("allow_safety_checker=True", "--keep-safety-checker")
     message = _INDEXED.sub(lambda m: "--harden-reg" if m[1] == "harden_options" else f"--method-option {m[2]}",
                            message)
     message = _ASSIGNED.sub(lambda m: f"{PYTHON_FLAGS[m[1]]} {m[2].strip(chr(39) + chr(34))}", message)

@@ -112,7 +112,7 @@ def _one_line(error: Exception, logged: list[str]) -> str:
     """The message of a failure: what the library logged about it (which says more: what was left as it was), else
     the error itself, with its flags named as the command line spells them."""
     message = logged[-1] if logged else str(error)
-    if not isinstance(error, (ValueError, TypeError, OSError)):  # unexpected: say what it was
+    if not isinstance(error, (ValueError, TypeError, OSError, ImportError)):  # unexpected: say what it was
         message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
     return flag_names(" ".join(message.split()) or type(error).__name__)
 
