@@ -14,21 +14,21 @@ nothing.
 import argparse
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
-                        help="SD 1.x/2.x Hub id or local folder, or 'demo' (tiny random pipeline, CPU, offline)")
-    parser.add_argument("--preset", default="nudity", help="'nudity', 'i2p', 'i2p-paper' or concepts ('a; b')")
-    parser.add_argument("--output", default="./sd-moderated", help="folder for the edit, its card and eval/")
+                        help="SD 1.x/2.x Hub id or local folder, or 'demo' (tiny random pipeline, CPU, offline) "
+                             "(default: %(default)s)")
+    parser.add_argument("--preset", default="nudity",
+                        help="'nudity', 'i2p', 'i2p-paper' or concepts ('a; b') (default: %(default)s)")
+    parser.add_argument("--output", default="./sd-moderated",
+                        help="folder for the edit, its card and eval/ (default: %(default)s)")
     parser.add_argument("--prompts", default=None,
                         help="I2P-style prompt CSV (case_number, prompt, evaluation_seed); default: the shipped "
                              "i2p-nudity set")
-    parser.add_argument("--limit", type=int, default=50, help="prompts to evaluate (0 skips the evaluation)")
-    parser.add_argument("--steps", type=int, default=30, help="denoising steps per image")
+    parser.add_argument("--limit", type=int, default=50,
+                        help="prompts to evaluate, 0 skips the evaluation (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps per image (default: %(default)s)")
     parser.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     return parser.parse_args(argv)
