@@ -466,10 +466,16 @@ def local_files_only_for(repo_id: str | os.PathLike, *, what: str, instead: str,
     Returns:
         `bool`: the `local_files_only` to load with.
     """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(repo_id))
+    except HFValidationError:
+        return False  # not a Hub id (a path): from_pretrained reports a missing folder itself
     if os.path.isdir(repo_id):
         return False  # a folder: nothing is downloaded
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError
 
     reason = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
