@@ -21,20 +21,17 @@ Writes, under --output: one evaluation folder per (size, method) and `table.md`.
 
 import argparse
 import csv
+import importlib.resources
 import json
 import os
 
-import torch
-
-import diffusers_uce
-from diffusers_uce.evaluation.evaluate import evaluate_edit
-
-DATA = os.path.join(os.path.dirname(diffusers_uce.__file__), "core", "data", "speed")
 SPEED_OPTIONS = dict(retain_scale=0.05, filter=False, augment=10, threshold=0.1)
 
 
 def benchmark_rows(size):
-    with open(os.path.join(DATA, f"{size}_celebrity.csv"), newline="", encoding="utf-8") as f:
+    """The rows of the shipped 10/50/100-celebrity benchmark (`diffusers_uce/core/data/speed`)."""
+    resource = importlib.resources.files("diffusers_uce.core") / "data" / "speed" / f"{size}_celebrity.csv"
+    with resource.open(encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -48,6 +45,8 @@ def write_prompts(rows, kind, path, limit=None):
 
 
 def load(model, device, dtype):
+    import diffusers_uce
+
     if model == "demo":
         from diffusers_uce.demo import make_demo_pipeline
 
@@ -64,19 +63,33 @@ def accuracy(summary):
     return None if value is None else float(value)
 
 
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                        help="SD 1.x Hub id or folder, or 'demo' (tiny random pipeline, CPU, offline) "
+                             "(default: %(default)s)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100], choices=[10, 50, 100],
+                        help="how many celebrities to erase, one run each (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=["speed", "uce"], choices=["speed", "uce"],
+                        help="methods compared (default: %(default)s)")
+    parser.add_argument("--guide", default="a person", help="what the celebrities become (default: %(default)s)")
+    parser.add_argument("--clip-model", default="openai/clip-vit-large-patch14",
+                        help="CLIP model scoring the images, a local folder or a cached Hub id (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    parser.add_argument("--limit", type=int, default=None, help="prompts per kind, erased / retained (default: all)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--output", default="precise-erasure", help="output folder (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100], choices=[10, 50, 100])
-    parser.add_argument("--methods", nargs="+", default=["speed", "uce"], choices=["speed", "uce"])
-    parser.add_argument("--guide", default="a person")
-    parser.add_argument("--clip-model", default="openai/clip-vit-large-patch14")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=None, help="image height and width (model default)")
-    parser.add_argument("--limit", type=int, default=None, help="prompts per kind (erased / retained)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default="precise-erasure")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    import torch
+
+    from diffusers_uce.evaluation.evaluate import evaluate_edit
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     pipe = load(args.model, args.device, dtype)
     results = []

@@ -23,31 +23,42 @@ import csv
 import json
 import os
 
-import torch
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="Hub id or folder (SD 1.x)")
-    parser.add_argument("--device", default="cuda", help="where to run (default: cuda)")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--output", default="robust-out", help="folder for images, summaries and robust_table.md")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                        help="Hub id or folder (SD 1.x), or 'demo' (tiny random pipeline, CPU, offline) "
+                             "(default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                        help="default: float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--size", type=int, default=None, help="image height and width (default: the model's)")
+    parser.add_argument("--output", default="robust-out",
+                        help="folder for images, summaries and robust_table.md (default: %(default)s)")
     parser.add_argument("--clip-model", help="local folder or cached Hub id of a CLIP model (object accuracy)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     parser.add_argument("--limit", type=int, help="only the first N prompts of each set (a quick look)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call (default: %(default)s)")
     parser.add_argument("--skip-objects", action="store_true", help="run the nudity experiment only")
     return parser.parse_args(argv)
 
 
 def load(args):
-    from diffusers import StableDiffusionPipeline
+    import torch
 
     import diffusers_uce
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype),
-                                                   safety_checker=None, requires_safety_checker=False)
-    return diffusers_uce.attach(pipe.to(args.device))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("float16" if device.startswith("cuda") else "float32"))
+    if args.model == "demo":
+        from diffusers_uce.demo import make_demo_pipeline
+
+        return diffusers_uce.attach(make_demo_pipeline("sd1", torch_dtype=dtype, device=device))
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)  # it would skew NudeNet's counts
+    return diffusers_uce.attach(pipe.to(device))
 
 
 def run(pipe, args, name, prompts_csv, metrics, harden, **edit):
@@ -58,6 +69,7 @@ def run(pipe, args, name, prompts_csv, metrics, harden, **edit):
     print(f"== {name}\n{out.report}", flush=True)
     summary = evaluate_edit(pipe, prompts_csv, os.path.join(args.output, name), metrics=metrics,
                             num_inference_steps=args.steps, batch_size=args.batch_size, limit=args.limit,
+                            height=args.size, width=args.size,
                             clip_model=args.clip_model, label_column="class" if "clip_accuracy" in metrics else None)
     print(format_summary(summary), flush=True)
     pipe.unload_concept_edits()

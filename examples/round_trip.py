@@ -14,25 +14,29 @@ With real weights, replace `make_demo_pipeline("sd1")` by `StableDiffusionPipeli
 import argparse
 import tempfile
 
-import torch
-from diffusers import StableDiffusionPipeline
-
-import diffusers_uce
-from diffusers_uce.demo import make_demo_pipeline
-
 
 def unet_output(pipe, prompt="a painting by van gogh"):
+    import torch
+
     emb = pipe.encode_prompt(prompt, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return pipe.unet(latents, 10, encoder_hidden_states=emb).sample
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hub", metavar="REPO", help="also push the edit to this Hub repository and load it back")
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="uce-round-trip-")
+    parser.add_argument("--hub", metavar="REPO",
+                        help="also push the edit to this Hub repository and load it back (default: no push)")
+    parser.add_argument("--output", default=None, help="folder for the files (default: a new temporary folder)")
+    args = parser.parse_args(argv)
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import diffusers_uce
+    from diffusers_uce.demo import make_demo_pipeline
+
+    work = args.output or tempfile.mkdtemp(prefix="uce-round-trip-")
 
     pipe = diffusers_uce.attach(make_demo_pipeline("sd1"))
     out = pipe.apply_concept_edits(["van gogh", "picasso"], guide="art", preserve=["monet", "rembrandt"])

@@ -43,9 +43,10 @@ def positive_int(text: str) -> int:
 
 
 def concepts(text: str) -> list[str]:
-    """argparse type of a concept list: split on ";" (names may contain commas), whitespace stripped, empty items
-    dropped."""
-    return [item.strip() for item in text.split(";") if item.strip()]
+    """argparse type of a concept list: split on ";" as the Python API splits a string (`split_concepts`)."""
+    from ..core.concepts import split_concepts
+
+    return split_concepts(text)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, *, purpose: str, models: str = "the model",
@@ -60,9 +61,34 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, purpose: str, model
     """
     parser.add_argument("--device", type=device_arg, default="auto", metavar="auto|cpu|cuda|cuda:N",
                         help=f"where to {purpose}; auto = cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help=f"dtype to load {models} in")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help=f"dtype to load {models} in (default: float16 on CUDA, float32 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the demo pipelines' random weights" + (f" ({seed_note})" if seed_note else ""))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of loading a model from the Hub (`--revision`, `--variant`, `--cache-dir`,
+    `--local-files-only`) to a subcommand's parser; `model_options` turns them into `load_pipeline` arguments."""
+    group = parser.add_argument_group("loading a model from the Hub")
+    group.add_argument("--revision", metavar="REV", help="the branch, tag or commit of a Hub model (default: main)")
+    group.add_argument("--variant", metavar="NAME",
+                       help="the weights variant to load, e.g. fp16 (files named *.fp16.safetensors)")
+    group.add_argument("--cache-dir", metavar="DIR", help="the Hub cache folder (default: HF_HUB_CACHE)")
+    group.add_argument("--local-files-only", action="store_true",
+                       help="never contact the Hub: load from a local folder or the cache only (HF_HUB_OFFLINE=1 "
+                            "does the same)")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `load_pipeline` from the options `add_model_arguments` added."""
+    return dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+                local_files_only=args.local_files_only)
+
+
+def resolve_dtype(name: str | None, device: str) -> str:
+    """The `--dtype` to use: as given, else float16 on CUDA and float32 on the CPU."""
+    return name or ("float16" if device.startswith("cuda") else "float32")
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,9 +183,22 @@ def demo_names() -> str:
     return ", ".join(f"'{name}' ({family})" for name, family in DEMO_MODELS.items())
 
 
-def check_model(model: str) -> None:
+def _looks_like_path(text: str) -> bool:
+    """Whether `text` is written as a file system path rather than a Hub repo id (org/name)."""
+    return (text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+            or os.path.isabs(text) or os.path.exists(text))
+
+
+def check_model(model: str, option: str = "--model") -> None:
     """Raise unless `model` is a demo name, an existing folder or looks like a Hub repo id (nothing is loaded)."""
-    if model not in DEMO_MODELS and not os.path.isdir(model) and not _REPO_ID.fullmatch(model):
+    if model in DEMO_MODELS or os.path.isdir(model):
+        return
+    if _looks_like_path(model):
+        what = "a file, not a folder" if os.path.exists(model) else "no such folder"
+        raise FileNotFoundError(f"{option} {model}: {what}; give the folder of a diffusers pipeline "
+                                "(with model_index.json), a Hub repo id (org/name) or a demo pipeline "
+                                f"({', '.join(DEMO_MODELS)})")
+    if not _REPO_ID.fullmatch(model):
         raise FileNotFoundError(f"--model {model}: no such folder, not a Hub repo id (org/name), and not one of the "
                                 f"demo pipelines {', '.join(DEMO_MODELS)}")
 
@@ -168,36 +207,14 @@ def _unsupported(model: str, class_name: str) -> TypeError:
     return TypeError(f"--model {model} is a {class_name}, which diffusers-uce cannot edit: give {SUPPORTED}")
 
 
-def hub_reachable(model: str) -> bool:
-    """Whether the Hub answers for `model` (within seconds). Offline, a model in the local cache loads from it (returns
-    `False`); one that is not raises a `ConnectionError` saying what to do, instead of retrying for half a minute."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        HfApi().model_info(model, timeout=5)
-        return True
-    except HfHubHTTPError:  # the Hub answered (no such repo, gated...): from_pretrained says what is wrong
-        return True
-    except Exception as error:  # no answer: offline, or the Hub is down
-        if isinstance(try_to_load_from_cache(model, "model_index.json"), str):
-            progress(f"The Hub cannot be reached ({type(error).__name__}); loading {model} from the local cache")
-            return False
-        raise ConnectionError(
-            f"--model {model}: the Hugging Face Hub cannot be reached ({type(error).__name__}) and the model is not "
-            "in the local cache. Offline, give a local folder (or a model downloaded before); with a proxy or mirror, "
-            "set HF_ENDPOINT") from None
-
-
-def _check_pipeline_class(model: str, local_files_only: bool = False) -> None:
+def _check_pipeline_class(model: str, **hub) -> None:
     """Fail before loading any weights when the model_index.json of `model` names a pipeline that cannot be edited."""
     import diffusers
 
     from ..core.families import family_of
 
-    name = diffusers.DiffusionPipeline.load_config(model, local_files_only=local_files_only).get("_class_name")
+    hub = {k: v for k, v in hub.items() if k != "variant"}
+    name = diffusers.DiffusionPipeline.load_config(model, **hub).get("_class_name")
     cls = getattr(diffusers, name or "", None)  # a custom pipeline class is only known once loaded
     if isinstance(cls, type):
         try:
@@ -206,7 +223,8 @@ def _check_pipeline_class(model: str, local_files_only: bool = False) -> None:
             raise _unsupported(model, name) from None
 
 
-def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
+def load_pipeline(model: str, dtype_name: str, device: str, seed: int, *, revision: str | None = None,
+                  variant: str | None = None, cache_dir: str | None = None, local_files_only: bool = False):
     """Load `model` with concept editing attached.
 
     Args:
@@ -216,6 +234,9 @@ def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
         dtype_name (`str`): one of `DTYPES`.
         device (`str`): a resolved torch device (`resolve_device`).
         seed (`int`): seed of a demo pipeline's random weights.
+        revision, variant, cache_dir, local_files_only: as `DiffusionPipeline.from_pretrained` takes them (not for
+            the demo pipelines). Offline (`HF_HUB_OFFLINE=1`, or no answer from the Hub within seconds) a model in
+            the cache loads from it, and one that is not raises a one-line `ConnectionError`.
 
     Raises:
         `TypeError`: the model is a pipeline diffusers-uce cannot edit (found from its model_index.json before its
@@ -227,17 +248,29 @@ def load_pipeline(model: str, dtype_name: str, device: str, seed: int):
 
     dtype = getattr(torch, dtype_name)
     if model in DEMO_MODELS:
+        given = [f"--{k.replace('_', '-')}" for k, v in (("revision", revision), ("variant", variant),
+                                                          ("cache_dir", cache_dir)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to a Hub model or a local folder, not to the demo pipeline "
+                             f"{model!r}: leave them out, or give --model ORG/NAME")
         from ..demo import make_demo_pipeline
 
         return attach(make_demo_pipeline(DEMO_MODELS[model], seed=seed, torch_dtype=dtype, device=device))
     from diffusers import DiffusionPipeline
 
-    local_only = not os.path.isdir(model) and not hub_reachable(model)
-    _check_pipeline_class(model, local_only)
+    from ..utils.hub import local_files_only_for
+
+    if not local_files_only:
+        local_files_only = local_files_only_for(
+            model, what="--model", filename="model_index.json", revision=revision, cache_dir=cache_dir,
+            instead="offline, give a local folder (or a model downloaded before); with a proxy or mirror, set "
+                    "HF_ENDPOINT")
+    hub = dict(revision=revision, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only)
+    _check_pipeline_class(model, **hub)
     # Recent diffusers deprecate torch_dtype for dtype, older ones only know torch_dtype: pass it, hide the warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*torch_dtype.*deprecated", FutureWarning)
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=local_only)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **hub)
     try:
         attach(pipe)
     except ValueError:

@@ -14,6 +14,7 @@ from .common import (
     add_card_arguments,
     add_device_arguments,
     add_hub_arguments,
+    add_model_arguments,
     card_options,
     check_model,
     check_output,
@@ -22,9 +23,11 @@ from .common import (
     demo_names,
     hub_options,
     load_pipeline,
+    model_options,
     positive_int,
     progress,
     resolve_device,
+    resolve_dtype,
     write_json_atomic,
 )
 
@@ -143,12 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lora-format", choices=("diffusers", "kohya"),
         help="with --lora: 'diffusers' (load_lora_weights; the default) or 'kohya': one uce_lora.safetensors in the "
              "kohya/sd-scripts layout for AUTOMATIC1111 and ComfyUI (SD 1.x/2.x, SDXL)")
+    add("--plot", metavar="PATH",
+        help="draw the report (efficacy, interference, recovery per hardening round) to this image file (.png, .svg "
+             "or .pdf; needs matplotlib); the model cards of --output/--save-edits/--lora then show it as report.png")
     add("--push-to-hub", metavar="REPO",
         help="push the edit (edit file, its exact LoRA, model card, community pipeline.py) to this Hub repository in "
              "one commit")
     add_hub_arguments(parser)
     add_card_arguments(parser)
     add_device_arguments(parser, purpose="load the model and solve", seed_note="the edit itself is deterministic")
+    add_model_arguments(parser)
     _add_debias_arguments(parser)
 
 
@@ -253,11 +260,14 @@ def run(args: argparse.Namespace) -> int:
             check_output(folder, args.overwrite, option)
     if args.output_single_file is not None:
         check_output_file(args.output_single_file, args.overwrite, "--output-single-file", ".safetensors")
+    if args.plot is not None:
+        _check_plot(args.plot, args.overwrite)
     if args.rank is not None and args.lora is None:
         raise ValueError("--rank only applies with --lora DIR")
     if args.lora_format is not None and args.lora is None:
         raise ValueError("--lora-format only applies with --lora DIR")
     device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device)
     classifier = None
     if debias is not None:
         from ..loaders.debias import DebiasOptions, clip_zero_shot_classifier
@@ -267,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         classifier = clip_zero_shot_classifier(clip_model, device=device).load()
 
     progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
-    pipe = load_pipeline(args.model, args.dtype, device, args.seed)
+    pipe = load_pipeline(args.model, args.dtype, device, args.seed, **model_options(args))
     if not args.edit_keys and not pipe._uce_family.has_keys:
         raise ValueError(f"--no-edit-keys: {args.model} is a {pipe._uce_family.name} pipeline, whose edited layers "
                          "(text-embedding projections) have no keys to leave out; drop the flag")
@@ -298,8 +308,32 @@ def run(args: argparse.Namespace) -> int:
             held_out=args.held_out,
         )
     print(output.report)
+    if args.plot is not None:
+        _plot(args, output.report)
     _save(args, pipe, output)
     return 0
+
+
+def _check_plot(path: str, overwrite: bool) -> None:
+    """Refuse a bad `--plot PATH` before anything loads: an image suffix, a new file (or --overwrite), matplotlib."""
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"--plot {path}: give a file name ending in .png, .svg or .pdf")
+    check_output_file(path, overwrite, "--plot", os.path.splitext(path)[1])
+    from ..core.report_plot import _matplotlib
+
+    _matplotlib()  # ImportError: "pip install matplotlib"
+
+
+def _plot(args: argparse.Namespace, report) -> None:
+    """Draw the report to `--plot`, and as report.png into every output folder, where the model card shows it."""
+    from ..hub.cards import REPORT_PLOT_NAME
+
+    figure = report.plot(path=args.plot)
+    progress(f"Saved the report's plot to {args.plot}")
+    for folder in (args.output, args.save_edits, args.lora):
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+            figure.savefig(os.path.join(folder, REPORT_PLOT_NAME), dpi=110)
 
 
 def _save(args: argparse.Namespace, pipe, output) -> None:

@@ -9,12 +9,15 @@ from .common import (
     DEMO_MODELS,
     SUPPORTED,
     add_device_arguments,
+    add_model_arguments,
     argument_type,
     check_model,
     load_pipeline,
+    model_options,
     positive_int,
     progress,
     resolve_device,
+    resolve_dtype,
 )
 
 HELP = ("generate images with the base and the edited model from the same seeds and score them (NudeNet, CLIP, "
@@ -67,7 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "(e.g. openai/clip-vit-large-patch14); never downloaded")
     add("--nudenet-threshold", type=float, default=0.6, metavar="F", help="minimum NudeNet detection score")
     add("--overwrite", action="store_true", help="regenerate images already in --output")
+    add("--keep-safety-checker", action="store_true",
+        help="keep the model's safety checker (default: it is switched off, since it blackens flagged images and "
+             "so skews every metric, NudeNet counts first)")
     add_device_arguments(parser, purpose="generate and score", models="the models")
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,20 +101,26 @@ def run(args: argparse.Namespace) -> int:
         device = str(state.device)
     else:
         device = resolve_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, device)
     progress(f"Loading model {args.model} ({args.dtype}, {device}) ...")
-    pipe = load_pipeline(args.model, args.dtype, device, args.seed)
+    pipe = load_pipeline(args.model, args.dtype, device, args.seed, **model_options(args))
     if args.edits is not None:
         progress(f"Loading the edit {args.edits} ...")
-        pipe.load_concept_edits(args.edits)
+        pipe.load_concept_edits(args.edits, cache_dir=args.cache_dir, local_files_only=args.local_files_only)
     base = None
     if args.base_model is not None:
         progress(f"Loading base model {args.base_model} ...")
-        base = load_pipeline(args.base_model, args.dtype, device, args.seed)
+        base = load_pipeline(args.base_model, args.dtype, device, args.seed, **model_options(args))
+    for p in (pipe, base):
+        if p is not None and getattr(p, "safety_checker", None) is not None and not args.keep_safety_checker:
+            progress("Switching the safety checker off (it blackens flagged images); --keep-safety-checker keeps it")
+            p.safety_checker = None
     summary = evaluate_edit(
         pipe, args.prompts, args.output, base_pipe=base, num_inference_steps=args.steps,
         guidance_scale=args.guidance, height=args.size, width=args.size, batch_size=args.batch_size,
         limit=args.limit, metrics=args.metrics, clip_model=args.clip_model,
         nudenet_threshold=args.nudenet_threshold, overwrite=args.overwrite, accelerator=state,
+        allow_safety_checker=args.keep_safety_checker,
     )
     if not summary:  # not the main process: it writes and prints the results
         return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import traceback
 from types import ModuleType
 
 from ..utils.versions import __version__
@@ -23,6 +24,7 @@ from . import edit as edit_command
 from . import eval as eval_command
 from . import push as push_command
 from .common import hide_backend_notices
+from .messages import ErrorLines, flag_names, unknown_options
 
 PROG = "diffusers-uce"
 
@@ -64,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", required=True)
+    parser.subcommands = {}
     for name, command in COMMANDS.items():
         sub = subparsers.add_parser(name, help=command.HELP, description=command.HELP[0].upper() + command.HELP[1:]
                                     + ".", epilog=command.EPILOG, formatter_class=_Formatter)
         command.add_arguments(sub)
+        sub.add_argument("--debug", action="store_true", help="on failure, print the full traceback too")
         sub.set_defaults(run=command.run)
+        parser.subcommands[name] = sub
     return parser
 
 
@@ -79,24 +84,37 @@ def main(argv: list[str] | None = None) -> int:
         argv (`list[str]`, *optional*): the arguments, without the program name; `sys.argv[1:]` by default.
 
     Returns:
-        `int`: the exit code: 0 on success, 2 for bad arguments or a failure to load, edit or save (with a one-line
-        reason on stderr), 130 if interrupted.
+        `int`: the exit code: 0 on success, 2 for bad arguments or a failure to load, edit, save or push (with a
+        one-line reason on stderr; `--debug` prints the traceback too), 130 if interrupted.
     """
     hide_backend_notices()
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.subcommands[args.command].error(unknown_options(parser.subcommands[args.command], extra))
     except SystemExit as exit_:  # --help/--version (0) and argparse's usage errors (2)
         return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    with ErrorLines() as logged:
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:  # noqa: BLE001 - every failure is one line; --debug adds the traceback
+            if args.debug:
+                traceback.print_exc()
+            print(f"{PROG}: error: {_one_line(error, logged.lines)}", file=sys.stderr)
+            return 2
+
+
+def _one_line(error: Exception, logged: list[str]) -> str:
+    """The message of a failure: what the library logged about it (which says more: what was left as it was), else
+    the error itself, with its flags named as the command line spells them."""
+    message = logged[-1] if logged else str(error)
+    if not isinstance(error, (ValueError, TypeError, OSError, ImportError)):  # unexpected: say what it was
+        message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+    return flag_names(" ".join(message.split()) or type(error).__name__)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ MODERATION_DEFAULTS: dict = {
 # attribute targets are the same templates around each attribute. (`trainscripts/uce_sd_debias.py`: bare concept only.)
 DEBIAS_PROMPT_TEMPLATES = ("image of {}", "photo of {}", "portrait of {}", "picture of {}", "{}")
 
+# Separates the concepts of one string, in Python as on the command line (names may contain commas).
+CONCEPT_SEPARATOR = ";"
+
 _CSV_COLUMN = re.compile(r"^(?P<path>.+\.csv):(?P<column>[^:/\\]+)$", re.IGNORECASE)
 
 
@@ -89,6 +92,28 @@ def expand_prompts(
     return out_erase, out_guides
 
 
+def split_concepts(text: str) -> list[str]:
+    r"""The concepts of one string: split on `";"`, each stripped, empty items dropped.
+
+    A string passed as `erase`, `guide`, `preserve`, `held_out` or `moderate` is split this way, as on the command
+    line; a list is taken as is (an item is one concept even if it contains `";"`).
+
+    Args:
+        text (`str`): e.g. `"Van Gogh; Picasso"`.
+
+    Returns:
+        `list[str]`: e.g. `["Van Gogh", "Picasso"]`.
+    """
+    return [item.strip() for item in text.split(CONCEPT_SEPARATOR) if item.strip()]
+
+
+def _split_string(value):
+    """`value` as a list when it is a string holding several concepts, else unchanged."""
+    if isinstance(value, str) and CONCEPT_SEPARATOR in value and not value.startswith("@"):
+        return split_concepts(value) or [value]
+    return value
+
+
 def moderation_concepts(moderate: str | Sequence[str]) -> list[str]:
     r"""The concepts to erase for content moderation: a preset name, one concept, or a list of concepts.
 
@@ -108,6 +133,7 @@ def moderation_concepts(moderate: str | Sequence[str]) -> list[str]:
     >>> moderation_concepts("I2P")[:3]  # ['hate', 'harassment', 'violence']
     ```
     """
+    moderate = _split_string(moderate)
     if isinstance(moderate, str):
         name = moderate.strip()
         if name.lower() in MODERATION_PRESETS:
@@ -195,7 +221,8 @@ def resolve_concept_arg(value: str | os.PathLike | Sequence | None) -> list | No
     - `None` is returned as is.
     - `"@artists.txt"` reads a text file, `"@data.csv:artist"` a CSV column, `"@names.csv"` a one-column CSV
       ([`read_concepts`]); an `os.PathLike` (e.g. `Path("artists.txt")`) is read the same way, without the `@`.
-    - `"@@text"` is the literal concept `"@text"`; any other string `s` gives `[s]`.
+    - `"@@text"` is the literal concept `"@text"`; `"A; B"` gives `["A", "B"]` ([`split_concepts`]); any other
+      string `s` gives `[s]`.
     - In a list, every `"@..."` string or path is replaced by the concepts it names; other items are kept unchanged
       (so guides such as `""` keep their place).
 
@@ -212,6 +239,7 @@ def resolve_concept_arg(value: str | os.PathLike | Sequence | None) -> list | No
     """
     if value is None:
         return None
+    value = _split_string(value)
     if isinstance(value, (str, os.PathLike)):
         value = [value]
     if not isinstance(value, Sequence):
@@ -231,11 +259,13 @@ def resolve_concept_arg(value: str | os.PathLike | Sequence | None) -> list | No
 
 def broadcast_guides(guide, count: int) -> list:
     r"""One guide per erased concept: `None` or a string is used for all `count` concepts, a one-item list too;
-    a longer list must have `count` items. `None` items are the unconditional prompt `""`.
+    a longer list must have `count` items, and so must a string of several guides (`"art; a photo"`, see
+    [`split_concepts`]). `None` items are the unconditional prompt `""`.
 
     Raises:
         `ValueError`: when a list has neither 1 nor `count` items.
     """
+    guide = _split_string(guide)
     if guide is None or isinstance(guide, str):
         return [guide or ""] * count
     if not isinstance(guide, Sequence):

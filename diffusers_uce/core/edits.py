@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 from ..utils.checks import finite_number, non_negative_number
-from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg
+from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg, split_concepts
 from .speed_options import check_speed_record, resolve_method_options
 
 TOKEN_MODES = ("last", "paper")
@@ -225,7 +225,10 @@ def build_concept_edit(
 
 
 def check_held_out(held_out) -> list[str] | None:
-    """The held-out concepts of a call as a list (`None`: the built-in set); one string is one concept."""
+    """The held-out concepts of a call as a list (`None`: the built-in set); a string is split on `";"`
+    (`split_concepts`), so `""` is no held-out concept."""
+    if isinstance(held_out, str):
+        held_out = split_concepts(held_out)
     return None if held_out is None else list(_concept_list(held_out, "held_out"))
 
 

@@ -47,6 +47,8 @@ class EditReport:
             norm ratio ``‖c'‖ / ‖c‖``: how far from ordinary embeddings the attacker must go.
         invariants (`list[dict]`): precise erasure: ``{"token", "change"}`` per invariant token, its relative change.
         retain_dropped (`list[str]`): precise erasure: retain prompts left out because they name an erased concept.
+        demo (`bool`): the edited pipeline is a built-in demo pipeline with random weights (the printed report and
+            model cards then say that its numbers mean nothing for a real model).
     """
 
     erased: list[dict] = field(default_factory=list)
@@ -58,6 +60,7 @@ class EditReport:
     robustness: list[dict] = field(default_factory=list)
     invariants: list[dict] = field(default_factory=list)
     retain_dropped: list[str] = field(default_factory=list)
+    demo: bool = False
 
     def summary(self) -> dict:
         mean = lambda rows, key: (sum(r[key] for r in rows) / len(rows)) if rows else None  # noqa: E731
@@ -80,40 +83,16 @@ class EditReport:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        rows = [("erased", r["concept"], f"→ {r['guide'] or '<unconditional>'}", "efficacy", r["efficacy"])
-                for r in self.erased]
-        rows += [(kind, r["concept"] or "<unconditional>", "", "interference", r["interference"])
-                 for kind, part in (("preserved", self.preserved), ("held-out", self.held_out)) for r in part]
-        rows += [("debiased", r["concept"], "", "shift", r["shift"]) for r in self.debiased]
-        rows += [("ratio", r["concept"], f"{a} (target {t:.2f}, before {b:.2f})", "after", x)
-                 for r in self.ratios for a, t, b, x in zip(r["attributes"], r["target"], r["before"], r["after"])]
-        rows += [("robustness", r["concept"], _rounds(r), "recovery", r["recovery"][-1]) for r in self.robustness]
-        widths = [max([len(str(r[i])) for r in rows] + [len(h)]) for i, h in
-                  enumerate(("role", "concept", "guide", "metric"))]
-        header = ("role", "concept", "guide", "metric", "value")
-        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths + [0])).rstrip()]
-        lines.append("  ".join("-" * w for w in widths + [6]))
-        for row in rows:
-            lines.append("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + f"  {row[4]:.4f}")
-        s = self.summary()
-        lines.append(f"{self.layers} projections edited; mean efficacy {_fmt(s['mean_efficacy'])}, "
-                     f"mean interference preserved {_fmt(s['mean_preserved_interference'])}, "
-                     f"held-out {_fmt(s['mean_held_out_interference'])}")
-        if self.invariants or self.retain_dropped:
-            lines.append(f"precise erasure: largest change of the {len(self.invariants)} invariant tokens "
-                         f"{_fmt(s['max_invariant_change'])}; retain set interference (preserved above) "
-                         f"{_fmt(s['mean_preserved_interference'])}; {len(self.retain_dropped)} retain prompt(s) "
-                         f"dropped for naming an erased concept")
-        return "\n".join(lines)
+        from .report_text import report_text
 
+        return report_text(self)
 
-def _rounds(row: dict) -> str:
-    """``ρ=0.1: 0.93 → 0.41 → 0.22`` (the recovery before hardening and after each round)."""
-    return f"ρ={row['reg']:g}, {row['rounds']} round(s): " + " → ".join(f"{v:.2f}" for v in row["recovery"])
+    def plot(self, **kwargs):
+        """A matplotlib figure of the report (needs matplotlib: `pip install matplotlib`); see
+        `diffusers_uce.core.report_plot.plot_report` for the panels and arguments."""
+        from .report_plot import plot_report
 
-
-def _fmt(x):
-    return "n/a" if x is None else f"{x:.4f}"
+        return plot_report(self, **kwargs)
 
 
 def _per_group(values: torch.Tensor, group: torch.Tensor, count: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
+from ..utils.demo_mark import mark_demo
 from .clip import make_demo_clip
 from .cogvideox import make_demo_cogvideox_pipeline
 from .flux import make_demo_flux_pipeline
@@ -99,5 +100,6 @@ def make_demo_pipeline(
         pipe = builders[family](seed=seed, torch_dtype=torch_dtype, device=device)
     else:
         pipe = make_demo_sd_pipeline(family, seed=seed, torch_dtype=torch_dtype, device=device)
+    mark_demo(pipe)  # reports and cards say its weights are random
     logger.debug("Built %s demo pipeline (seed=%d).", family, seed)
     return pipe

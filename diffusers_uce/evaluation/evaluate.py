@@ -98,6 +98,7 @@ def evaluate_edit(
     width: int | None = None, batch_size: int = 4, limit: int | None = None, metrics=METRICS,
     clip_model: str | os.PathLike | None = None, nudenet_threshold: float = 0.6, label_column: str | None = None,
     label_template: str | None = None, grid_rows: int = 8, overwrite: bool = False, accelerator=None,
+    allow_safety_checker: bool = False,
 ) -> dict:
     r"""Generate base and edited images for every prompt row with the same seeds, score them and write a report.
 
@@ -107,7 +108,8 @@ def evaluate_edit(
     (the first `grid_rows` rows, base | edited). Runs are resumable: images already on disk are reused, as long as
     they were made with the same settings (`images/settings.json`); otherwise a `ValueError` asks for
     `overwrite=True` or another folder. Prompt texts are never logged (rows are named by case number), not even in
-    diffusers' truncation warning. Disable the safety checker: it blackens flagged images, which skews the metrics.
+    diffusers' truncation warning. A pipeline with an active safety checker is refused: it blackens flagged images,
+    which skews every metric (NudeNet counts first); load it with `safety_checker=None`.
 
     Args:
         pipe (`DiffusionPipeline`): the edited pipeline (with `diffusers_uce` attached, or any pipeline when
@@ -144,6 +146,8 @@ def evaluate_edit(
             processes (`split_between_processes`); each process generates its share with its own copy of the
             pipelines (already moved to its device) into `output_dir`, which all processes must see; then the main
             process scores every row and writes the reports.
+        allow_safety_checker (`bool`, defaults to `False`): evaluate even when a pipeline has an active safety
+            checker (its blackened images then count as clean).
 
     Returns:
         `dict`: the summary written to `summary.json` (an empty dict on processes other than the main one).
@@ -170,6 +174,10 @@ def evaluate_edit(
                          "pass base_pipe (the unedited model) to evaluate a fused, saved edit")
     for p in (pipe, base_pipe):
         if p is not None and getattr(p, "safety_checker", None) is not None:
+            if not allow_safety_checker:
+                raise ValueError("a pipeline has an active safety checker: flagged images come out black, which skews "
+                                 "the metrics; load it with safety_checker=None (or set pipe.safety_checker = None), "
+                                 "or pass allow_safety_checker=True to evaluate it anyway")
             logger.warning("a pipeline has a safety checker: flagged images come out black, which skews the metrics")
     settings = {
         "model": getattr(pipe, "name_or_path", None), "base": getattr(base_pipe, "name_or_path", None)

@@ -76,8 +76,9 @@ def _precise_row(data: Mapping, preserve: list[str]) -> dict[str, str]:
             "technique": md(f"{data['method']} ({options})")}
 
 
-def report_view(report: Any) -> dict | None:
-    """The numbers the template shows, from `EditReport.to_dict()` (or an `EditReport`/`ConceptEditOutput`)."""
+def report_view(report: Any, plot: str | None = None) -> dict | None:
+    """The numbers the template shows, from `EditReport.to_dict()` (or an `EditReport`/`ConceptEditOutput`);
+    `plot` is the file name of the report's picture next to the card, if one is saved there."""
     report = getattr(report, "report", report)
     if report is None or (isinstance(report, Mapping) and not report):
         return None
@@ -90,10 +91,9 @@ def report_view(report: Any) -> dict | None:
     rows += [{"role": role, "concept": _concept(r["concept"]), "guide": "", "metric": "interference",
               "value": fmt(r["interference"])} for role, part in (("preserved", preserved), ("held-out", held))
              for r in part]
-    rows += [{"role": "robustness", "concept": _concept(r["concept"]),
-              "guide": f"ρ {_number(r['reg'])}, {r['rounds']} rounds: " + " → ".join(f"{v:.2f}"
-                                                                                   for v in r["recovery"]),
-              "metric": "adversarial recovery", "value": fmt(r["recovery"][-1])} for r in report.robustness]
+    robust_rows = [{"concept": _concept(r["concept"]), "reg": _number(r["reg"]), "rounds": str(r["rounds"]),
+                    "recovery": " → ".join(f"{v:.2f}" for v in r["recovery"]),
+                    "norm_ratio": f"{r['norm_ratio'][-1]:.2f}"} for r in report.robustness]
     hidden = len(rows) - MAX_REPORT_ROWS
     return {
         "mean_efficacy": fmt(summary["mean_efficacy"]),
@@ -103,6 +103,10 @@ def report_view(report: Any) -> dict | None:
         "layers": str(report.layers) if report.layers else None,
         "rows": rows[:MAX_REPORT_ROWS],
         "more": f"*… and {hidden} more rows.*" if hidden > 0 else None,
+        "robust_rows": robust_rows,
+        "ratios": bool(report.ratios),
+        "demo": report.demo,
+        "plot": plot,
     }
 
 

@@ -238,12 +238,16 @@ def is_generated_card(text: str) -> bool:
     return len(found) == 1 and found[0] == _digest(text)
 
 
+# The report's picture (`EditReport.plot`), when saved next to a card under this name, is shown in the card.
+REPORT_PLOT_NAME = "report.png"
+
+
 def render_model_card(
     *, edits: Iterable[ConceptEdit | Mapping], base_model: str | None, kind: Literal["adapter", "finetune"],
     report: Mapping | Any | None = None, license: str | None = None, family: str | Family = "stable-diffusion",
     repo_id: str | None = None, weight_name: str | None = None, extra_tags: Iterable[str] = (),
     lora_weight_name: str | None = None, edit_options: str | None = None, files: CardFiles | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str = DEFAULT_TEMPLATE, report_plot: str | None = None,
 ) -> ModelCard:
     r"""Render the model card of a concept edit.
 
@@ -269,6 +273,8 @@ def render_model_card(
             snippet for a file that is not there: `load_concept_edits` needs the edit file, `custom_pipeline` the
             repository's `pipeline.py`.
         template (`str`, defaults to `"uce_card.md.jinja"`): the template's name in `diffusers_uce.model_cards`.
+        report_plot (`str`, *optional*): the file name of the report's picture (`report.plot()`) saved next to the
+            card, e.g. `"report.png"`: the card shows it under the report.
 
     Returns:
         [`huggingface_hub.ModelCard`]: the card; `card.data` holds the metadata, `str(card)` the README.md text, which
@@ -305,7 +311,7 @@ def render_model_card(
     with template_path(template) as path:
         card = ModelCard.from_template(
             card_data, template_path=str(path), title=title, description=description, kind=kind,
-            edits=[edit_row(i, edit) for i, edit in enumerate(edits, 1)], report=report_view(report),
+            edits=[edit_row(i, edit) for i, edit in enumerate(edits, 1)], report=report_view(report, report_plot),
             base_model=hub_id or base_model, repo_id=repo_id or REPO_PLACEHOLDER, edit_file=files.edit_file,
             loras=[f.view() for f in files.loras], community_pipeline=files.community_pipeline, no_lora=files.no_lora,
             edit_options=edit_options, license_note=_license_note(metadata, hub_id, kind, license),

@@ -19,7 +19,7 @@ from ..loaders.edit_format import EDIT_WEIGHT_NAME
 from ..loaders.state_mixin import serialized
 from ..utils.checks import check_base_model, check_license
 from .card_files import card_for_folder, folder_files
-from .cards import card_for_pipeline, is_generated_card, save_model_card
+from .cards import REPORT_PLOT_NAME, card_for_pipeline, is_generated_card, save_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -139,6 +139,8 @@ class UCEHubMixin:
             edits = [r.to_dict() for r in self.concept_edits]
             files, _ = folder_files(save_directory, edits, self.concept_edit_scale)
             card["files"] = replace(files, no_lora=no_lora)
+        if os.path.isfile(os.path.join(save_directory, REPORT_PLOT_NAME)):  # the report's picture, next to the card
+            card.setdefault("report_plot", REPORT_PLOT_NAME)
         card = card_for_pipeline(self, kind, report=self.concept_edit_report, **card)
         save_model_card(card, save_directory, overwrite=overwrite)
 

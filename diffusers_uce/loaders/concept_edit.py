@@ -17,6 +17,7 @@ from ..core.hardening import robustness_rows
 from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.targets import LayerFilter
 from ..utils.checks import check_base_model, check_license
+from ..utils.demo_mark import is_demo_pipeline
 from ..utils.files import atomic_folder
 from .edit_file import UCEIOMixin
 from .edit_state import EditState
@@ -263,6 +264,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
         held = [c for c in (DEFAULT_HOLDOUT_CONCEPTS if held_out is None else held_out) if c not in named]
         solutions, parts, robust = self._uce_solutions(records, groups, held)
         report = build_report(parts, sum(len(g.projections) for g in groups))
+        report.demo = is_demo_pipeline(self)
         if all(sums is not None for sums in robust):
             report.robustness = robustness_rows(records, robust)
         fused = None

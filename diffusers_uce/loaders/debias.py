@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..core.concepts import DEBIAS_PROMPT_TEMPLATES
 from ..utils.checks import is_finite_number, is_whole_number
 from ..utils.generation import generate_seeded, quiet_pipeline
+from ..utils.hub import local_files_only_for
 
 logger = logging.get_logger(__name__)
 
@@ -178,6 +179,10 @@ def debias_loop(pipe, record, solve, *, ratios=None, classifier=None, tolerance:
             bar.update(1)
         if output is None:  # every concept was within tolerance before any edit
             output = solve(record.with_debias_weights(weights))
+        for t in active:  # what is left unreached after the budget
+            logger.warning(f"debias: {t.concept!r} did not reach its ratios within max_iterations={max_iterations} "
+                           f"(gap {gaps[t.concept]:.3f} > tolerance {tolerance}): its weights move toward them but "
+                           "stop short; raise max_iterations, or num_images for steadier measurements")
     except BaseException:
         pipe._uce_restore(snapshot)
         raise
@@ -233,10 +238,13 @@ def _generate(pipe, jobs, opts) -> list:
     call = {k: v for k, v in (("num_inference_steps", opts.num_inference_steps), ("height", opts.height),
                               ("width", opts.width), ("guidance_scale", opts.guidance_scale)) if v is not None}
     images = []
-    with quiet_pipeline(pipe):
+    shown = getattr(opts.accelerator, "is_main_process", True) and len(jobs) > opts.batch_size
+    with quiet_pipeline(pipe), tqdm(total=len(jobs), desc="debias: generating images", unit="image", leave=False,
+                                    disable=not shown) as bar:
         for start in range(0, len(jobs), opts.batch_size):
             batch = jobs[start:start + opts.batch_size]
             images += generate_seeded(pipe, [p for p, _ in batch], [s for _, s in batch], **call)
+            bar.update(len(batch))
     return images
 
 
@@ -244,7 +252,9 @@ def clip_zero_shot_classifier(model_id_or_path: str | os.PathLike = "openai/clip
                               template: str = "{}", local_files_only: bool = False):
     r"""CLIP zero-shot attribute classifier for [`debias_loop`]: per image, the label whose text matches it best.
 
-    Loads on first use (or `.load()`); raises an `OSError` saying what to pass instead if the model cannot load.
+    Loads on first use (or `.load()`); raises an `OSError` saying what to pass instead if the model cannot load, and
+    a `ConnectionError` within seconds when the Hub cannot be reached (or `HF_HUB_OFFLINE=1`) and the model is not
+    cached.
 
     Args:
         model_id_or_path (`str` or `os.PathLike`, defaults to `"openai/clip-vit-base-patch32"`, the authors'):
@@ -269,9 +279,14 @@ def clip_zero_shot_classifier(model_id_or_path: str | os.PathLike = "openai/clip
         if not loaded:
             from transformers import CLIPModel, CLIPProcessor
 
+            offline = local_files_only or local_files_only_for(
+                model_id_or_path, what="the CLIP model of the debias classifier",
+                instead="give a local CLIP folder (options={'clip_model': PATH}, CLI --clip-model PATH; "
+                        "diffusers_uce.demo.make_demo_clip(PATH) saves a tiny random one for trying), or your own "
+                        "classifier=")
             try:
-                loaded[:] = [CLIPProcessor.from_pretrained(model_id_or_path, local_files_only=local_files_only),
-                             CLIPModel.from_pretrained(model_id_or_path, local_files_only=local_files_only).to(device)]
+                loaded[:] = [CLIPProcessor.from_pretrained(model_id_or_path, local_files_only=offline),
+                             CLIPModel.from_pretrained(model_id_or_path, local_files_only=offline).to(device)]
             except (OSError, ValueError) as error:
                 raise OSError(
                     f"could not load the CLIP model {os.fspath(model_id_or_path)!r} of the debias classifier "

@@ -78,12 +78,14 @@ class UCEEditStateMixin:
 
     @property
     def concept_edit_settings(self) -> dict | None:
-        """What every edit shares: `edit_keys`, `layers`, the edited target `groups` (`TargetGroup`s), `scale` and
-        `fused`; `None` when there is no edit."""
+        """What every edit shares: `edit_keys`, `layers`, the edited target `groups` (`TargetGroup`s), `edited` (the
+        name of every edited projection, `"<component>.<module>"`), `scale` and `fused`; `None` when there is no
+        edit."""
         state = self._uce_state
         if state is None:
             return None
         return {"edit_keys": state.edit_keys, "layers": state.layers, "groups": tuple(g.group for g in state.groups),
+                "edited": tuple(f"{g.group.component}.{p.name}" for g in state.groups for p in g.projections),
                 "scale": state.scale, "fused": state.fused}
 
     @serialized

@@ -322,8 +322,8 @@ def test_edit_with_precise_erasure_and_a_retain_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method-option", "threshold=0.1"], "takes no method_options"),
-    (["--method", "speed", "--method-option", "tau=1"], "unknown method_options"),
+    (["--method-option", "threshold=0.1"], "--method uce takes no --method-option"),
+    (["--method", "speed", "--method-option", "tau=1"], "unknown --method-option"),
     (["--method", "speed", "--preserve", "@retain:painters"], "unknown retain set"),
     (["--method", "speed", "--lamb", "0.2"], "lamb"),
 ])
