@@ -28,18 +28,24 @@ class _Captured(Exception):
 
 def _call_kwargs(pipe, prompts: list[str], call: dict) -> dict:
     """Arguments of a cheap call of `pipe` on `prompts`: one step, no classifier-free guidance, latents out."""
-    accepted = inspect.signature(pipe._uce_base_class().__call__).parameters
+    accepted = inspect.signature(_base(pipe).__call__).parameters
     kwargs = {"num_inference_steps": 1, "output_type": "latent", **call}
     kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     kwargs["prompt"] = list(prompts)
     return kwargs
 
 
+def _base(pipe) -> type:
+    """The diffusers pipeline class of `pipe` (its own `__call__`, without the plugin's check before generating)."""
+    base_class = getattr(type(pipe), "_uce_base_class", None)
+    return base_class() if base_class is not None else type(pipe)
+
+
 def _run(pipe, kwargs: dict, hooks: list) -> None:
     """Call the pipeline (its base class's `__call__`) until a hook raises `_Captured`; always remove `hooks`."""
     try:
         with torch.no_grad():
-            pipe._uce_base_class().__call__(pipe, **kwargs)
+            _base(pipe).__call__(pipe, **kwargs)
     except _Captured:
         return
     finally:
