@@ -59,7 +59,7 @@ def attach(pipe, targets: list[str] | None = None):
         raise TypeError(f"attach() takes a diffusers pipeline, got {type(pipe).__name__}")
     if isinstance(pipe, UCEMixin) and targets is None:
         return pipe
-    if isinstance(pipe, UCEMixin) and pipe._uce_state is not None:
+    if isinstance(pipe, UCEMixin) and pipe.concept_edits:
         raise ValueError("this pipeline has concept edits applied: unload_concept_edits() before choosing targets")
     base = pipe._uce_base_class() if isinstance(pipe, UCEMixin) else type(pipe)
     family = family_of(base) if targets is None else explicit_family(pipe, base, targets)
