@@ -130,7 +130,8 @@ class EditState:
         self.scale = 1.0
         self.fused = False
         self.original_processors: dict[str, object] = {}
-        self.hooks: list = []
+        self.hooks: list = []  # forward hooks of the edited layers that are not cross-attention projections
+        self.checks: dict = {}  # forward pre-hook of each edited component (`installed.DenoiserCheck`)
         self.report: EditReport | None = None  # of the latest solve (None for an edit loaded from a file)
 
     def snapshot(self) -> tuple:

@@ -12,8 +12,8 @@ from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.report import EditReport
 from ..utils.checks import finite_number
+from . import installed
 from .edit_state import EditState, GroupEdit
-from .processor import LinearEditHook, ProjectionEdit, UCEAttnProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -150,8 +150,7 @@ class UCEEditStateMixin:
             component = getattr(self, group.group.component)
             for name, processor in state.original_processors.get(group.group.name, {}).items():
                 component.get_submodule(name).set_processor(processor)
-        for handle in state.hooks:
-            handle.remove()
+        installed.remove(state)
         self._uce_state = None
 
     def _uce_snapshot(self):
@@ -202,66 +201,15 @@ class UCEEditStateMixin:
         return state
 
     def _uce_install(self, state: EditState) -> None:
-        """Processors on cross-attention groups, forward hooks on other layers: the edit acts, weights untouched."""
-        for group in state.groups:
-            component = getattr(self, group.group.component)
-            if not group.group.cross_attention:
-                state.hooks += [p.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, i)))
-                                for i, p in enumerate(group.projections)]
-                continue
-            originals = state.original_processors.setdefault(group.group.name, {})
-            for name, kinds in _attention_edits(group).items():
-                attention = component.get_submodule(name)
-                originals[name] = attention.processor
-                _wrap(attention, kinds)
+        """Processors on cross-attention groups, forward hooks on other layers: the edit acts, weights untouched;
+        and the check (`_uce_check_installed`) before every call of the edited components."""
+        installed.install(self, state)
 
     @serialized
     def _uce_check_installed(self) -> None:
-        """Before generating: make sure the applied edit still acts. A processor replaced since (for instance by
-        `set_attn_processor`) gets the edit wrapped around it again, with a warning; projections fused since
-        (`fuse_qkv_projections`) cannot carry it, so that raises with what to do. A fused edit is in the weights."""
-        state = self._uce_state
-        if state is None or state.fused:
-            return
-        rewrapped = 0
-        for group in state.groups:
-            if not group.group.cross_attention:
-                continue
-            component = getattr(self, group.group.component)
-            originals = state.original_processors[group.group.name]
-            edits = _attention_edits(group)
-            for name in originals:
-                attention = component.get_submodule(name)
-                if getattr(attention, "fused_projections", False) or any(
-                        getattr(attention, kind, None) is not group.projections[edit.layer].module
-                        for kind, edit in edits[name].items()):
-                    raise RuntimeError(
-                        f"the key/value projections of {group.group.component}.{name} changed after the concept edit "
-                        "was applied (fuse_qkv_projections()?), so the edit no longer acts: call "
-                        "unfuse_qkv_projections(), or fuse_concept_edits() before fuse_qkv_projections()")
-                processor = attention.processor
-                if not isinstance(processor, UCEAttnProcessor):
-                    originals[name] = processor  # what unload_concept_edits puts back now
-                    _wrap(attention, edits[name])
-                    rewrapped += 1
-        hooked = [(g, i, p) for g in state.groups if not g.group.cross_attention for i, p in enumerate(g.projections)]
-        for k, (group, index, projection) in enumerate(hooked):
-            if state.hooks[k].id not in projection.module._forward_hooks:
-                state.hooks[k] = projection.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, index)))
-                rewrapped += 1
-        if rewrapped:
-            logger.warning(f"the concept edit had been removed from {rewrapped} layer(s) (their attention processor "
-                           "or hooks were replaced); it was installed again")
-
-
-def _attention_edits(group) -> dict[str, dict[str, ProjectionEdit]]:
-    """The edit of each projection of a cross-attention group, by attention module and kind (`"to_k"`, `"to_v"`)."""
-    edits: dict[str, dict[str, ProjectionEdit]] = {}
-    for index, projection in enumerate(group.projections):
-        edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(group, index)
-    return edits
-
-
-def _wrap(attention, kinds: dict[str, ProjectionEdit]) -> None:
-    """Wrap `attention`'s current processor in one that applies the edits of its key/value projections."""
-    attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
+        """Before the denoiser runs, in any pipeline built from these components: make sure the applied edit still
+        acts (`installed.check_installed`): a processor or hook replaced since gets the edit back, a layer replaced by
+        a plain linear layer with the same weights takes it over (both with a warning); projections fused since
+        (`fuse_qkv_projections`) or a layer replaced by another one raise with what to do."""
+        if self._uce_state is not None:
+            installed.check_installed(self, self._uce_state)
