@@ -111,6 +111,7 @@ class UCEEditStateMixin:
         if not state.fused:
             logger.warning("concept edits are not fused; nothing to do")
             return
+        self._uce_carry_over()
         for group in state.groups:
             group.write(group.original_weights)
             group.original_weights = None
@@ -132,6 +133,7 @@ class UCEEditStateMixin:
         for group in state.groups:
             group.check_acts_finitely(scale)
         if state.fused:
+            self._uce_carry_over()
             new = [g.fused_weights(float(scale), self._execution_device) for g in state.groups]
             for group, weights in zip(state.groups, new):
                 group.write(weights)
@@ -144,6 +146,7 @@ class UCEEditStateMixin:
         if state is None:
             logger.warning("no concept edits to unload")
             return
+        self._uce_carry_over()
         for group in state.groups:
             if state.fused:
                 group.write(group.original_weights)
@@ -152,6 +155,19 @@ class UCEEditStateMixin:
                 component.get_submodule(name).set_processor(processor)
         installed.remove(state)
         self._uce_state = None
+
+    def _uce_carry_over(self) -> None:
+        """While the edit is fused, keep a change made to the edited weights since it was written into them (a LoRA
+        merged with `fuse_lora()`): what unfusing and unloading restore, and what a new strength or solve starts
+        from, is then the original weights plus that change (`GroupEdit.carry_over_change`)."""
+        state = self._uce_state
+        if state is None or not state.fused:
+            return
+        changed = [g.group.name for g in state.groups if g.carry_over_change(state.scale, self._execution_device)]
+        if changed:
+            logger.warning(f"the weights of the edited layers ({', '.join(changed)}) changed since "
+                           "fuse_concept_edits() (a LoRA fused into them?): the change is kept, and unfusing or "
+                           "unloading the concept edits now restores the original weights plus that change")
 
     def _uce_snapshot(self):
         """What `_uce_restore` needs to put back the edits applied now (`None` when there are none)."""
