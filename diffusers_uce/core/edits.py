@@ -7,6 +7,7 @@ from typing import Sequence
 
 from ..utils.checks import finite_number, non_negative_number
 from .concepts import MODERATION_DEFAULTS, broadcast_guides, erase_requests, resolve_concept_arg, split_concepts
+from .limits import MAX_ATTRIBUTE_SETS, MAX_EDITS, MAX_PROMPTS, MAX_TOTAL_PROMPTS, check_count
 from .speed_options import check_speed_record, resolve_method_options
 
 TOKEN_MODES = ("last", "paper")
@@ -139,6 +140,7 @@ def _concept_list(value, what: str, allow_empty_strings: bool = False) -> tuple[
         value = [value]
     if not isinstance(value, Sequence):
         raise TypeError(f"{what} must be a string or a list of strings, got {type(value).__name__}")
+    check_count(len(value), f"the number of entries of {what}", MAX_PROMPTS)
     out = []
     for item in value:
         if item is None and allow_empty_strings:
@@ -176,6 +178,7 @@ def build_concept_edit(
     """
     if not isinstance(name, str):
         raise TypeError(f"adapter_name must be a string, got {name!r}")
+    check_count(len(earlier) + 1, "the number of concept edits", MAX_EDITS)
     method_options = resolve_method_options(method, method_options)
     erase_list = _concept_list(erase, "erase")
     targets = _debias_targets(debias, debias_weights)
@@ -183,6 +186,8 @@ def build_concept_edit(
         raise ValueError("erase is empty: give at least one concept to erase, e.g. erase=['Van Gogh']")
     guides = _concept_list(broadcast_guides(guide, len(erase_list)), "guide", allow_empty_strings=True)
     preserve_list = tuple(dict.fromkeys(_concept_list(preserve, "preserve")))
+    check_count(sum(len(e.erase) + len(e.preserve) for e in earlier) + len(erase_list) + len(preserve_list),
+                "the number of erased and preserved prompts of all edits together", MAX_TOTAL_PROMPTS)
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"unknown token_mode {token_mode!r}; use one of {', '.join(map(repr, TOKEN_MODES))}")
     if technique not in TECHNIQUES:
@@ -292,6 +297,7 @@ def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
     unknown = sorted(set(debias_weights) - set(debias))
     if unknown:
         raise ValueError(f"debias_weights names concepts that are not debiased: {unknown}")
+    check_count(len(debias), "the number of debiased concepts", MAX_PROMPTS)
     targets = []
     for concept, sets in debias.items():
         concept = _concept_list(concept, "debias concept")[0] if isinstance(concept, str) else concept
@@ -301,6 +307,7 @@ def _debias_targets(debias, debias_weights) -> tuple[DebiasTarget, ...]:
             sets = [sets]
         if not isinstance(sets, (list, tuple)) or not sets:
             raise ValueError(f"debias[{concept!r}] needs attributes, e.g. ['male', 'female']")
+        check_count(len(sets), f"the number of attribute sets of {concept!r}", MAX_ATTRIBUTE_SETS)
         groups = []
         for group in sets:
             group = _concept_list(group, f"attributes of {concept!r}")

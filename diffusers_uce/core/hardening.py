@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils.checks import all_finite, is_finite_number, is_whole_number
+from .limits import MAX_HARDEN_ROUNDS, MAX_PROMPTS, check_count
 from .prompts import EncodedPrompts
 from .robust import _attack, _edit_inputs, _further_edit, _positive, attack_system
 from .solve import homogeneous, transform_from_sums, with_bias
@@ -81,6 +82,8 @@ def resolve_harden(harden, options=None, *, erase, moderate=None, expand_prompts
         harden = False
     if not (isinstance(harden, bool) or is_whole_number(harden)):
         raise ValueError(f"harden must be True/False or a number of rounds >= 0, got {harden!r}")
+    if not isinstance(harden, bool):
+        check_count(harden, "harden (the number of hardening rounds)", MAX_HARDEN_ROUNDS)
     if isinstance(options, HardenOptions):
         options = {k: v for k, v in options.__dict__.items() if v is not None}
     if options is not None and not isinstance(options, dict):
@@ -108,6 +111,7 @@ def resolve_harden(harden, options=None, *, erase, moderate=None, expand_prompts
         preserve = [preserve]
     if not isinstance(preserve, (list, tuple)) or not all(isinstance(p, str) for p in preserve):
         raise ValueError(f"harden_options['preserve'] must be a string or a list of strings, got {preserve!r}")
+    check_count(len(preserve), "the number of harden_options['preserve'] prompts", MAX_PROMPTS)
     if options["tokens"] not in HARDEN_TOKENS:
         raise ValueError(f"harden_options['tokens'] must be one of {HARDEN_TOKENS}, got {options['tokens']!r}")
     return {**resolved, "preserve": tuple(preserve), "tokens": options["tokens"]}
@@ -121,6 +125,7 @@ def check_harden_record(data, erase) -> dict | None:
         raise ValueError(f"invalid hardening in edit record: {data!r}")
     if not is_whole_number(data["rounds"], 1):
         raise ValueError(f"harden rounds must be an integer >= 1, got {data['rounds']!r}")
+    check_count(data["rounds"], "the number of hardening rounds of the edit record", MAX_HARDEN_ROUNDS)
     return resolve_harden(data["rounds"], {k: data[k] for k in HARDEN_OPTIONS}, erase=erase)
 
 

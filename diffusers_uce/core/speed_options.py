@@ -13,6 +13,7 @@ import numbers
 import re
 
 from ..utils.checks import is_finite_number
+from .limits import MAX_AUGMENT, MAX_PROMPTS, check_count
 
 METHODS = ("uce", "speed")
 
@@ -91,7 +92,11 @@ def _invariants(value):
                              f"tokens (got {value!r})")
         return value
     if hasattr(value, "tolist"):  # a tensor or an array
+        if getattr(value, "ndim", 0) >= 1:
+            check_count(len(value), "the number of method_options['invariants']", MAX_PROMPTS)
         value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        check_count(len(value), "the number of method_options['invariants']", MAX_PROMPTS)
     if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
         return [p.strip() for p in value]
     rows = value if isinstance(value, (list, tuple)) else None
@@ -125,6 +130,7 @@ def resolve_method_options(method: str, options) -> dict:
             raise ValueError(f"method_options[{key!r}] must be a {'non-negative ' if key == 'augment' else ''}"
                              f"integer (got {value!r})")
         options[key] = int(value)
+    check_count(options["augment"], "method_options['augment'] (augmented copies per retain token)", MAX_AUGMENT)
     if not isinstance(options["filter"], bool):
         raise ValueError(f"method_options['filter'] must be True or False (got {options['filter']!r})")
     options["invariants"] = _invariants(options["invariants"])

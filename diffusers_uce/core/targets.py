@@ -48,6 +48,17 @@ def _selected(name: str, layers: LayerFilter) -> bool:
     return any(pattern in name for pattern in layers)
 
 
+def reads_fused_projections(processor) -> bool:
+    """Whether an attention processor computes keys and values with the fused projection that
+    ``fuse_qkv_projections()`` adds (``to_kv``/``to_qkv``) instead of the module's own ``to_k``/``to_v``.
+
+    What computes keys and values is the processor that runs: ``unfuse_qkv_projections()`` puts the unfused
+    processors back but leaves ``Attention.fused_projections`` set (and ``to_kv`` in place), so neither is a sign of
+    fused projections. Every fused processor of diffusers is named ``Fused...``.
+    """
+    return "Fused" in type(processor).__name__
+
+
 def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layers: LayerFilter = None,
                      context_dim: int | None = None) -> list[Projection]:
     """List the projections to edit, in module order, after checking they can be edited.
@@ -81,7 +92,7 @@ def find_projections(denoiser: torch.nn.Module, *, edit_keys: bool = True, layer
             "first (pipe.fuse_lora(); pipe.unload_lora_weights()) or unload it (pipe.unload_lora_weights()) before "
             "editing concepts, or apply the concept edit before loading the LoRA"
         )
-    fused = [name for name, module in attentions if "Fused" in type(getattr(module, "processor", None)).__name__
+    fused = [name for name, module in attentions if reads_fused_projections(getattr(module, "processor", None))
              or not isinstance(getattr(module, "to_k", None), torch.nn.Linear)]
     if fused:
         raise ValueError(

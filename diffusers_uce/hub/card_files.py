@@ -74,11 +74,15 @@ def read_saved_edit(path: str | os.PathLike) -> SavedEdit | None:
     path = Path(path)
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
+            header, keys = f.metadata() or {}, list(f.keys())
         if METADATA_KEY in header:
             info, lora = json.loads(header[METADATA_KEY]), None
         elif LORA_RECORD_KEY in header:
             info = json.loads(header[LORA_RECORD_KEY])
+            if not _edits_text_layers_only(keys):
+                logger.warning(f"{path} says it is a LoRA export of diffusers-uce, but it changes layers a concept "
+                               "edit never changes: its record is not used for a model card")
+                return None
             lora = LoraFile(path.name, "kohya" if "ss_network_module" in header else "diffusers", info.get("rank"),
                             info.get("relative_error"))
         else:
@@ -87,6 +91,25 @@ def read_saved_edit(path: str | os.PathLike) -> SavedEdit | None:
     except Exception as error:  # not a readable safetensors file of ours: not described
         logger.debug(f"{path} is not a readable edit or LoRA file of diffusers-uce: {error}")
         return None
+
+
+# What the layers a concept edit changes are called in the keys of its LoRA exports (diffusers and kohya names).
+_TEXT_LAYERS = ("attn2.to_k.", "attn2.to_v.", "attn2_to_k.", "attn2_to_v.", "context_embedder.",
+                "text_embedder.linear_1.", "text_embedder_linear_1.")
+
+
+def _edits_text_layers_only(keys) -> bool:
+    """Whether every LoRA factor of a file is on a layer that reads the text embeddings (what an export of a concept
+    edit holds; a relabelled LoRA trained on other layers is not)."""
+    factors = [k for k in keys if ".lora_" in k or k.endswith(".alpha")]
+    return bool(factors) and all(any(layer in k for layer in _TEXT_LAYERS) for k in factors)
+
+
+# Said in a card written from a LoRA's record alone: nothing checked that the LoRA's weights perform those edits.
+UNVERIFIED_LORA_NOTE = (
+    "**Unverified:** the edits listed above are what the header of the LoRA file `{name}` says; without an edit "
+    "file (which `load_concept_edits` checks against its records) and without the base model, they could not be "
+    "checked against the LoRA's weights. Treat them as the uploader's description.")
 
 
 def folder_files(folder: str | os.PathLike, edits: list[dict] | None = None,
@@ -162,6 +185,9 @@ def card_for_folder(folder: str | os.PathLike, repo_id: str, *, base_model: str 
     if "edit_keys" in info and saved.scale is not None:
         options = edit_options_line({"groups": family.groups, "layers": info.get("layers"),
                                      "edit_keys": info["edit_keys"], "scale": saved.scale})
+    if saved.lora is not None:  # the records come from a LoRA's header: nothing here can check them
+        note = UNVERIFIED_LORA_NOTE.format(name=saved.name)
+        options = f"{options}\n\n{note}" if options else note
     card = render_model_card(
         edits=saved.edits, base_model=base_model or getattr(old, "base_model", None) or stored_base, kind="adapter",
         report=info.get("report"), license=license, family=family, repo_id=repo_id, files=files,

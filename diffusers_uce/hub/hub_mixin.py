@@ -35,18 +35,39 @@ def _create_repo(api: HfApi, repo_id: str, private: bool | None) -> tuple[str, b
         return api.create_repo(repo_id, private=private, exist_ok=True).repo_id, False
 
 
-def _keeps_remote_card(api: HfApi, repo_id: str, created: bool, overwrite_model_card: bool) -> bool:
-    """Whether a README.md already in the repository must be kept: it is, unless `overwrite_model_card` or it is a
-    card diffusers-uce wrote and nobody edited since (which the push replaces with the card of what it uploads)."""
-    if created or overwrite_model_card or not api.file_exists(repo_id, "README.md"):
+def _keeps_remote_card(api: HfApi, repo_id: str, created: bool, overwrite_model_card: bool,
+                       revision: str | None = None) -> bool:
+    """Whether a README.md already in the repository (at `revision`) must be kept: it is, unless
+    `overwrite_model_card` or it is a card diffusers-uce wrote and nobody edited since (which the push replaces with
+    the card of what it uploads)."""
+    if created or overwrite_model_card or not api.file_exists(repo_id, "README.md", revision=revision):
         return False
-    with open(api.hf_hub_download(repo_id, "README.md"), encoding="utf-8", errors="replace") as f:
+    with open(api.hf_hub_download(repo_id, "README.md", revision=revision), encoding="utf-8",
+              errors="replace") as f:
         if is_generated_card(f.read()):
             logger.info(f"replacing the model card diffusers-uce wrote in {repo_id} with the card of this push")
             return False
     logger.warning(f"kept the README.md already in {repo_id}; pass overwrite_model_card=True to replace it with the "
                    "generated model card")
     return True
+
+
+def _commit_checked(api: HfApi, repo_id: str, folder, readme: str | None, *, created: bool,
+                    overwrite_model_card: bool, commit_message: str, create_pr: bool):
+    """Commit `folder` on top of the revision whose README.md was checked (`parent_commit`): a README.md another
+    writer commits between the check and the commit makes the Hub refuse the commit (412) instead of being
+    overwritten; the README.md is then checked again and the commit retried once."""
+    for attempt in range(2):
+        head = api.repo_info(repo_id).sha
+        keep = _keeps_remote_card(api, repo_id, created and attempt == 0, overwrite_model_card, revision=head)
+        try:
+            return api.create_commit(repo_id=repo_id, operations=_folder_operations(folder, readme, keep),
+                                     commit_message=commit_message, create_pr=create_pr, parent_commit=head)
+        except HfHubHTTPError as error:
+            if attempt or error.response is None or error.response.status_code != 412:
+                raise
+            logger.warning(f"{repo_id} changed while this push checked its README.md (another commit came first): "
+                           "checking it again")
 
 
 def _failed(api: HfApi, repo_id: str, created: bool, stage: str, error: Exception) -> None:
@@ -86,10 +107,9 @@ def _push_folder(folder, repo_id: str, readme: str | None, *, private: bool | No
     try:
         repo_id, created = _create_repo(api, repo_id, private)
         stage = f"uploading {what}"
-        keep = _keeps_remote_card(api, repo_id, created, overwrite_model_card)
-        return api.create_commit(repo_id=repo_id, operations=_folder_operations(folder, readme, keep),
-                                 commit_message=commit_message or f"Upload {what} (diffusers-uce)",
-                                 create_pr=create_pr)
+        return _commit_checked(api, repo_id, folder, readme, created=created,
+                               overwrite_model_card=overwrite_model_card,
+                               commit_message=commit_message or f"Upload {what} (diffusers-uce)", create_pr=create_pr)
     except Exception as error:
         _failed(api, repo_id, created, stage, error)
         raise
@@ -148,17 +168,18 @@ class UCEHubMixin:
         # Both `push_to_hub` and `save_pretrained(push_to_hub=True)` upload through here, after diffusers has written
         # its generic card: an edited (necessarily fused) pipeline replaces it with the generated one, unless the
         # repository has a README.md of its own and the push did not ask to overwrite it.
-        if self.concept_edits and subfolder is None:
+        try:
+            if not (self.concept_edits and subfolder is None):
+                return super()._upload_folder(working_dir, repo_id, token=token, commit_message=commit_message,
+                                              create_pr=create_pr, subfolder=subfolder)
             options = dict(getattr(self, "_uce_push_card", {}))
             overwrite = options.pop("overwrite", False)
-            if _keeps_remote_card(HfApi(token=token), repo_id, False, overwrite):
-                Path(working_dir, "README.md").unlink(missing_ok=True)  # diffusers' copy of the remote card
-            else:
-                self._uce_write_model_card(working_dir, "finetune", overwrite=True, repo_id=repo_id, **options)
-            commit_message = commit_message or "Upload concept-edited pipeline (diffusers-uce)"
-        try:
-            return super()._upload_folder(working_dir, repo_id, token=token, commit_message=commit_message,
-                                          create_pr=create_pr, subfolder=subfolder)
+            # the generated card replaces diffusers' copy of the remote one; it is left out of the commit when the
+            # repository's README.md must be kept (checked at the revision the commit is made on)
+            self._uce_write_model_card(working_dir, "finetune", overwrite=True, repo_id=repo_id, **options)
+            message = commit_message or "Upload concept-edited pipeline (diffusers-uce)"
+            return _commit_checked(HfApi(token=token), repo_id, working_dir, None, created=False,
+                                   overwrite_model_card=overwrite, commit_message=message, create_pr=create_pr)
         except Exception as error:
             logger.error(f"pushing to {repo_id} failed while uploading the pipeline: {error}. Nothing was committed "
                          f"by this push; the repository {repo_id} exists (created by it if it was not there before)")

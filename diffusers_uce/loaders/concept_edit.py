@@ -258,6 +258,7 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
     def _uce_solve(self, records: list[ConceptEdit], edit_keys: bool, layers: LayerFilter,
                    held_out: list[str] | None) -> ConceptEditOutput:
         """Solve `records` jointly from the original weights, report, and install the result (validated inputs)."""
+        self._uce_carry_over()  # a fused edit: a change merged into its weights since is kept
         state = self._uce_state
         groups = state.groups if state is not None else self._uce_groups(EditState(edit_keys, layers))
         named = {c for r in records for c in (*r.erase, *r.preserve)}

@@ -11,6 +11,14 @@ from diffusers.utils import logging
 from tqdm.auto import tqdm
 
 from ..core.concepts import DEBIAS_PROMPT_TEMPLATES
+from ..core.limits import (
+    MAX_BATCH_SIZE,
+    MAX_DEBIAS_IMAGES,
+    MAX_DEBIAS_ITERATIONS,
+    MAX_IMAGE_SIZE,
+    MAX_INFERENCE_STEPS,
+    check_count,
+)
 from ..utils.checks import is_finite_number, is_whole_number
 from ..utils.generation import generate_seeded, quiet_pipeline
 from ..utils.hub import local_files_only_for
@@ -58,11 +66,15 @@ class DebiasOptions:
     accelerator: object = None
 
     def __post_init__(self):
+        most = {"num_images": MAX_DEBIAS_IMAGES, "num_inference_steps": MAX_INFERENCE_STEPS,
+                "batch_size": MAX_BATCH_SIZE, "height": MAX_IMAGE_SIZE, "width": MAX_IMAGE_SIZE}
         for name in ("num_images", "num_inference_steps", "batch_size", "seed", "height", "width"):
             value, low = getattr(self, name), int(name != "seed")
             unset = value is None and name in ("height", "width")
             if not unset and not is_whole_number(value, low):
                 raise ValueError(f"debias option {name} must be a whole number >= {low}, got {value!r}")
+            if not unset and name in most:
+                check_count(value, f"debias option {name}", most[name])
         guidance_ok = self.guidance_scale is None or is_finite_number(self.guidance_scale)
         if not guidance_ok or not is_finite_number(self.step) or self.step <= 0:
             raise ValueError(f"debias options: step must be > 0 and guidance_scale finite (or None: the pipeline's "
@@ -92,6 +104,7 @@ def check_debias_settings(targets, ratios=None, tolerance=0.05, max_iterations=1
     if not (is_finite_number(tolerance) and 0 < tolerance < 1) or not is_whole_number(max_iterations, 1):
         raise ValueError(f"tolerance must be in (0, 1) and max_iterations a whole number >= 1, got {tolerance!r} and "
                          f"{max_iterations!r}")
+    check_count(max_iterations, "max_iterations", MAX_DEBIAS_ITERATIONS)
     ratios = {t.concept: ratios for t in targets} if ratios is not None and not isinstance(ratios, dict) else ratios
     ratios, desired = {str(k).strip(): v for k, v in (ratios or {}).items()}, {t.concept: None for t in targets}
     if set(ratios) - {t.concept for t in targets}:

@@ -132,7 +132,9 @@ class UCEIOMixin:
             force_download (`bool`, defaults to `False`): download again even if cached.
             verify (`bool`, defaults to `True`): re-encode the recorded prompts on this pipeline, solve them again and
                 refuse the file when its stored edit differs from what its records describe (a renamed concept, a
-                tampered transform, another base model); `False` skips this (it costs one solve).
+                tampered transform, another base model), or when its strength is 0 or negative (the edit disabled or
+                reversed); a strength other than 1 is loaded with a warning. `False` skips this (it costs one
+                solve).
             adapter_name (`str`, *optional*): the name of the loaded edits (`remove_concept_edits`); by default the
                 names they were saved with.
 
@@ -151,13 +153,22 @@ class UCEIOMixin:
                                  local_files_only=local_files_only, force_download=force_download)
         info, tensors = read_edit_file(path)
         groups, records, solutions = self._uce_validate_edit_file(info, tensors, path)
+        scale = float(info["scale"])
         if verify:
+            if scale <= 0:  # the records cannot vouch for a strength that disables or reverses them
+                effect = "disables it" if scale == 0 else "reverses it (its erased concepts come back stronger)"
+                raise ValueError(f"the edit file {path} applies its edit at strength {scale:g}, which {effect}: "
+                                 "not the edit its records describe. load_concept_edits(..., verify=False) loads it "
+                                 "anyway")
             self._uce_verify_edit_file(groups, records, solutions, path)
+            if scale != 1:
+                logger.warning(f"the edit file {path} applies its edit at strength {scale:g} (1 is the edit its "
+                               "records describe): call set_concept_edit_scale(1.0) for the full edit")
         device = self._execution_device
         if adapter_name is not None:  # (the pipeline has no edits here: any valid name is new)
             name = self._uce_new_name(adapter_name)
             records = [replace(r, name=name) for r in records]
-        groups[0].state.scale = float(info["scale"])  # checked with the solutions before anything is installed
+        groups[0].state.scale = scale  # checked with the solutions before anything is installed
         self._uce_set_edit(groups, records, [s.to(device=device) for s in solutions])
         logger.info(f"Loaded {len(records)} concept edit(s) on {len(info['projections'])} layers from {path}")
 

@@ -25,6 +25,7 @@ from diffusers.utils import logging
 from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.layerwise import Layerwise
+from ..core.limits import MAX_EDITS, check_count
 from ..core.solve import Correction, apply_to_inputs
 from ..utils.checks import is_finite_number
 from ..utils.files import PICKLE_SUFFIXES
@@ -55,6 +56,7 @@ def records_from(raw) -> list[ConceptEdit]:
     """Rebuild and re-validate stored edit records (each against the ones before it)."""
     if not isinstance(raw, list) or not raw:
         raise ValueError("the edit file lists no edit records")
+    check_count(len(raw), "the number of edit records in the edit file", MAX_EDITS)
     records = []
     for entry in raw:
         try:

@@ -7,11 +7,13 @@ import torch
 from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.families import TargetGroup
+from ..core.precise import smallest_right_singular_vectors
 from ..core.report import EditReport
 from ..core.robust import stacked_gram
 from ..core.solve import edited_weights, scaled
 from ..core.targets import LayerFilter, Projection
 from ..utils.checks import all_finite
+from ..utils.fingerprint import fingerprint, same_fingerprint
 
 
 class GroupEdit:
@@ -35,8 +37,11 @@ class GroupEdit:
         self.solution: engine.Solution | None = None
         self.original_weights: list[torch.Tensor] | None = None  # saved while fused
         self._device_terms: dict = {}
-        self._gram: torch.Tensor | None = None
-        self.singular: torch.Tensor | None = None  # precise erasure: the weights' weakest input directions (cached)
+        # Caches of what depends on the original weights only, each with the fingerprint of the weights it was
+        # computed from: weights changed in place since (a merged LoRA, load_state_dict) are never read stale.
+        self._gram: tuple | None = None  # (fingerprint, G)
+        self._singular: tuple | None = None  # (fingerprint, weakest input direction of each layer), precise erasure
+        self.written: list | None = None  # fingerprint of the weights `write` wrote last
 
     def set_solution(self, solution: engine.Solution) -> None:
         self.solution, self._device_terms = solution, {}
@@ -105,22 +110,55 @@ class GroupEdit:
                              "applied in; nothing was changed. Lower the strength, or re-solve the edit (was the "
                              "edit file changed?)")
 
+    def weights_fingerprint(self) -> list[torch.Tensor]:
+        """`fingerprint` of the original weights (and biases, which a biased group's solve reads too)."""
+        biases = [p.module.bias for p in self.projections] if self.biased else []
+        return fingerprint([*self.originals(), *biases])
+
     def gram(self, device, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``G = W_allᵀ W_all`` of the original weights on `device`, float64, cached: the original weights never change
-        while the edit lives. `weights`: the stacked original weights (`stacked`) when the caller has them; otherwise
-        they are stacked here, only when ``G`` is not cached. Chunk products run in float32 unless the weights are
-        float64."""
+        """``G = W_allᵀ W_all`` of the original weights on `device`, float64, cached while the original weights are
+        unchanged (their fingerprint is compared at each call). `weights`: the stacked original weights (`stacked`)
+        when the caller has them; otherwise they are stacked here, only when ``G`` is not cached. Chunk products run
+        in float32 unless the weights are float64."""
         device = torch.empty(0, device=device).device  # with its index, as a tensor's device
-        if self._gram is None or self._gram.device != device:
+        key = self.weights_fingerprint()
+        if self._gram is None or self._gram[1].device != device or not same_fingerprint(self._gram[0], key):
             weights = self.stacked(device)[0] if weights is None else weights
             compute = torch.float64 if weights.dtype == torch.float64 else torch.float32
-            self._gram = stacked_gram(weights, compute_dtype=compute)
-        return self._gram
+            self._gram = key, stacked_gram(weights, compute_dtype=compute)
+        return self._gram[1]
+
+    def weakest_directions(self, plain: torch.Tensor, row_layer: torch.Tensor) -> torch.Tensor:
+        """The right singular vector of each layer's original weights with the smallest singular value (precise
+        erasure's augmentation), cached while the original weights are unchanged. `plain`: the stacked weights."""
+        key = self.weights_fingerprint()
+        if self._singular is None or not same_fingerprint(self._singular[0], key):
+            self._singular = key, smallest_right_singular_vectors(plain, row_layer, len(self.projections))
+        return self._singular[1].to(plain.device)
+
+    def carry_over_change(self, scale: float, device) -> bool:
+        """While the edit is fused: if the weights changed since it was written into them (a LoRA fused into them,
+        `load_state_dict`), keep that change, ``W_orig ← W_orig + (W_now − W_fused)``, so that unfusing, unloading, a
+        new strength or a new solve start from the changed weights instead of discarding the change. Nothing is
+        written. Returns whether there was a change."""
+        if self.original_weights is None:
+            return False
+        current = [p.module.weight.detach() for p in self.projections]
+        now = fingerprint(current)
+        if same_fingerprint(self.written, now):
+            return False
+        fused = self.fused_weights(scale, device)
+        self.original_weights = [
+            (o.to(w.device, torch.float64) + (w.double() - f.to(w.device, torch.float64))).to(o.device, o.dtype)
+            for o, w, f in zip(self.original_weights, current, fused)]
+        self.written = now
+        return True
 
     @torch.no_grad()
     def write(self, weights: list[torch.Tensor]) -> None:
         for projection, weight in zip(self.projections, weights):
             projection.module.weight.copy_(weight)
+        self.written = fingerprint(p.module.weight for p in self.projections)
 
 
 class EditState:
@@ -133,7 +171,8 @@ class EditState:
         self.scale = 1.0
         self.fused = False
         self.original_processors: dict[str, object] = {}
-        self.hooks: list = []
+        self.hooks: list = []  # forward hooks of the edited layers that are not cross-attention projections
+        self.checks: dict = {}  # forward pre-hook of each edited component (`installed.DenoiserCheck`)
         self.report: EditReport | None = None  # of the latest solve (None for an edit loaded from a file)
 
     def snapshot(self) -> tuple:

@@ -10,7 +10,6 @@ from ..core.edits import ConceptEdit
 from ..core.families import Family, TargetGroup, specialise
 from ..core.hardening import hardening_prompts, needs_full_states
 from ..core.layerwise import StackedWeights
-from ..core.precise import smallest_right_singular_vectors
 from ..core.prompts import EncodedPrompts, encode_prompts
 from ..core.solve import grouped_grams, homogeneous
 from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
@@ -71,10 +70,9 @@ class UCESolverMixin:
         """Precise erasure of one group (`method="speed"`); the weights' weakest directions are cached per group."""
         assembled = assemble_speed(records, encoded)
         options = records[-1].method_options
-        if options["augment"] > 0 and group.singular is None:
-            group.singular = smallest_right_singular_vectors(plain, row_layer, len(group.projections))
+        singular = group.weakest_directions(plain, row_layer) if options["augment"] > 0 else None
         solution, _ = solve_speed(assembled, options, plain, row_layer, len(group.projections), group.biased,
-                                  group.singular if options["augment"] > 0 else None)
+                                  singular)
         return assembled, solution
 
     def _uce_groups(self, state: EditState) -> list[GroupEdit]:

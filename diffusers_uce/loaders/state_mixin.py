@@ -12,8 +12,8 @@ from ..core import engine
 from ..core.edits import ConceptEdit
 from ..core.report import EditReport
 from ..utils.checks import finite_number
+from . import installed
 from .edit_state import EditState, GroupEdit
-from .processor import LinearEditHook, ProjectionEdit, UCEAttnProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -113,6 +113,7 @@ class UCEEditStateMixin:
         if not state.fused:
             logger.warning("concept edits are not fused; nothing to do")
             return
+        self._uce_carry_over()
         for group in state.groups:
             group.write(group.original_weights)
             group.original_weights = None
@@ -134,6 +135,7 @@ class UCEEditStateMixin:
         for group in state.groups:
             group.check_acts_finitely(scale)
         if state.fused:
+            self._uce_carry_over()
             new = [g.fused_weights(float(scale), self._execution_device) for g in state.groups]
             for group, weights in zip(state.groups, new):
                 group.write(weights)
@@ -146,15 +148,28 @@ class UCEEditStateMixin:
         if state is None:
             logger.warning("no concept edits to unload")
             return
+        self._uce_carry_over()
         for group in state.groups:
             if state.fused:
                 group.write(group.original_weights)
             component = getattr(self, group.group.component)
             for name, processor in state.original_processors.get(group.group.name, {}).items():
                 component.get_submodule(name).set_processor(processor)
-        for handle in state.hooks:
-            handle.remove()
+        installed.remove(state)
         self._uce_state = None
+
+    def _uce_carry_over(self) -> None:
+        """While the edit is fused, keep a change made to the edited weights since it was written into them (a LoRA
+        merged with `fuse_lora()`): what unfusing and unloading restore, and what a new strength or solve starts
+        from, is then the original weights plus that change (`GroupEdit.carry_over_change`)."""
+        state = self._uce_state
+        if state is None or not state.fused:
+            return
+        changed = [g.group.name for g in state.groups if g.carry_over_change(state.scale, self._execution_device)]
+        if changed:
+            logger.warning(f"the weights of the edited layers ({', '.join(changed)}) changed since "
+                           "fuse_concept_edits() (a LoRA fused into them?): the change is kept, and unfusing or "
+                           "unloading the concept edits now restores the original weights plus that change")
 
     def _uce_snapshot(self):
         """What `_uce_restore` needs to put back the edits applied now (`None` when there are none)."""
@@ -204,68 +219,20 @@ class UCEEditStateMixin:
         return state
 
     def _uce_install(self, state: EditState) -> None:
-        """Processors on cross-attention groups, forward hooks on other layers: the edit acts, weights untouched."""
-        for group in state.groups:
-            component = getattr(self, group.group.component)
-            if not group.group.cross_attention:
-                state.hooks += [p.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, i)))
-                                for i, p in enumerate(group.projections)]
-                continue
-            originals = state.original_processors.setdefault(group.group.name, {})
-            for name, kinds in _attention_edits(group).items():
-                attention = component.get_submodule(name)
-                originals[name] = attention.processor
-                _wrap(attention, kinds)
+        """Processors on cross-attention groups, forward hooks on other layers: the edit acts, weights untouched;
+        and the check (`_uce_check_installed`) before every call of the edited components."""
+        installed.install(self, state)
 
     @serialized
     def _uce_check_installed(self) -> None:
-        """Before generating: make sure the applied edit still acts. A processor replaced since (for instance by
-        `set_attn_processor`) gets the edit wrapped around it again, with a warning; projections fused since
-        (`fuse_qkv_projections`) cannot carry it, so that raises with what to do. A fused edit is in the weights."""
+        """Before the denoiser runs, in any pipeline built from these components: make sure the applied edit still
+        acts (`installed.check_installed`): a processor or hook replaced since gets the edit back, a layer replaced by
+        a plain linear layer with the same weights takes it over (both with a warning); projections fused since
+        (`fuse_qkv_projections`) or a layer replaced by another one raise with what to do."""
         state = self._uce_state
-        if state is None or state.fused:
+        if state is None:
             return
-        for group in state.groups:  # the device terms exist before a compiled denoiser traces the processors, so
-            group.device_terms(self._execution_device)  # filling their cache there causes no recompilation
-        rewrapped = 0
-        for group in state.groups:
-            if not group.group.cross_attention:
-                continue
-            component = getattr(self, group.group.component)
-            originals = state.original_processors[group.group.name]
-            edits = _attention_edits(group)
-            for name in originals:
-                attention = component.get_submodule(name)
-                if getattr(attention, "fused_projections", False) or any(
-                        getattr(attention, kind, None) is not group.projections[edit.layer].module
-                        for kind, edit in edits[name].items()):
-                    raise RuntimeError(
-                        f"the key/value projections of {group.group.component}.{name} changed after the concept edit "
-                        "was applied (fuse_qkv_projections()?), so the edit no longer acts: call "
-                        "unfuse_qkv_projections(), or fuse_concept_edits() before fuse_qkv_projections()")
-                processor = attention.processor
-                if not isinstance(processor, UCEAttnProcessor):
-                    originals[name] = processor  # what unload_concept_edits puts back now
-                    _wrap(attention, edits[name])
-                    rewrapped += 1
-        hooked = [(g, i, p) for g in state.groups if not g.group.cross_attention for i, p in enumerate(g.projections)]
-        for k, (group, index, projection) in enumerate(hooked):
-            if state.hooks[k].id not in projection.module._forward_hooks:
-                state.hooks[k] = projection.module.register_forward_hook(LinearEditHook(ProjectionEdit(group, index)))
-                rewrapped += 1
-        if rewrapped:
-            logger.warning(f"the concept edit had been removed from {rewrapped} layer(s) (their attention processor "
-                           "or hooks were replaced); it was installed again")
-
-
-def _attention_edits(group) -> dict[str, dict[str, ProjectionEdit]]:
-    """The edit of each projection of a cross-attention group, by attention module and kind (`"to_k"`, `"to_v"`)."""
-    edits: dict[str, dict[str, ProjectionEdit]] = {}
-    for index, projection in enumerate(group.projections):
-        edits.setdefault(projection.attention, {})[projection.kind] = ProjectionEdit(group, index)
-    return edits
-
-
-def _wrap(attention, kinds: dict[str, ProjectionEdit]) -> None:
-    """Wrap `attention`'s current processor in one that applies the edits of its key/value projections."""
-    attention.set_processor(UCEAttnProcessor(attention.processor, kinds.get("to_k"), kinds.get("to_v")))
+        if not state.fused:
+            for group in state.groups:  # the device terms exist before a compiled denoiser traces the processors,
+                group.device_terms(self._execution_device)  # so filling their cache there causes no recompilation
+        installed.check_installed(self, state)

@@ -279,3 +279,30 @@ def test_card_record_survives_in_the_files(tmp_path):
         assert saved.info["family"] == "flux" and saved.info["report"]["erased"][0]["concept"] == "van gogh"
         assert saved.same_edit([r.to_dict() for r in pipe.concept_edits], 1.0)
     assert edit.lora is None and lora.lora.format == "diffusers" and lora.lora.rank is None
+
+
+# --- records from a LoRA's header are not taken on trust -------------------------------------------------------------
+
+def test_a_relabelled_lora_gets_no_card_and_a_lora_alone_is_marked_unverified(tmp_path):
+    import json
+
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    from diffusers_uce.hub.card_files import card_for_folder
+    from diffusers_uce.loaders.lora_kohya import LORA_RECORD_KEY
+
+    pipe = edited()
+    pipe.save_concept_edits_as_lora(tmp_path / "lora", format="kohya", write_model_card=False)
+    path = tmp_path / "lora" / "uce_lora.safetensors"
+    card = card_for_folder(tmp_path / "lora", "user/ours")
+    assert "van gogh" in card and "**Unverified:**" in card and "`uce_lora.safetensors`" in card
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()[LORA_RECORD_KEY])
+    (tmp_path / "theirs").mkdir()
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # trained on self-attention
+    trained = {f"{layer}.lora_down.weight": torch.ones(2, 8), f"{layer}.lora_up.weight": torch.ones(8, 2)}
+    safetensors.torch.save_file(trained, str(tmp_path / "theirs" / "style.safetensors"),
+                                metadata={"ss_network_module": "networks.lora", LORA_RECORD_KEY: json.dumps(record)})
+    assert card_for_folder(tmp_path / "theirs", "user/theirs") is None  # no card claims it erases anything
