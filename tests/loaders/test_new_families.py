@@ -102,3 +102,62 @@ class TestNewFamilies:
     def test_erased_concepts_move_to_their_guide(self, pipe, family):
         out = pipe.apply_concept_edits(ERASE, guide="art", held_out=[], lamb=1e-6)
         assert all(r["efficacy"] > 0.5 for r in out.report.erased), out.report.erased
+
+
+LORA_LOADERS = {"pixart": False, "pixart-alpha": False}  # diffusers has no LoRA loader for PixArt
+
+
+def test_every_feature_runs_or_is_refused(pipe, family, tmp_path):
+    """Hardening, precise erasure, moderation, prompt expansion, debiasing with given weights and the LoRA exports:
+    each works on every new family, or is refused with what to do before anything changes."""
+    out = pipe.apply_concept_edits(ERASE, guide="art", harden=1, held_out=[])
+    assert out.report.robustness and len(out.report.robustness[0]["recovery"]) == 2  # before and after the round
+    pipe.unload_concept_edits()
+    out = pipe.apply_concept_edits(ERASE, guide="a person", preserve=PRESERVE + ["a cat"], method="speed",
+                                   held_out=[])
+    assert out.report.invariants and max(r["change"] for r in out.report.invariants) < 1e-5  # kept exactly
+    assert all(r["efficacy"] > 0 for r in out.report.erased)
+    pipe.unload_concept_edits()
+    assert pipe.apply_concept_edits(moderate="nudity", held_out=[]).report.erased[0]["concept"] == "nudity"
+    pipe.unload_concept_edits()
+    assert len(pipe.apply_concept_edits("van gogh", guide="art", expand_prompts="art", held_out=[]).report.erased) == 6
+    pipe.unload_concept_edits()
+    if family == "sd3":  # its context_embedder reads two encoders in turn: two tokens per concept
+        with pytest.raises(ValueError, match="several text encoders one after the other"):
+            pipe.debias_concepts({"doctor": ["male", "female"]}, weights={"doctor": [0.3, 0.7]})
+        assert pipe.concept_edits == ()
+    else:
+        assert pipe.debias_concepts({"doctor": ["male", "female"]}, weights={"doctor": [0.3, 0.7]}).report.debiased
+        pipe.unload_concept_edits()
+    pipe.apply_concept_edits(ERASE, guide="art")
+    with pytest.raises(ValueError, match="format='kohya' is not supported.*use format='diffusers'"):
+        pipe.save_concept_edits_as_lora(tmp_path / "kohya", format="kohya")
+    assert not (tmp_path / "kohya").exists()
+    assert pipe.save_concept_edits_as_lora(tmp_path / "lora") < 1e-10  # exact
+    pipe.fuse_concept_edits()
+    with pytest.raises(ValueError, match="single-file export supports"):
+        pipe.save_single_file(tmp_path / "model.safetensors")
+    if LORA_LOADERS.get(family, True):  # the pipeline's own load_lora_weights gives the fused weights
+        plain = make_demo_pipeline(family)
+        plain.load_lora_weights(tmp_path / "lora")
+        plain.fuse_lora()
+        for name, module in target_layers(pipe):
+            assert rel(plain.transformer.get_submodule(name).weight, module.weight) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["sd3", "hidream", "wan"])
+def test_command_line_on_the_demo(family, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tests.support.helpers import run_cli
+
+    code, out, err = run_cli("edit", "--model", f"demo-{family}", "--erase", "van gogh", "--guide", "art",
+                             "--device", "cpu", "--output", tmp_path / "edited")
+    assert code == 0, err
+    assert "van gogh" in out
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "edited")  # a plain diffusers folder
+    original = make_demo_pipeline(family)
+    changed = [n for n, _ in target_layers(original)
+               if not torch.equal(reloaded.transformer.get_submodule(n).weight, original.transformer.get_submodule(
+                   n).weight)]
+    assert changed and set(changed) <= {n for n, _ in target_layers(original)}
