@@ -99,3 +99,22 @@ def test_bad_targets_are_refused_before_anything_changes(targets, message):
     assert type(pipe) is cls and not any(m._forward_hooks or m._forward_pre_hooks
                                          for m in pipe.transformer.modules())
     assert all(torch.equal(p, weights[n]) for n, p in pipe.transformer.state_dict().items())
+
+
+def test_an_edit_file_of_explicit_targets_loads_onto_the_same_targets(tmp_path):
+    pipe = custom_pipeline()
+    pipe = diffusers_uce.attach(pipe, targets=attn2(pipe.unet))
+    pipe.apply_concept_edits(ERASE, guide="art", preserve=PRESERVE, adapter_name="no-artists")
+    pipe.save_concept_edits(tmp_path / "edit")
+    other = custom_pipeline()
+    other = diffusers_uce.attach(other, targets=attn2(other.unet))
+    other.load_concept_edits(tmp_path / "edit")  # verified: its records solved again through the same targets
+    assert other.get_concept_edit_names() == ["no-artists"]
+    pipe.fuse_concept_edits()
+    other.fuse_concept_edits()
+    for name in attn2(pipe.unet):
+        assert rel(other.unet.get_submodule(name).weight, pipe.unet.get_submodule(name).weight) < 1e-5, name
+    sd = diffusers_uce.attach(make_demo_pipeline("sd1"))  # a family pipeline: the file names another family
+    with pytest.raises(ValueError, match="load it onto the base model it was made for"):
+        sd.load_concept_edits(tmp_path / "edit")
+    assert sd.concept_edits == ()
