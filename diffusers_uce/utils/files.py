@@ -7,10 +7,12 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 if TYPE_CHECKING:
     import torch
+
+    from .safetensors_io import TensorSource
 
 # Files that unpickle when loaded: never read, never written.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -203,26 +205,30 @@ def check_weight_name(weight_name: str) -> str:
 
 
 def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], save_directory: str | os.PathLike, weight_name: str,
-    metadata: dict[str, str], overwrite: bool = False,
+    tensors: Mapping[str, TensorSource], save_directory: str | os.PathLike, weight_name: str,
+    metadata: dict[str, str], overwrite: bool = False, dtype: torch.dtype | None = None,
 ) -> str:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then moved into place.
+    """Write a safetensors file atomically: a temporary file of ours in the same folder, fsync, then moved into place.
 
-    A failure leaves neither a partial file nor the temporary file, and an existing file is only replaced when
-    `overwrite` is `True`: otherwise the file is created exclusively, so of two writers racing for a new name one
-    gets a `FileExistsError` and the other's file stays.
+    The tensors are written one at a time from their own memory (`safetensors_io.write_safetensors`), so extra host
+    memory stays about one tensor; each floating-point tensor is checked finite (after the cast to `dtype`) before
+    anything is written. A failure leaves neither a partial file nor the temporary file (a writer killed midway
+    leaves a hidden temporary that the next save into the folder removes), and an existing file is only replaced
+    when `overwrite` is `True`: otherwise the file is created exclusively, so of two writers racing for a new name
+    one gets a `FileExistsError` and the other's file stays.
 
     Args:
-        tensors (`dict[str, torch.Tensor]`): the tensors to write.
+        tensors (`Mapping[str, torch.Tensor or callable]`): the tensors (or functions that make them) to write.
         save_directory (`str` or `os.PathLike`): the folder, created if needed.
         weight_name (`str`): the file name (ends in ``.safetensors``).
         metadata (`dict[str, str]`): the safetensors header metadata.
         overwrite (`bool`, defaults to `False`): replace an existing file.
+        dtype (`torch.dtype`, *optional*): cast floating-point tensors to it while writing.
 
     Returns:
         `str`: the path written.
     """
-    import safetensors.torch  # here: the command line imports this module and must start fast
+    from .safetensors_io import plan_safetensors, write_safetensors  # here: the command line must start fast
 
     check_weight_name(weight_name)
     save_directory = os.fspath(save_directory)
@@ -230,7 +236,8 @@ def atomic_save_safetensors(
         raise ValueError(f"save_directory {save_directory!r} is a file; give a folder to write {weight_name} into")
     path = os.path.join(save_directory, weight_name)
     refuse_existing(path, overwrite, "another weight_name")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    plan = plan_safetensors(tensors, dtype)  # every check before the first byte
     with atomic_path(path, overwrite=overwrite) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "wb") as f:
+            write_safetensors(f, tensors, metadata, dtype, plan)
     return path
