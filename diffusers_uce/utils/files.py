@@ -21,10 +21,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _TMP_SUFFIX = ".tmp"
 
 
-def _temporary_name(path: str) -> str:
-    """A hidden temporary file next to `path` that names its writer: ``.<name>.<pid>.<random>.tmp``."""
+_ASIDE = "old"  # tag of a folder moved aside while a new one takes its place (`folders.atomic_folder`)
+
+
+def _temporary_name(path: str, tag: str = "") -> str:
+    """A hidden temporary file next to `path` that names its writer: ``.<name>.<pid>.<tag><random>.tmp``."""
     return os.path.join(os.path.dirname(path) or ".",
-                        f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+                        f".{os.path.basename(path)}.{os.getpid()}.{tag}{uuid.uuid4().hex}{_TMP_SUFFIX}")
 
 
 def _alive(pid: int) -> bool:
@@ -39,7 +42,8 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Remove the temporary files (and folders) that writers killed mid-write left in `folder` (those whose process
-    is gone).
+    is gone). A folder a killed writer had moved aside to put a new one in its place, where neither is there any more,
+    is moved back instead.
 
     Returns:
         `list[str]`: the files removed.
@@ -55,8 +59,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
             continue
         if int(parts[-3]) == os.getpid() or _alive(int(parts[-3])):
             continue
+        stale, original = os.path.join(folder, name), os.path.join(folder, ".".join(parts[1:-3]))
+        if parts[-2].startswith(_ASIDE) and os.path.isdir(stale) and not os.path.lexists(original):
+            try:
+                os.rename(stale, original)
+            except OSError:
+                pass
+            continue
         try:
-            stale = os.path.join(folder, name)
             shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)
             removed.append(name)
         except OSError:
@@ -115,54 +125,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike, last: str | None = None) -> Iterator[str]:
-    """Yield a temporary folder next to `path`; when the block succeeds, move its contents into `path`.
-
-    A new `path` appears at once (one rename). Into an existing folder every entry is swapped in one by one, `last`
-    (e.g. `"model_index.json"`) at the end, and other files already there are kept. On any failure the temporary
-    folder is removed and `path` is left as it was; temporary folders of writers that were killed are removed on the
-    next call.
-    """
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(parent)
-    tmp = _temporary_name(os.path.abspath(path))
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
-            if os.path.isdir(path):
-                os.rmdir(path)
-            os.rename(tmp, path)
-        else:
-            names = sorted(os.listdir(tmp), key=lambda name: name == last)
-            for name in names:
-                _swap_in(os.path.join(tmp, name), os.path.join(path, name))
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_folder(parent)
-
-
-def _swap_in(new: str, old: str) -> None:
-    """Replace `old` (a file or a folder, if any) by `new` with renames."""
-    if os.path.isdir(old) and not os.path.islink(old):
-        aside = _temporary_name(old)
-        os.rename(old, aside)
-        os.rename(new, old)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(new, old)
-
-
-@contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` for the block: writers that save several files which belong together (an
-    edit file and its model card) do it one at a time, so the folder never pairs one writer's file with another's.
-    The lock is taken on the folder itself (no lock file is left); where that is not possible the block runs
-    unlocked."""
+    """Hold an exclusive lock on `folder` for the block: writers that replace folders inside it
+    (`folders.atomic_folder`) take turns. The lock is taken on the folder itself (no lock file is left); where that
+    is not possible the block runs unlocked."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     try:

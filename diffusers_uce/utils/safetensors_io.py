@@ -133,3 +133,12 @@ def write_safetensors(file: IO[bytes], tensors: Mapping[str, TensorSource], meta
             file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         del tensor
     return len(head) + (plan[-1][4] if plan else 0)
+
+
+def check_finite_modules(modules: Mapping[str, torch.nn.Module]) -> None:
+    """Raise a `ValueError` (naming the weight) if a floating-point weight or buffer of `modules` is not finite: the
+    check of a save that writes the modules as they are, made before anything is written."""
+    for component, module in modules.items():
+        for name, tensor in module.state_dict().items():
+            if tensor.device.type != "meta":
+                check_finite(f"{component}.{name}", tensor)

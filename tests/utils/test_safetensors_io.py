@@ -40,7 +40,8 @@ def test_files_load_bit_for_bit_with_safetensors(tmp_path):
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape, name
-        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.contiguous().reshape(-1).view(torch.uint8))
+        as_bytes = tensor.contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), as_bytes), name
     with safetensors.safe_open(path, "pt") as f:
         assert f.metadata() == metadata
     # the same tensors written by safetensors itself hold the same bytes after the header
