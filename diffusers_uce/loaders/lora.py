@@ -208,10 +208,14 @@ def lora_factors(state, rank: int | None = None, device="cpu") -> list[LowRankFa
 def _group_factors(group, scale: float, rank: int | None, device) -> LowRankFactors:
     """LoRA factors of one target group's change at strength `scale` (a biased group's bias column dropped: the
     LoRA changes ``W`` only, and ``W' − W = [W | b] (T̃ − I)`` restricted to the first d columns)."""
-    weights, row_layer = group.stacked(device)
-    weights = weights.to(torch.float64)
     sizes = [p.module.weight.shape[0] for p in group.projections]
     solution = group.solution.to(device=device, dtype=torch.float64)
+    if solution.layerwise is None and solution.correction is None and not group.biased:
+        # one shared transform: each layer's factor from its own weights, without a float64 copy of them all
+        eye = torch.eye(solution.transform.shape[0], dtype=torch.float64, device=device)
+        return shared_low_rank(group.originals(), sizes, scale * (solution.transform - eye), rank)
+    weights, row_layer = group.stacked(device)
+    weights = weights.to(torch.float64)
     if solution.layerwise is not None:
         return layerwise_low_rank(weights, row_layer, sizes, solution.layerwise.times(scale),
                                   weights.shape[1] - group.biased, rank)

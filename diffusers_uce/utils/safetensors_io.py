@@ -57,8 +57,8 @@ def check_finite(name: str, tensor: torch.Tensor, source: torch.Tensor | None = 
             "a wider dtype (torch.float32, or torch.bfloat16 for a half-size file), or lower the edit's strength "
             "(set_concept_edit_scale) so the edited weights stay in range")
     raise ValueError(f"{name} holds {bad} non-finite value(s) (inf or nan), so the file would be broken. Nothing was "
-                     "written; the weights were changed into non-finite values before the save: reload the model "
-                     "(or unload the concept edits) and edit again")
+                     f"written: a weight became non-finite, or a value is too large for {tensor.dtype}; reload the "
+                     "model (or unload the concept edits) and edit again, with a lower strength if it overflows")
 
 
 def plan_safetensors(tensors: Mapping[str, TensorSource], dtype: torch.dtype | None = None) -> list[tuple]:

@@ -203,8 +203,8 @@ def check_finite(name: str, tensor: torch.Tensor, source: torch.Tensor | None = 
             "a wider dtype (torch.float32, or torch.bfloat16 for a half-size file), or lower the edit's strength "
             "(set_concept_edit_scale) so the edited weights stay in range")
     raise ValueError(f"{name} holds {bad} non-finite value(s) (inf or nan), so the file would be broken. Nothing was "
-                     "written; the weights were changed into non-finite values before the save: reload the model "
-                     "(or unload the concept edits) and edit again")
+                     f"written: a weight became non-finite, or a value is too large for {tensor.dtype}; reload the "
+                     "model (or unload the concept edits) and edit again, with a lower strength if it overflows")
 
 
 def plan_safetensors(tensors: Mapping[str, TensorSource], dtype: torch.dtype | None = None) -> list[tuple]:
@@ -1848,7 +1848,8 @@ def numerical_rank(singular_values: torch.Tensor, rtol: float = 1e-9) -> int:
 
 
 def shared_low_rank(
-    weights: torch.Tensor, sizes: list[int], delta: torch.Tensor, rank: int | None = None, rtol: float = 1e-9
+    weights: torch.Tensor | Sequence[torch.Tensor], sizes: list[int], delta: torch.Tensor, rank: int | None = None,
+    rtol: float = 1e-9,
 ) -> LowRankFactors:
     """LoRA factors of ``ΔW_ℓ = W_ℓ Δ`` for a transform shared by every layer (``Δ = T_s − I``, rank ≤ edit tokens;
     ``Δ`` may have fewer columns than rows: a biased layer's ``[W | b]`` times the first d columns of ``T̃ − I``).
@@ -1859,20 +1860,27 @@ def shared_low_rank(
     the Gram ``G = W_allᵀ W_all``: ``‖W_all Δ‖² = tr(Δᵀ G Δ)``, the dropped part ``W_all U_t S_t`` likewise.
 
     Args:
-        weights (`torch.Tensor`): ``W_all`` (R×d), the original weights of every layer stacked along rows.
+        weights (`torch.Tensor` or list of `torch.Tensor`): ``W_all`` (R×d), the original weights of every layer
+            stacked along rows, or each layer's (out_ℓ×d, any dtype): then only one layer at a time is upcast to
+            float64, and the extra memory stays about one layer's.
         sizes (`list[int]`): number of rows of each layer in `weights`.
         delta (`torch.Tensor`): ``Δ`` (d×d).
         rank (`int`, *optional*): the largest rank to keep.
         rtol (`float`, defaults to 1e-9): singular values below ``rtol·σ_max`` count as zero.
     """
+    pass
+
     delta = delta.to(torch.float64)
-    w = weights.to(device=delta.device, dtype=torch.float64)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     exact = numerical_rank(s, rtol)
     r = exact if rank is None else min(rank, exact)
     down = s[:r, None] * vh[:r]
-    ups = list((w @ u[:, :r]).split(sizes))
-    gram = w.T @ w
+    if isinstance(weights, torch.Tensor):
+        w = weights.to(device=delta.device, dtype=torch.float64)
+        ups, gram = list((w @ u[:, :r]).split(sizes)), w.T @ w
+    else:
+        ups = [w.to(device=delta.device, dtype=torch.float64) @ u[:, :r] for w in weights]
+        gram = stacked_gram([w.to(device=delta.device) for w in weights])
     total = float(((gram @ delta) * delta).sum())
     tail = u[:, r:] * s[r:]
     dropped = float(((gram @ tail) * tail).sum())
@@ -5310,10 +5318,14 @@ def lora_factors(state, rank: int | None = None, device="cpu") -> list[LowRankFa
 def _group_factors(group, scale: float, rank: int | None, device) -> LowRankFactors:
     """LoRA factors of one target group's change at strength `scale` (a biased group's bias column dropped: the
     LoRA changes ``W`` only, and ``W' − W = [W | b] (T̃ − I)`` restricted to the first d columns)."""
-    weights, row_layer = group.stacked(device)
-    weights = weights.to(torch.float64)
     sizes = [p.module.weight.shape[0] for p in group.projections]
     solution = group.solution.to(device=device, dtype=torch.float64)
+    if solution.layerwise is None and solution.correction is None and not group.biased:
+        # one shared transform: each layer's factor from its own weights, without a float64 copy of them all
+        eye = torch.eye(solution.transform.shape[0], dtype=torch.float64, device=device)
+        return shared_low_rank(group.originals(), sizes, scale * (solution.transform - eye), rank)
+    weights, row_layer = group.stacked(device)
+    weights = weights.to(torch.float64)
     if solution.layerwise is not None:
         return layerwise_low_rank(weights, row_layer, sizes, solution.layerwise.times(scale),
                                   weights.shape[1] - group.biased, rank)

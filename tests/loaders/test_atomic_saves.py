@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 
 import diffusers_uce
 from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.loaders import lora
 from diffusers_uce.utils import files, folders
 
 CONCEPTS = ("van gogh", "picasso")
@@ -161,11 +162,20 @@ def test_single_file_in_float16_refuses_an_overflow(tmp_path):
 
 
 @pytest.mark.parametrize("writer", ["lora", "edit_file", "save_pretrained"])
-def test_writers_refuse_non_finite_weights(tmp_path, writer):
+def test_writers_refuse_non_finite_weights(tmp_path, writer, monkeypatch):
     pipe = edited(CONCEPTS[0], fuse=writer == "save_pretrained")
     group = pipe._uce_state.groups[0]
+    real_factors = lora.lora_factors
+
+    def overflowing(*args, **kwargs):  # finite in float64, beyond float32 once the factors are cast for the file
+        factors = real_factors(*args, **kwargs)
+        factors[0].up[0][0, 0] = 1e300
+        return factors
+
     with torch.no_grad():
-        if writer == "edit_file":
+        if writer == "lora":
+            monkeypatch.setattr(lora, "lora_factors", overflowing)
+        elif writer == "edit_file":
             group.solution.transform[0, 0] = float("inf")
         else:
             group.projections[0].module.weight[0, 0] = float("inf")
