@@ -121,26 +121,35 @@ def which(folder, expected):
     return owners.pop()
 
 
-@pytest.mark.parametrize("exchange", [True, False])
-def test_save_pretrained_killed_at_every_rename_loads_old_or_new(tmp_path, monkeypatch, exchange):
+@pytest.fixture(scope="module")
+def two_saves():
     old, new = edited(CONCEPTS[0], fuse=True), edited(CONCEPTS[1], fuse=True)
     with torch.no_grad():  # every component differs between the two saves
         for module in (new.text_encoder, new.vae):
             next(module.parameters()).add_(0.5)
-    expected = {"old": component_weights(old), "new": component_weights(new)}
+    return old, new, {"old": component_weights(old), "new": component_weights(new)}
+
+
+@pytest.mark.parametrize("fail_at", range(4))  # every step of a save: 2 with the exchange, 4 without
+@pytest.mark.parametrize("exchange", [True, False])
+def test_save_pretrained_killed_at_every_rename_loads_old_or_new(two_saves, tmp_path, monkeypatch, exchange,
+                                                                 fail_at):
+    old, new, expected = two_saves
     out = tmp_path / "out"
     if not exchange:  # the two-rename switch of systems without an atomic exchange
         monkeypatch.setattr(folders, "_exchange", lambda a, b: False)
     save_new = lambda: new.save_pretrained(out)  # noqa: E731
     old.save_pretrained(out)
     total = count_steps(save_new, monkeypatch)
-    for fail_at in range(total):
-        old.save_pretrained(out)
-        assert run_killed(save_new, monkeypatch, fail_at) == 9
-        if not out.exists():  # only between the two renames of the fallback: the next save moves the old back
-            assert not exchange
-            files.remove_stale_temporaries(tmp_path)
-        assert which(out, expected) in ("old", "new"), fail_at
+    assert total == (2 if exchange else 4) and which(out, expected) == "new"
+    if fail_at >= total:
+        return
+    old.save_pretrained(out)
+    assert run_killed(save_new, monkeypatch, fail_at) == 9
+    if not out.exists():  # only between the two renames of the fallback: the next save moves the old back
+        assert not exchange
+        files.remove_stale_temporaries(tmp_path)
+    assert which(out, expected) in ("old", "new"), fail_at
     save_new()
     assert which(out, expected) == "new" and sorted(os.listdir(tmp_path)) == ["out"]
 
