@@ -9,6 +9,7 @@ the truncated SVD is the best approximation (Eckart–Young). Split from `solve.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -45,7 +46,8 @@ def numerical_rank(singular_values: torch.Tensor, rtol: float = 1e-9) -> int:
 
 
 def shared_low_rank(
-    weights: torch.Tensor, sizes: list[int], delta: torch.Tensor, rank: int | None = None, rtol: float = 1e-9
+    weights: torch.Tensor | Sequence[torch.Tensor], sizes: list[int], delta: torch.Tensor, rank: int | None = None,
+    rtol: float = 1e-9,
 ) -> LowRankFactors:
     """LoRA factors of ``ΔW_ℓ = W_ℓ Δ`` for a transform shared by every layer (``Δ = T_s − I``, rank ≤ edit tokens;
     ``Δ`` may have fewer columns than rows: a biased layer's ``[W | b]`` times the first d columns of ``T̃ − I``).
@@ -56,20 +58,27 @@ def shared_low_rank(
     the Gram ``G = W_allᵀ W_all``: ``‖W_all Δ‖² = tr(Δᵀ G Δ)``, the dropped part ``W_all U_t S_t`` likewise.
 
     Args:
-        weights (`torch.Tensor`): ``W_all`` (R×d), the original weights of every layer stacked along rows.
+        weights (`torch.Tensor` or list of `torch.Tensor`): ``W_all`` (R×d), the original weights of every layer
+            stacked along rows, or each layer's (out_ℓ×d, any dtype): then only one layer at a time is upcast to
+            float64, and the extra memory stays about one layer's.
         sizes (`list[int]`): number of rows of each layer in `weights`.
         delta (`torch.Tensor`): ``Δ`` (d×d).
         rank (`int`, *optional*): the largest rank to keep.
         rtol (`float`, defaults to 1e-9): singular values below ``rtol·σ_max`` count as zero.
     """
+    from .robust import stacked_gram  # here: robust imports solve, which this module's users import first
+
     delta = delta.to(torch.float64)
-    w = weights.to(device=delta.device, dtype=torch.float64)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     exact = numerical_rank(s, rtol)
     r = exact if rank is None else min(rank, exact)
     down = s[:r, None] * vh[:r]
-    ups = list((w @ u[:, :r]).split(sizes))
-    gram = w.T @ w
+    if isinstance(weights, torch.Tensor):
+        w = weights.to(device=delta.device, dtype=torch.float64)
+        ups, gram = list((w @ u[:, :r]).split(sizes)), w.T @ w
+    else:
+        ups = [w.to(device=delta.device, dtype=torch.float64) @ u[:, :r] for w in weights]
+        gram = stacked_gram([w.to(device=delta.device) for w in weights])
     total = float(((gram @ delta) * delta).sum())
     tail = u[:, r:] * s[r:]
     dropped = float(((gram @ tail) * tail).sum())

@@ -31,8 +31,8 @@ logger = logging.get_logger(__name__)
 # Package modules that make up the community pipeline, in dependency order (a stable topological sort by top-level
 # imports corrects slips). Add a module here when the mixin starts importing it.
 COMMUNITY_MODULES: tuple[str, ...] = (
-    "utils.versions", "utils.checks", "utils.files", "utils.generation", "utils.fingerprint", "utils.demo_mark",
-    "utils.hub",
+    "utils.versions", "utils.checks", "utils.safetensors_io", "utils.files", "utils.folders", "utils.generation",
+    "utils.fingerprint", "utils.demo_mark", "utils.hub",
     "core.limits", "core.solve", "core.lowrank", "core.robust", "core.hardening", "core.edits", "core.concepts",
     "core.prompts", "core.families", "core.targets", "core.engine", "core.report_text", "core.report_plot",
     "core.report", "core.layerwise", "core.speed_options", "core.precise", "core.speed_solve",

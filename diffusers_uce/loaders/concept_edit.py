@@ -8,6 +8,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging
 
@@ -18,7 +19,8 @@ from ..core.report import DEFAULT_HOLDOUT_CONCEPTS, EditReport, build_report
 from ..core.targets import LayerFilter
 from ..utils.checks import check_base_model, check_license
 from ..utils.demo_mark import is_demo_pipeline
-from ..utils.files import atomic_folder
+from ..utils.folders import atomic_folder
+from ..utils.safetensors_io import check_finite_modules
 from .edit_file import UCEIOMixin
 from .edit_state import EditState
 from .lora import UCELoraMixin
@@ -320,9 +322,11 @@ class UCEMixin(UCEIOMixin, UCELoraMixin, UCESingleFileMixin, UCERobustMixin, UCE
         if kwargs.get("push_to_hub", False) or not self.concept_edits:
             with self._uce_card_options(overwrite=overwrite_model_card, **card):
                 return super().save_pretrained(save_directory, *args, **kwargs)
+        check_finite_modules({n: m for n, m in self.components.items() if isinstance(m, torch.nn.Module)})
         readme = os.path.join(save_directory, "README.md")
-        # Written aside and swapped in (model_index.json last): a save killed midway leaves the folder as it was.
-        with atomic_folder(save_directory, last="model_index.json") as folder:
+        # The whole folder written aside, then switched with the old one in one step: a save killed at any moment
+        # leaves the complete old folder or the complete new one (files of yours in it are kept).
+        with atomic_folder(save_directory) as folder:
             result = super().save_pretrained(folder, *args, **kwargs)
             if os.path.isfile(readme):  # the card already there, which the new one replaces only if it may
                 shutil.copy2(readme, os.path.join(folder, "README.md"))

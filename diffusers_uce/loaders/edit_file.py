@@ -10,7 +10,8 @@ from dataclasses import replace
 from diffusers.utils import logging
 
 from ..utils.checks import check_base_model, check_license
-from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
+from ..utils.files import atomic_save_safetensors, check_weight_name
+from ..utils.folders import atomic_folder
 from ..utils.versions import library_versions
 from .edit_format import (
     EDIT_WEIGHT_NAME,
@@ -95,11 +96,13 @@ class UCEIOMixin:
                             for g in state.groups for p in g.projections],
             **self._uce_saved_record(state),
         }
-        with folder_lock(save_directory):  # the edit file and its card, as one unit
-            path = atomic_save_safetensors(tensors, save_directory, weight_name,
-                                           {"format": "pt", METADATA_KEY: json.dumps(info)}, overwrite=overwrite)
+        # the edit file and its card as one unit: written into a copy of the folder, which then replaces it in one step
+        with atomic_folder(save_directory, update=True) as folder:
+            atomic_save_safetensors(tensors, folder, weight_name, {"format": "pt", METADATA_KEY: json.dumps(info)},
+                                    overwrite=overwrite)
             if write_model_card:
-                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card, **card)
+                self._uce_write_model_card(folder, "adapter", overwrite=overwrite_model_card, **card)
+        path = os.path.join(os.fspath(save_directory), weight_name)
         logger.info(f"Saved {len(state.records)} concept edit(s) to {path}")
         return path
 

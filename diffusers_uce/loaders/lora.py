@@ -25,7 +25,8 @@ from diffusers.utils import logging
 from ..core.lowrank import LowRankFactors, layerwise_low_rank, per_layer_low_rank, shared_low_rank
 from ..core.solve import Correction, edited_weights
 from ..utils.checks import check_base_model, check_license, is_whole_number
-from ..utils.files import atomic_save_safetensors, check_weight_name, folder_lock
+from ..utils.files import atomic_save_safetensors, check_weight_name
+from ..utils.folders import atomic_folder
 from .lora_kohya import (
     KOHYA_WEIGHT_NAME,
     LORA_RECORD_KEY,
@@ -174,10 +175,11 @@ class UCELoraMixin:
             header = kohya_metadata(tensors, state.records, self._uce_family.name, unet_config,
                                     weight_name[:-len(".safetensors")], header[LORA_RECORD_KEY],
                                     getattr(self.scheduler.config, "prediction_type", "epsilon"))
-        with folder_lock(save_directory):  # the LoRA and its card, as one unit
-            path = atomic_save_safetensors(tensors, save_directory, weight_name, header, overwrite=overwrite)
+        with atomic_folder(save_directory, update=True) as folder:  # the LoRA and its card, swapped in as one unit
+            atomic_save_safetensors(tensors, folder, weight_name, header, overwrite=overwrite)
             if write_model_card:
-                self._uce_write_model_card(save_directory, "adapter", overwrite=overwrite_model_card, **card)
+                self._uce_write_model_card(folder, "adapter", overwrite=overwrite_model_card, **card)
+        path = os.path.join(os.fspath(save_directory), weight_name)
         ranks = sorted({r for kept in modules.values() for _, r in kept})
         modules_saved = [n for kept in modules.values() for n, _ in kept]
         logger.info(f"Saved the concept edit as a LoRA of rank {ranks[0] if len(ranks) == 1 else ranks} "
@@ -206,10 +208,14 @@ def lora_factors(state, rank: int | None = None, device="cpu") -> list[LowRankFa
 def _group_factors(group, scale: float, rank: int | None, device) -> LowRankFactors:
     """LoRA factors of one target group's change at strength `scale` (a biased group's bias column dropped: the
     LoRA changes ``W`` only, and ``W' − W = [W | b] (T̃ − I)`` restricted to the first d columns)."""
-    weights, row_layer = group.stacked(device)
-    weights = weights.to(torch.float64)
     sizes = [p.module.weight.shape[0] for p in group.projections]
     solution = group.solution.to(device=device, dtype=torch.float64)
+    if solution.layerwise is None and solution.correction is None and not group.biased:
+        # one shared transform: each layer's factor from its own weights, without a float64 copy of them all
+        eye = torch.eye(solution.transform.shape[0], dtype=torch.float64, device=device)
+        return shared_low_rank(group.originals(), sizes, scale * (solution.transform - eye), rank)
+    weights, row_layer = group.stacked(device)
+    weights = weights.to(torch.float64)
     if solution.layerwise is not None:
         return layerwise_low_rank(weights, row_layer, sizes, solution.layerwise.times(scale),
                                   weights.shape[1] - group.biased, rank)

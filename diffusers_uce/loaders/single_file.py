@@ -107,10 +107,11 @@ class UCESingleFileMixin:
         self._uce_require_fused(fuse_concept_edits, "save")
         tensors = {}
         for plan, state in plans:
-            tensors.update(single_file_tensors(plan, state, dtype))
+            tensors.update(single_file_tensors(plan, state))
         folder, name = os.path.split(path)
+        # streamed tensor by tensor (cast as it goes), every weight checked finite after the cast before writing
         atomic_save_safetensors(tensors, folder or ".", name, self._uce_single_file_metadata(layout, name),
-                                overwrite=overwrite)
+                                overwrite=overwrite, dtype=dtype)
         fused = f", {len(self.concept_edits)} concept edit(s) fused" if self.concept_edits else ""
         logger.info(f"Saved the pipeline as one {layout} checkpoint ({len(tensors)} tensors{fused}) to {path}")
         return path

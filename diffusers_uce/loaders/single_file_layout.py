@@ -27,7 +27,8 @@ transpose, a stack).
 
 from __future__ import annotations
 
-from typing import Iterable
+from functools import partial
+from typing import Callable, Iterable
 
 import torch
 from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
@@ -238,27 +239,25 @@ def single_file_plan(table: Table, keys: Iterable[str], prefix: str) -> Plan:
     return {target: (tuple(sources), hows[target]) for target, sources in placed.items()}
 
 
-def single_file_tensors(plan: Plan, tensors: dict[str, torch.Tensor],
-                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def single_file_tensors(plan: Plan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Callable]:
     """The tensors of the file for one component: `tensors` (its state dict) placed by `plan`.
+
+    Reshapes and transposes are views of the weights; a stacked tensor is a function that makes it, so a writer
+    builds it when it writes it and no more than one stacked copy exists at a time.
 
     Args:
         plan (`Plan`): what `single_file_plan` returned for these keys.
         tensors (`dict[str, torch.Tensor]`): the component's state dict.
-        dtype (`torch.dtype`, *optional*): cast floating-point tensors to it; their own dtype by default.
     """
     out = {}
     for target, (sources, how) in plan.items():
-        parts = [tensors[k] for k in sources]
+        parts = [tensors[k].detach() for k in sources]
         if how == STACK:
-            tensor = torch.cat(parts)
+            out[target] = partial(torch.cat, parts)
         elif how == TRANSPOSE:
-            tensor = parts[0].T
+            out[target] = parts[0].T
         elif how == CONV and parts[0].dim() == 2:
-            tensor = parts[0][:, :, None, None]
+            out[target] = parts[0][:, :, None, None]
         else:
-            tensor = parts[0]
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        out[target] = tensor.detach()
+            out[target] = parts[0]
     return out

@@ -7,10 +7,12 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 if TYPE_CHECKING:
     import torch
+
+    from .safetensors_io import TensorSource
 
 # Files that unpickle when loaded: never read, never written.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -19,10 +21,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _TMP_SUFFIX = ".tmp"
 
 
-def _temporary_name(path: str) -> str:
-    """A hidden temporary file next to `path` that names its writer: ``.<name>.<pid>.<random>.tmp``."""
+_ASIDE = "old"  # tag of a folder moved aside while a new one takes its place (`folders.atomic_folder`)
+
+
+def _temporary_name(path: str, tag: str = "") -> str:
+    """A hidden temporary file next to `path` that names its writer: ``.<name>.<pid>.<tag><random>.tmp``."""
     return os.path.join(os.path.dirname(path) or ".",
-                        f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}{_TMP_SUFFIX}")
+                        f".{os.path.basename(path)}.{os.getpid()}.{tag}{uuid.uuid4().hex}{_TMP_SUFFIX}")
 
 
 def _alive(pid: int) -> bool:
@@ -37,7 +42,8 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Remove the temporary files (and folders) that writers killed mid-write left in `folder` (those whose process
-    is gone).
+    is gone). A folder a killed writer had moved aside to put a new one in its place, where neither is there any more,
+    is moved back instead.
 
     Returns:
         `list[str]`: the files removed.
@@ -53,8 +59,14 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
             continue
         if int(parts[-3]) == os.getpid() or _alive(int(parts[-3])):
             continue
+        stale, original = os.path.join(folder, name), os.path.join(folder, ".".join(parts[1:-3]))
+        if parts[-2].startswith(_ASIDE) and os.path.isdir(stale) and not os.path.lexists(original):
+            try:
+                os.rename(stale, original)
+            except OSError:
+                pass
+            continue
         try:
-            stale = os.path.join(folder, name)
             shutil.rmtree(stale) if os.path.isdir(stale) and not os.path.islink(stale) else os.remove(stale)
             removed.append(name)
         except OSError:
@@ -113,54 +125,10 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
 
 
 @contextmanager
-def atomic_folder(path: str | os.PathLike, last: str | None = None) -> Iterator[str]:
-    """Yield a temporary folder next to `path`; when the block succeeds, move its contents into `path`.
-
-    A new `path` appears at once (one rename). Into an existing folder every entry is swapped in one by one, `last`
-    (e.g. `"model_index.json"`) at the end, and other files already there are kept. On any failure the temporary
-    folder is removed and `path` is left as it was; temporary folders of writers that were killed are removed on the
-    next call.
-    """
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(parent)
-    tmp = _temporary_name(os.path.abspath(path))
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
-            if os.path.isdir(path):
-                os.rmdir(path)
-            os.rename(tmp, path)
-        else:
-            names = sorted(os.listdir(tmp), key=lambda name: name == last)
-            for name in names:
-                _swap_in(os.path.join(tmp, name), os.path.join(path, name))
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_folder(parent)
-
-
-def _swap_in(new: str, old: str) -> None:
-    """Replace `old` (a file or a folder, if any) by `new` with renames."""
-    if os.path.isdir(old) and not os.path.islink(old):
-        aside = _temporary_name(old)
-        os.rename(old, aside)
-        os.rename(new, old)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(new, old)
-
-
-@contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` for the block: writers that save several files which belong together (an
-    edit file and its model card) do it one at a time, so the folder never pairs one writer's file with another's.
-    The lock is taken on the folder itself (no lock file is left); where that is not possible the block runs
-    unlocked."""
+    """Hold an exclusive lock on `folder` for the block: writers that replace folders inside it
+    (`folders.atomic_folder`) take turns. The lock is taken on the folder itself (no lock file is left); where that
+    is not possible the block runs unlocked."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     try:
@@ -203,26 +171,30 @@ def check_weight_name(weight_name: str) -> str:
 
 
 def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], save_directory: str | os.PathLike, weight_name: str,
-    metadata: dict[str, str], overwrite: bool = False,
+    tensors: Mapping[str, TensorSource], save_directory: str | os.PathLike, weight_name: str,
+    metadata: dict[str, str], overwrite: bool = False, dtype: torch.dtype | None = None,
 ) -> str:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then moved into place.
+    """Write a safetensors file atomically: a temporary file of ours in the same folder, fsync, then moved into place.
 
-    A failure leaves neither a partial file nor the temporary file, and an existing file is only replaced when
-    `overwrite` is `True`: otherwise the file is created exclusively, so of two writers racing for a new name one
-    gets a `FileExistsError` and the other's file stays.
+    The tensors are written one at a time from their own memory (`safetensors_io.write_safetensors`), so extra host
+    memory stays about one tensor; each floating-point tensor is checked finite (after the cast to `dtype`) before
+    anything is written. A failure leaves neither a partial file nor the temporary file (a writer killed midway
+    leaves a hidden temporary that the next save into the folder removes), and an existing file is only replaced
+    when `overwrite` is `True`: otherwise the file is created exclusively, so of two writers racing for a new name
+    one gets a `FileExistsError` and the other's file stays.
 
     Args:
-        tensors (`dict[str, torch.Tensor]`): the tensors to write.
+        tensors (`Mapping[str, torch.Tensor or callable]`): the tensors (or functions that make them) to write.
         save_directory (`str` or `os.PathLike`): the folder, created if needed.
         weight_name (`str`): the file name (ends in ``.safetensors``).
         metadata (`dict[str, str]`): the safetensors header metadata.
         overwrite (`bool`, defaults to `False`): replace an existing file.
+        dtype (`torch.dtype`, *optional*): cast floating-point tensors to it while writing.
 
     Returns:
         `str`: the path written.
     """
-    import safetensors.torch  # here: the command line imports this module and must start fast
+    from .safetensors_io import plan_safetensors, write_safetensors  # here: the command line must start fast
 
     check_weight_name(weight_name)
     save_directory = os.fspath(save_directory)
@@ -230,7 +202,8 @@ def atomic_save_safetensors(
         raise ValueError(f"save_directory {save_directory!r} is a file; give a folder to write {weight_name} into")
     path = os.path.join(save_directory, weight_name)
     refuse_existing(path, overwrite, "another weight_name")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    plan = plan_safetensors(tensors, dtype)  # every check before the first byte
     with atomic_path(path, overwrite=overwrite) as tmp:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "wb") as f:
+            write_safetensors(f, tensors, metadata, dtype, plan)
     return path

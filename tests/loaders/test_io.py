@@ -16,6 +16,7 @@ import diffusers_uce
 from diffusers_uce.core.engine import Solution
 from diffusers_uce.core.solve import Correction
 from diffusers_uce.demo import make_demo_pipeline
+from diffusers_uce.utils import safetensors_io
 from tests.support.helpers import rel, target_layers, unet_output, weights
 from tests.support.reference import denoiser, family_of
 
@@ -231,17 +232,17 @@ class TestEditFiles:
         assert len(header(path)[0]["edits"]) == 2
         assert sorted(os.listdir(tmp_path)) == ["README.md", "uce_edits.safetensors"]  # no temp file left
 
-    @pytest.mark.parametrize("failing", ["save_file", "replace"])
+    @pytest.mark.parametrize("failing", ["write", "replace"])
     def test_atomic_write(self, pipe, tmp_path, monkeypatch, failing):
         apply(pipe, ERASE, guide="art")
         fresh_dir = tmp_path / "new"
 
         def boom(*args, **kwargs):
-            if failing == "save_file":  # a partial temporary file, then a crash
-                open(args[1], "wb").write(b"partial")
+            if failing == "write":  # a partial temporary file, then a crash
+                args[0].write(b"partial")
             raise OSError("disk full")
 
-        target = (safetensors.torch, "save_file") if failing == "save_file" else (os, "replace")
+        target = (safetensors_io, "write_safetensors") if failing == "write" else (os, "replace")
         path = pipe.save_concept_edits(tmp_path)
         before = open(path, "rb").read()
         with monkeypatch.context() as m:
@@ -252,8 +253,9 @@ class TestEditFiles:
                 pipe.save_concept_edits(fresh_dir)
             with pytest.raises(OSError, match="disk full"):
                 pipe.save_concept_edits(tmp_path, overwrite=True)
-        assert os.listdir(fresh_dir) == []
-        assert sorted(os.listdir(tmp_path)) == ["README.md", "new", "uce_edits.safetensors"]  # no temporary file left
+        assert not fresh_dir.exists()
+        assert sorted(os.listdir(tmp_path)) == ["README.md", "uce_edits.safetensors"]  # no temporary file left
+        assert not [n for n in os.listdir(tmp_path.parent) if n.startswith(f".{tmp_path.name}.")]
         assert open(path, "rb").read() == before
 
     def test_refuses_pickle_and_foreign_files(self, pipe, tmp_path):
