@@ -48,7 +48,7 @@ class GroupEdit:
 
     def device_terms(self, device):
         """``Δ = T − I`` and the correction in float32 on `device` (cached), for the processors and hooks; ``Δ`` is
-        `None` for a precise-erasure solution (its change is `device_layerwise`)."""
+        `None` for a precise-erasure or low-rank solution (its change is `device_layerwise`)."""
         return self._device_cache(device)[:2]
 
     def device_layerwise(self, device):
@@ -102,8 +102,11 @@ class GroupEdit:
         """Raise unless the edit at strength `scale` is finite in float32, the precision the processors and hooks
         apply it in (an entry of 1e39 is finite in float64, not in float32), before anything is installed."""
         s = (solution or self.solution).to(dtype=torch.float32)
-        eye = torch.eye(s.transform.shape[0], dtype=torch.float32, device=s.transform.device)
-        change = engine.Solution(scale * (s.transform - eye), None if s.correction is None else s.correction.times(
+        delta = None
+        if s.transform is not None:  # (a low-rank solution has none: its change is `layerwise`)
+            delta = scale * (s.transform - torch.eye(s.transform.shape[0], dtype=torch.float32,
+                                                     device=s.transform.device))
+        change = engine.Solution(delta, None if s.correction is None else s.correction.times(
             scale), layerwise=None if s.layerwise is None else s.layerwise.times(scale))
         if not change.is_finite():
             raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "
