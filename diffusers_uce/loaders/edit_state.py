@@ -12,6 +12,7 @@ from ..core.report import EditReport
 from ..core.robust import stacked_gram
 from ..core.solve import edited_weights, scaled
 from ..core.targets import LayerFilter, Projection
+from ..core.wide import is_wide, takes_low_rank
 from ..utils.checks import all_finite
 from ..utils.fingerprint import fingerprint, same_fingerprint
 
@@ -42,6 +43,17 @@ class GroupEdit:
         self._gram: tuple | None = None  # (fingerprint, G)
         self._singular: tuple | None = None  # (fingerprint, weakest input direction of each layer), precise erasure
         self.written: list | None = None  # fingerprint of the weights `write` wrote last
+
+    @property
+    def wide(self) -> bool:
+        """Whether the layers read inputs too wide for d×d algebra (`wide.is_wide`; never for a biased group)."""
+        return not self.biased and is_wide(self.projections[0].module.weight.shape[1], self.group.layer_group)
+
+    def takes_low_rank(self, num_tokens: int) -> bool:
+        """Whether an edit with `num_tokens` erased and preserved tokens is solved in low-rank form here: a wide
+        group with fewer tokens than half its width (`wide.takes_low_rank`)."""
+        width = self.projections[0].module.weight.shape[1]
+        return not self.biased and takes_low_rank(width, num_tokens, self.group.layer_group)
 
     def set_solution(self, solution: engine.Solution) -> None:
         self.solution, self._device_terms = solution, {}

@@ -14,7 +14,6 @@ from ..core.prompts import EncodedPrompts, encode_prompts
 from ..core.solve import grouped_grams, homogeneous
 from ..core.speed_solve import assemble_speed, full_length_prompts, merge_encoded, solve_speed, speed_prompts
 from ..core.targets import expand_names, find_linear_layers, find_projections
-from ..core.wide import is_wide, takes_low_rank
 from ..utils.checks import all_finite
 from .capture import capture_prompts
 from .edit_state import EditState, GroupEdit
@@ -56,9 +55,8 @@ class UCESolverMixin:
             else:
                 assembled = engine.assemble_terms(records, encoded)
                 tokens = len(assembled.terms.erase) + len(assembled.terms.preserve)
-                low_rank = not group.biased and takes_low_rank(plain.shape[1], tokens, group.group.layer_group)
                 solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased,
-                                        low_rank=low_rank)
+                                        low_rank=group.takes_low_rank(tokens))
             if not solution.is_finite():
                 raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
                                  "preserve_scale or raise lamb")
@@ -178,15 +176,9 @@ class UCESolverMixin:
         return grams, solution, assembled, held_tokens
 
 
-def wide_group(group: GroupEdit) -> bool:
-    """Whether `group` is too wide for d×d algebra (`wide.is_wide`): it is solved in low-rank form."""
-    width = group.projections[0].module.weight.shape[1]
-    return not group.biased and is_wide(width, group.group.layer_group)
-
-
 def refuse_wide(records: list[ConceptEdit], groups: list[GroupEdit]) -> None:
     """Refuse what needs a d×d matrix per group (hardening's Gram, precise erasure) on a wide group."""
-    wide = [g for g in groups if wide_group(g)]
+    wide = [g for g in groups if g.wide]
     if not wide:
         return
     width = wide[0].projections[0].module.weight.shape[1]
