@@ -22,6 +22,7 @@ from .solve import (
     tensor_correction,
     with_bias,
 )
+from .wide import WoodburyInverse, as_layerwise
 
 
 @dataclass
@@ -131,16 +132,19 @@ class Solution:
     `low_rank`, when there are few erased tokens, is ``T − I`` in low-rank form (`solve.low_rank_delta`): fusing uses
     it instead of ``T`` (cheaper, same weights). It is derived data: edit files store ``T`` only.
 
-    `layerwise` (precise erasure) adds ``Uᵀ D_ℓ`` to every ``T_ℓ`` (`layerwise.Layerwise`); ``T`` is then ``I``.
+    `layerwise` adds ``Uᵀ D_ℓ`` to every ``T_ℓ`` (`layerwise.Layerwise`). Precise erasure stores its change there
+    with ``T = I``. A wide group solved in low-rank form (`wide.takes_low_rank`) stores its whole change there too,
+    with ``transform=None`` and ``correction=None``: no d×d matrix exists for it, and every consumer (processors,
+    fusing, LoRA export, the report, edit files) works on the factors.
     """
 
-    transform: torch.Tensor
+    transform: torch.Tensor | None
     correction: Correction | None
     low_rank: Correction | None = None
     layerwise: Layerwise | None = None
 
     def is_finite(self) -> bool:
-        tensors = [self.transform] + ([] if self.correction is None else [
+        tensors = ([] if self.transform is None else [self.transform]) + ([] if self.correction is None else [
             self.correction.tokens, self.correction.solved, self.correction.coef])
         return all_finite(*tensors) and (
             self.layerwise is None or self.layerwise.is_finite())
@@ -156,7 +160,7 @@ class Solution:
 
 
 def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int,
-          biased: bool = False) -> Solution:
+          biased: bool = False, low_rank: bool = False) -> Solution:
     """One float64 solve shared by every layer, plus the per-layer "tensor" correction when a record asks for it.
 
     Args:
@@ -165,8 +169,17 @@ def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Ten
         row_layer (`torch.Tensor`): layer index of each row of `weights`.
         biased (`bool`, defaults to `False`): the layers keep a bias ``b``: return the homogeneous solution of
             ``W' = W T_ℓ + b uᵀ`` (see `solve.with_bias`), for ``[W | b]``.
+        low_rank (`bool`, defaults to `False`): solve without any d×d matrix (Woodbury, `wide.WoodburyInverse`) and
+            return the change as `Solution.layerwise` with no transform (see `wide.takes_low_rank`); not with
+            `biased`.
     """
-    transform, factor = solve_transform(assembled.terms)
+    if low_rank and biased:
+        raise ValueError("the low-rank solve does not handle layers whose bias is part of the targets")
+    if low_rank:
+        factor = WoodburyInverse(assembled.terms)
+        transform = None
+    else:
+        transform, factor = solve_transform(assembled.terms)
     correction = tensor_correction(weights, row_layer, num_layers, assembled.terms, factor)
     if assembled.debias is not None:
         attributes, concept_of, weight = assembled.debias
@@ -176,6 +189,8 @@ def solve(assembled: AssembledTerms, weights: torch.Tensor, row_layer: torch.Ten
     if biased:  # (two layers in FLUX: the dense product is cheap there)
         transform, correction = with_bias(transform, correction, bias_direction(assembled.terms, factor))
         return Solution(transform, correction)
+    if low_rank:
+        return Solution(None, None, layerwise=as_layerwise(low_rank_delta(assembled.terms, factor), correction))
     few = 2 * assembled.terms.erase.shape[0] < transform.shape[0]
     return Solution(transform, correction, low_rank_delta(assembled.terms, factor) if few else None)
 

@@ -93,6 +93,8 @@ class TargetGroup:
         bias_in_targets (`bool`): the layers' bias is part of every target, ``W′ = W T + b uᵀ``, as the authors'
             FLUX.1 script solves it. Otherwise (the default) a bias is a constant that cancels out of the targets,
             and ``W′ = W T`` maps each erased token's output exactly as the guide's would be mapped.
+        layer_group (`bool`): the group is one layer of a `per_layer` group (set by `specialise`); such families have
+            dozens of groups, so narrower ones already take the low-rank solve (`wide.is_wide`).
     """
 
     name: str
@@ -102,6 +104,7 @@ class TargetGroup:
     per_layer: bool = False
     last_text: TextStates | None = None
     bias_in_targets: bool = False
+    layer_group: bool = False
 
     @property
     def cross_attention(self) -> bool:
@@ -330,7 +333,7 @@ def specialise(family: Family, denoiser) -> Family:
         for index, name in enumerate(names):
             text = group.last_text if group.last_text is not None and index == len(names) - 1 else group.text
             groups.append(replace(group, name=f"{group.component}.{name}", modules=(name,), per_layer=False,
-                                  text=text, last_text=None))
+                                  text=text, last_text=None, layer_group=True))
     return replace(family, groups=tuple(groups))
 
 

@@ -111,7 +111,7 @@ def _distances(grams, transform, correction, x, y, layerwise=None) -> torch.Tens
 def _changes(grams, transform, correction, tokens, layerwise=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``Σ_ℓ ‖W'_ℓ p − W_ℓ p‖²`` and ``Σ_ℓ ‖W_ℓ p‖²`` per token."""
     return (_distances(grams, transform, correction, tokens, tokens, layerwise),
-            _distances(grams, torch.zeros_like(transform), None, tokens, -tokens))
+            _distances(grams, None, None, tokens, torch.zeros_like(tokens)))
 
 
 def build_report(parts, layers: int) -> EditReport:
@@ -139,18 +139,17 @@ def build_report(parts, layers: int) -> EditReport:
     invariant_changes = []
     for grams, solution, assembled, held_out in parts:
         t, c, terms, lw = solution.transform, solution.correction, assembled.terms, solution.layerwise
-        eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
         num_pairs, n = len(assembled.pairs), len(assembled.token_pair)  # debiased concepts' tokens follow the pairs'
         erased, guides = terms.erase[:n], terms.guide[:n]
         add("moved", _distances(grams, t, c, erased, guides, lw), assembled.token_pair, num_pairs)
-        add("gap", _distances(grams, eye, None, erased, guides), assembled.token_pair, num_pairs)
+        add("gap", _distances(grams, None, None, erased, guides), assembled.token_pair, num_pairs)
         debiased = terms.erase[n:]
-        groups = [("debiased", debiased, torch.arange(len(debiased), device=t.device), len(debiased)),
+        groups = [("debiased", debiased, torch.arange(len(debiased), device=debiased.device), len(debiased)),
                   ("preserved", terms.preserve, assembled.token_preserved, len(assembled.preserved))]
         if held_out is not None and held_out[0]:
             groups.append(("held_out", held_out[1], held_out[2], len(held_out[0])))
         if assembled.invariants is not None:  # per group: each group has its own invariant tokens
-            change, base = _changes(grams, t, c, assembled.invariants.to(t), lw)
+            change, base = _changes(grams, t, c, assembled.invariants.to(terms.erase), lw)
             invariant_changes.extend((change / base.clamp_min(torch.finfo(base.dtype).tiny)).sqrt().tolist())
         for key, tokens, group, count in groups:
             if count:

@@ -117,6 +117,14 @@ def transform_from_sums(erase_gram: torch.Tensor, cross: torch.Tensor, preserve_
     return transform, factor
 
 
+def solve_rows(x: torch.Tensor, factor) -> torch.Tensor:
+    """``X B⁻¹`` for rows `x`, in float64: `factor` is the Cholesky factor of ``B`` (`solve_transform`) or an object
+    with a ``solve_rows`` method (`wide.WoodburyInverse`, which never forms ``B``)."""
+    if hasattr(factor, "solve_rows"):
+        return factor.solve_rows(x)
+    return torch.cholesky_solve(x.to(torch.float64).T.contiguous(), factor).T  # B symmetric
+
+
 def tensor_correction(
     weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int, terms: EditTerms, factor: torch.Tensor,
     chunk_size: int = 4096,
@@ -128,7 +136,7 @@ def tensor_correction(
         row_layer (`torch.Tensor`): layer index of each row of `weights`, ``(R,)``.
         num_layers (`int`): number of layers.
         terms (`EditTerms`): the solve inputs.
-        factor (`torch.Tensor`): Cholesky factor of ``B`` from `solve_transform`.
+        factor (`torch.Tensor`): Cholesky factor of ``B`` from `solve_transform` (or see `solve_rows`).
     """
     selected = terms.tensor_pair >= 0
     if not bool(selected.any()):
@@ -152,8 +160,7 @@ def tensor_correction(
     pair_norm.index_add_(1, pair, norm)
     alpha = pair_inner / pair_norm.clamp_min(torch.finfo(torch.float64).tiny)
     coef = -terms.erase_weight[selected].to(torch.float64)[None, :] * alpha[:, pair]
-    solved = torch.cholesky_solve(tokens.T.contiguous(), factor).T  # D = C B⁻¹
-    return Correction(tokens=tokens, solved=solved, coef=coef)
+    return Correction(tokens=tokens, solved=solve_rows(tokens, factor), coef=coef)  # D = C B⁻¹
 
 
 def layer_norms(weights: torch.Tensor, row_layer: torch.Tensor, num_layers: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -187,8 +194,7 @@ def debias_correction(
     norm_c = layer_norms(weights, row_layer, num_layers, concepts)[:, concept_of]
     norm_a = layer_norms(weights, row_layer, num_layers, attributes)
     coef = weight.to(torch.float64)[None, :] * norm_c / norm_a.clamp_min(torch.finfo(torch.float64).tiny)
-    solved = torch.cholesky_solve(concepts[concept_of].T.contiguous(), factor).T  # rows (B⁻¹ c_i)ᵀ
-    return Correction(tokens=attributes, solved=solved, coef=coef)
+    return Correction(tokens=attributes, solved=solve_rows(concepts[concept_of], factor), coef=coef)  # (B⁻¹ c_i)ᵀ
 
 
 def combine(*corrections: Correction | None) -> Correction | None:
@@ -253,8 +259,7 @@ def low_rank_delta(terms: EditTerms, factor: torch.Tensor) -> Correction:
     ``O(R·d·n)`` instead of the ``O(R·d²)`` of ``W T``, the bulk of fusing SDXL's 140 projections when ``n ≪ d``.
     """
     erase = terms.erase.to(torch.float64)
-    solved = torch.cholesky_solve(erase.T.contiguous(), factor).T
-    return Correction(terms.guide.to(erase) - erase, solved, terms.erase_weight.to(erase)[None])
+    return Correction(terms.guide.to(erase) - erase, solve_rows(erase, factor), terms.erase_weight.to(erase)[None])
 
 
 def edited_weights(
@@ -330,9 +335,9 @@ def output_distances(
     """``Σ_ℓ ‖W_ℓ T_ℓ x_k − W_ℓ y_k‖²`` for each row ``k`` of `x`/`y`, summed over the layers of `grams`.
 
     With ``G_ℓ = W_ℓᵀ W_ℓ`` this is ``Σ_ℓ u_ℓᵀ G_ℓ u_ℓ`` with ``u_ℓ = T_ℓ x − y``: no layer output is materialised.
-    Pass ``transform = 0`` and ``y = −x`` to get ``Σ_ℓ ‖W_ℓ x‖²``. With a shared transform (no correction),
-    `grams` may instead be the stacked weights ``W_all`` (R×d): ``‖W_all u‖²`` is cheaper than forming the Gram
-    when there are fewer than ``d/2`` tokens.
+    ``transform = None`` stands for ``T = I`` (pass it with ``y = 0`` to get ``Σ_ℓ ‖W_ℓ x‖²``). With a shared
+    transform (no correction), `grams` may instead be the stacked weights ``W_all`` (R×d): ``‖W_all u‖²`` is cheaper
+    than forming the Gram when there are fewer than ``d/2`` tokens.
     """
     x, y = x.to(torch.float64), y.to(torch.float64)
     out = []
@@ -342,7 +347,7 @@ def output_distances(
     summed = None if direct else grams.sum(0)
     for start in range(0, x.shape[0], chunk_size):
         xs, ys = x[start : start + chunk_size], y[start : start + chunk_size]
-        u = xs @ transform.T - ys
+        u = (xs if transform is None else xs @ transform.T) - ys
         if direct:
             out.append(((u.to(grams.dtype) @ grams.T) ** 2).sum(-1).to(torch.float64))
             continue

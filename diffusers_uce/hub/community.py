@@ -35,7 +35,7 @@ COMMUNITY_MODULES: tuple[str, ...] = (
     "utils.fingerprint", "utils.demo_mark", "utils.hub",
     "core.limits", "core.solve", "core.lowrank", "core.robust", "core.hardening", "core.edits", "core.concepts",
     "core.prompts", "core.families", "core.targets", "core.engine", "core.report_text", "core.report_plot",
-    "core.report", "core.layerwise", "core.speed_options", "core.precise", "core.speed_solve",
+    "core.report", "core.layerwise", "core.wide", "core.speed_options", "core.precise", "core.speed_solve",
     "loaders.processor", "loaders.installed", "loaders.edit_state", "loaders.state_mixin", "loaders.edit_format",
     "loaders.edit_file", "loaders.lora_kohya", "loaders.lora", "loaders.single_file_layout", "loaders.single_file",
     "loaders.debias", "loaders.robust", "loaders.encoding_cache", "loaders.capture", "loaders.solver",

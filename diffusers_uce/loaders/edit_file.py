@@ -16,9 +16,9 @@ from ..utils.versions import library_versions
 from .edit_format import (
     EDIT_WEIGHT_NAME,
     FORMAT_NAME,
-    FORMAT_VERSION,
     METADATA_KEY,
     VERIFY_TOLERANCE,
+    format_version,
     read_edit_file,
     records_from,
     resolve_edit_file,
@@ -90,7 +90,7 @@ class UCEIOMixin:
             tensors.update(solution_tensors(f"{group.group.name}.uce", group.solution))
         info = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": format_version([g.solution for g in state.groups]),
             "denoiser": self._uce_layout().groups[0].component,
             "projections": [{"group": g.group.name, "name": p.name, "shape": list(p.module.weight.shape)}
                             for g in state.groups for p in g.projections],

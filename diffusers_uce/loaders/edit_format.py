@@ -10,7 +10,10 @@ projections with their group and shape, the options every later edit must share,
 library versions. Version 1 (before families) wrote SD 1.x/2.x files without ``"family"`` or per-projection
 ``"group"``; they still load. Version 3 adds precise erasure (``method="speed"``): its solution is stored as the
 per-layer factors ``<group>.uce.layerwise.up`` (``m×d``) and ``<group>.uce.layerwise.down`` (``L×m×d``, or ``1×m×d``
-without prior refinement) of ``T_ℓ = I + upᵀ down_ℓ``, and no transform.
+without prior refinement) of ``T_ℓ = I + upᵀ down_ℓ``, and no transform. Version 4 stores the groups solved in
+low-rank form (inputs too wide for a d×d transform, FLUX.2, HiDream) the same way, whatever the method: the same two
+tensors, and no transform (files without such a group are still written as version 3); files of versions 1 to 3
+still load.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from .state_mixin import MAX_EDIT_SCALE
 logger = logging.get_logger(__name__)
 
 FORMAT_NAME = "diffusers-uce-edit"
-FORMAT_VERSION = 3  # 3: precise erasure's per-layer factors; 2: a family and one solution per target group (FLUX has
-# two); 1: SD 1.x/2.x, one group
+FORMAT_VERSION = 4  # 4: wide groups' low-rank solutions as factors; 3: precise erasure's per-layer factors; 2: a
+# family and one solution per target group (FLUX has two); 1: SD 1.x/2.x, one group
 METADATA_KEY = "uce"
 EDIT_WEIGHT_NAME = "uce_edits.safetensors"
 CORRECTION_PARTS = ("tokens", "solved", "coef")
@@ -50,6 +53,12 @@ def solution_tensors(prefix: str, solution: engine.Solution) -> dict[str, torch.
     if solution.correction is not None:
         tensors.update({f"{prefix}.correction.{p}": getattr(solution.correction, p) for p in CORRECTION_PARTS})
     return tensors
+
+
+def format_version(solutions: list[engine.Solution]) -> int:
+    """The oldest format version that holds `solutions`: 4 with a wide group's low-rank solution, else 3 (so that
+    older releases still read every file they can)."""
+    return FORMAT_VERSION if any(s.transform is None for s in solutions) else 3
 
 
 def records_from(raw) -> list[ConceptEdit]:
@@ -185,6 +194,8 @@ def solution_from(tensors: dict, prefix: str, d: int, num_layers: int, records: 
     """
     if records[-1].method == "speed":
         return _layerwise_from(tensors, prefix, d, num_layers)
+    if f"{prefix}.layerwise.up" in tensors:  # a wide group solved in low-rank form (version 4)
+        return _layerwise_from(tensors, prefix, d, num_layers, low_rank=True)
     transform = tensors.get(f"{prefix}.transform")
     if transform is None or tuple(transform.shape) != (d, d) or not transform.is_floating_point():
         raise ValueError(f"the edit file's {prefix}.transform is missing or is not a {d}x{d} float tensor")
@@ -211,8 +222,9 @@ def solution_from(tensors: dict, prefix: str, d: int, num_layers: int, records: 
     return solution
 
 
-def _layerwise_from(tensors: dict, prefix: str, d: int, num_layers: int) -> engine.Solution:
-    """A stored precise-erasure solution, its shapes checked: ``up`` (m, d) and ``down`` (L or 1, m, d)."""
+def _layerwise_from(tensors: dict, prefix: str, d: int, num_layers: int, low_rank: bool = False) -> engine.Solution:
+    """A stored precise-erasure solution (or, with `low_rank`, a wide group's low-rank one, which has no transform),
+    its shapes checked: ``up`` (m, d) and ``down`` (L or 1, m, d)."""
     up, down = tensors.get(f"{prefix}.layerwise.up"), tensors.get(f"{prefix}.layerwise.down")
     if up is None or down is None or up.dim() != 2 or down.dim() != 3 or up.shape[1] != d or down.shape[
             0] not in (1, num_layers) or tuple(down.shape[1:]) != tuple(up.shape) or not up.is_floating_point():
@@ -222,7 +234,7 @@ def _layerwise_from(tensors: dict, prefix: str, d: int, num_layers: int) -> engi
                                                                             f"{prefix}.layerwise.down")]
     if extra:
         raise ValueError(f"the edit file has unexpected tensors: {', '.join(sorted(extra))}")
-    solution = engine.Solution(torch.eye(d, dtype=torch.float64), None,
+    solution = engine.Solution(None if low_rank else torch.eye(d, dtype=torch.float64), None,
                                layerwise=Layerwise(up.to(torch.float64), down.to(torch.float64)))
     if not solution.is_finite():
         raise ValueError("the edit file's solution has non-finite values")
@@ -238,7 +250,7 @@ def solution_difference(a: engine.Solution, b: engine.Solution, num_layers: int,
     """How differently two solutions change their layers' inputs: ``max_ℓ ‖(T_ℓ^a − T_ℓ^b) X‖ / ‖(T_ℓ^a − I) X‖``
     on seeded random probe inputs ``X`` (the same for both), in float64."""
     a, b = (s.to(device="cpu", dtype=torch.float64) for s in (a, b))
-    d = a.transform.shape[-1]
+    d = a.transform.shape[-1] if a.transform is not None else a.layerwise.up.shape[-1]
     x = torch.randn(probes, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     worst = 0.0
     for layer in range(num_layers):  # a few small products per layer: this runs once per loaded file
@@ -248,5 +260,7 @@ def solution_difference(a: engine.Solution, b: engine.Solution, num_layers: int,
     return worst
 
 
-def _delta(solution: engine.Solution) -> torch.Tensor:
+def _delta(solution: engine.Solution) -> torch.Tensor | None:
+    if solution.transform is None:  # a low-rank solution: its change is `layerwise`
+        return None
     return solution.transform - torch.eye(solution.transform.shape[0], dtype=solution.transform.dtype)

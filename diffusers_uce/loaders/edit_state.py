@@ -12,6 +12,7 @@ from ..core.report import EditReport
 from ..core.robust import stacked_gram
 from ..core.solve import edited_weights, scaled
 from ..core.targets import LayerFilter, Projection
+from ..core.wide import is_wide, takes_low_rank
 from ..utils.checks import all_finite
 from ..utils.fingerprint import fingerprint, same_fingerprint
 
@@ -43,12 +44,23 @@ class GroupEdit:
         self._singular: tuple | None = None  # (fingerprint, weakest input direction of each layer), precise erasure
         self.written: list | None = None  # fingerprint of the weights `write` wrote last
 
+    @property
+    def wide(self) -> bool:
+        """Whether the layers read inputs too wide for d×d algebra (`wide.is_wide`; never for a biased group)."""
+        return not self.biased and is_wide(self.projections[0].module.weight.shape[1], self.group.layer_group)
+
+    def takes_low_rank(self, num_tokens: int) -> bool:
+        """Whether an edit with `num_tokens` erased and preserved tokens is solved in low-rank form here: a wide
+        group with fewer tokens than half its width (`wide.takes_low_rank`)."""
+        width = self.projections[0].module.weight.shape[1]
+        return not self.biased and takes_low_rank(width, num_tokens, self.group.layer_group)
+
     def set_solution(self, solution: engine.Solution) -> None:
         self.solution, self._device_terms = solution, {}
 
     def device_terms(self, device):
         """``Δ = T − I`` and the correction in float32 on `device` (cached), for the processors and hooks; ``Δ`` is
-        `None` for a precise-erasure solution (its change is `device_layerwise`)."""
+        `None` for a precise-erasure or low-rank solution (its change is `device_layerwise`)."""
         return self._device_cache(device)[:2]
 
     def device_layerwise(self, device):
@@ -102,8 +114,11 @@ class GroupEdit:
         """Raise unless the edit at strength `scale` is finite in float32, the precision the processors and hooks
         apply it in (an entry of 1e39 is finite in float64, not in float32), before anything is installed."""
         s = (solution or self.solution).to(dtype=torch.float32)
-        eye = torch.eye(s.transform.shape[0], dtype=torch.float32, device=s.transform.device)
-        change = engine.Solution(scale * (s.transform - eye), None if s.correction is None else s.correction.times(
+        delta = None
+        if s.transform is not None:  # (a low-rank solution has none: its change is `layerwise`)
+            delta = scale * (s.transform - torch.eye(s.transform.shape[0], dtype=torch.float32,
+                                                     device=s.transform.device))
+        change = engine.Solution(delta, None if s.correction is None else s.correction.times(
             scale), layerwise=None if s.layerwise is None else s.layerwise.times(scale))
         if not change.is_finite():
             raise ValueError(f"the concept edit at strength {scale:g} is not finite in float32, the precision it is "

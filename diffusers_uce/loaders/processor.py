@@ -78,7 +78,7 @@ class ProjectionEdit:
         # correction they all get the same transformed states, so they are computed once and reused while the input
         # tensor (the same object, unchanged), the solution and the strength stay the same.
         group, solution = self.group, self.group.solution
-        shared = solution.correction is None and solution.layerwise is None
+        shared = solution.correction is None and (solution.layerwise is None or solution.layerwise.down.shape[0] == 1)
         key = (scale, None if shared else self.layer, x._version)
         cached = group.__dict__.get("_uce_inputs")
         if cached is not None and cached[0]() is x and cached[1] is solution and cached[2] == key:

@@ -77,8 +77,9 @@ class UCERobustMixin:
         for group in state.groups:
             solution = group.solution
             if solution.correction is not None or solution.layerwise is not None:
-                raise ValueError("adversarial_embeds needs an edit whose layers share one transform: not available "
-                                 "with the 'tensor' technique or debiasing")
+                raise ValueError("adversarial_embeds needs an edit whose layers share one d×d transform: not "
+                                 "available with the 'tensor' technique, debiasing, precise erasure, or on layers "
+                                 "reading inputs so wide that they are edited in low-rank form (FLUX.2, HiDream)")
             transform = scaled(solution.transform.to(device, torch.float64), None, state.scale)[0]
             encoded = self._uce_encode(group.group, [concept], False, device)
             states = encoded.states[0]

@@ -34,6 +34,7 @@ class UCESolverMixin:
         """
         device = self._execution_device
         precise = records[-1].method == "speed"
+        refuse_wide(records, groups)
         prompts = (speed_prompts(records) if precise else engine.prompts_of(records)) + held
         prompts += hardening_prompts(records)
         full = full_length_prompts(records) if precise else []  # (captured inputs are always full length)
@@ -53,7 +54,9 @@ class UCESolverMixin:
                 assembled, solution = self._uce_solve_precise(group, records, encoded, plain, row_layer)
             else:
                 assembled = engine.assemble_terms(records, encoded)
-                solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased)
+                tokens = len(assembled.terms.erase) + len(assembled.terms.preserve)
+                solution = engine.solve(assembled, plain, row_layer, len(group.projections), biased=group.biased,
+                                        low_rank=group.takes_low_rank(tokens))
             if not solution.is_finite():
                 raise ValueError("the edit solve gave non-finite values; nothing was changed. Lower erase_scale/"
                                  "preserve_scale or raise lamb")
@@ -171,6 +174,21 @@ class UCESolverMixin:
         if group.biased:
             assembled = engine.homogeneous_terms(assembled)
         return grams, solution, assembled, held_tokens
+
+
+def refuse_wide(records: list[ConceptEdit], groups: list[GroupEdit]) -> None:
+    """Refuse what needs a d×d matrix per group (hardening's Gram, precise erasure) on a wide group."""
+    wide = [g for g in groups if g.wide]
+    if not wide:
+        return
+    width = wide[0].projections[0].module.weight.shape[1]
+    what = ("precise erasure (method='speed')" if records[-1].method == "speed"
+            else "hardening (harden=...)" if any(r.harden for r in records) else None)
+    if what is not None:
+        raise ValueError(f"{what} needs the d×d Gram of each edited layer's input, and {wide[0].group.name} reads "
+                         f"{width:,}-wide tokens ({len(wide)} such group(s)), which are edited in low-rank form "
+                         "without any d×d matrix; nothing was changed: edit these layers without it (method='uce', "
+                         "no harden)")
 
 
 def _get(component, name: str):
