@@ -90,6 +90,8 @@ class TargetGroup:
             layer): `specialise` makes one group of each.
         last_text (`TextStates`, *optional*): with `per_layer`, what the last matched layer reads instead of `text`
             (HiDream's last caption projection reads T5).
+        optional (`bool`): the pipeline may leave `component` out (Wan 2.2's second expert); the group is then
+            skipped.
         bias_in_targets (`bool`): the layers' bias is part of every target, ``W′ = W T + b uᵀ``, as the authors'
             FLUX.1 script solves it. Otherwise (the default) a bias is a constant that cancels out of the targets,
             and ``W′ = W T`` maps each erased token's output exactly as the guide's would be mapped.
@@ -104,6 +106,7 @@ class TargetGroup:
     per_layer: bool = False
     last_text: TextStates | None = None
     bias_in_targets: bool = False
+    optional: bool = False
     layer_group: bool = False
 
     @property
@@ -237,10 +240,12 @@ PIXART = Family(
     call=(*_NO_GUIDANCE, ("clean_caption", False)),
 )
 
-# Wan 2.1/2.2: UMT5 states through condition_embedder.text_embedder, read by every block's cross-attention.
+# Wan 2.1/2.2: UMT5 states through condition_embedder.text_embedder, read by every block's cross-attention; Wan 2.2
+# A14B's low-noise expert (transformer_2) has a text embedder of its own, so its layers are a second group.
 WAN = Family(
     "wan",
-    (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("blocks")),),
+    (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("blocks")),
+     TargetGroup("transformer_2", "transformer_2", _captured(_T5), modules=_cross_attention("blocks"), optional=True)),
     tags=("wan", "text-to-video"),
     pipeline="WanPipeline",
     call=(*_NO_GUIDANCE, ("num_frames", 1)),
@@ -319,9 +324,11 @@ FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, SD3, FLUX2, FLUX2_KLEIN
             WAN, COGVIDEOX)
 
 
-def specialise(family: Family, denoiser) -> Family:
-    """`family` with its per-layer groups expanded to one group per layer of `denoiser` (a family without them is
-    returned as it is)."""
+def specialise(family: Family, denoiser, missing: tuple[str, ...] = ()) -> Family:
+    """`family` with its per-layer groups expanded to one group per layer of `denoiser`, and without the optional
+    groups of the components in `missing` (a family with neither is returned as it is)."""
+    if any(g.optional and g.component in missing for g in family.groups):
+        family = replace(family, groups=tuple(g for g in family.groups if not (g.optional and g.component in missing)))
     if not any(g.per_layer for g in family.groups):
         return family
     groups = []

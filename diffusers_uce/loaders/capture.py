@@ -83,6 +83,31 @@ def layer_inputs(pipe, component: str, modules: dict[str, torch.nn.Module], prom
     return seen, (called[0] if called else None)
 
 
+def denoiser_inputs(denoiser: torch.nn.Module, modules: dict[str, torch.nn.Module], args: tuple,
+                    kwargs: dict) -> dict[str, torch.Tensor]:
+    """The input each of `modules` receives when `denoiser` is called with `args` and `kwargs` (the call stops as soon
+    as all are recorded)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            seen.setdefault(name, inputs[0].detach())
+            if len(seen) == len(modules):
+                raise _Captured
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            denoiser(*args, **kwargs)
+    except _Captured:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prompts: list[str], call: dict) -> None:
     """Raise unless every module of `modules` receives the same input under two other latents and timesteps."""
     first, (args, kwargs) = layer_inputs(pipe, component, modules, prompts, call, denoiser_call=True)
@@ -101,24 +126,7 @@ def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prom
     names = list(inspect.signature(denoiser.forward).parameters)
     args = tuple(perturbed(a, names[i] if i < len(names) else "") for i, a in enumerate(args))
     kwargs = {k: perturbed(v, k) for k, v in kwargs.items()}
-    second: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, inputs):
-            second.setdefault(name, inputs[0].detach())
-            if len(second) == len(modules):
-                raise _Captured
-        return hook
-
-    hooks = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            denoiser(*args, **kwargs)
-    except _Captured:
-        pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    second = denoiser_inputs(denoiser, modules, args, kwargs)
     moved = [n for n in modules if n not in second or second[n].shape != first[n].shape
              or not torch.allclose(second[n].float(), first[n].float(), rtol=1e-4, atol=1e-5)]
     if moved:
@@ -178,12 +186,15 @@ def capture_prompts(pipe, family, groups: list[TargetGroup], prompts: list[str],
         `dict[str, EncodedPrompts]`: per group name.
     """
     call = dict(family.call)
-    firsts = {g.name: _first_layer(pipe, g) for g in groups}
-    component = groups[0].component
+    components = list(dict.fromkeys(g.component for g in groups))  # the first is the one the pipeline calls first
+    firsts = {c: {g.name: _first_layer(pipe, g) for g in groups if g.component == c} for c in components}
     parts: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     for batch in tqdm(batches, desc="Encoding prompts", disable=len(batches) < 4, leave=False):
-        seen, _ = layer_inputs(pipe, component, firsts, batch, call)
+        seen, called = layer_inputs(pipe, components[0], firsts[components[0]], batch, call,
+                                    denoiser_call=len(components) > 1)
+        for other in components[1:]:  # another denoiser of the pipeline (Wan 2.2's low-noise expert) on the same call
+            seen.update(denoiser_inputs(getattr(pipe, other), firsts[other], *called))
         for group in groups:
             states = seen[group.name]
             if states.ndim == 2:  # a pooled embedding: one token per prompt

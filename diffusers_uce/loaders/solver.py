@@ -113,16 +113,13 @@ class UCESolverMixin:
         encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
         full = not (text.causal and last_only)  # else each prompt is encoded up to its last token only
         cache = self.__dict__.get("_uce_encodings") or self.__dict__.setdefault("_uce_encodings", EncodingCache())
-        fingerprint = encoders_fingerprint([m for pair in encoders for m in pair])
-        if text.captured:  # what the layers read also depends on the denoiser's own text path
-            fingerprint += self._uce_text_path_fingerprint(group)
-        missing = cache.split(group.name, fingerprint, prompts, full)
+        missing = cache.split(group.name, self._uce_fingerprint(group), prompts, full)
         if missing and text.captured:  # the pipeline's own call, for every captured group at once
             family = self._uce_layout()
-            captured = [g for g in family.groups if g.text.captured]
-            for other, encoded in capture_prompts(self, family, captured, missing, device).items():
+            captured = {g.name: g for g in family.groups if g.text.captured}
+            for other, encoded in capture_prompts(self, family, list(captured.values()), missing, device).items():
                 if other != group.name:
-                    cache.split(other, fingerprint, [], True)
+                    cache.split(other, self._uce_fingerprint(captured[other]), [], True)
                 cache.store(other, encoded, True)
         elif missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
             encoded = encode_prompts(encoders, missing, causal_cut=not full, output=text.output,
@@ -139,19 +136,25 @@ class UCESolverMixin:
         """The pipeline's family, with groups of layers that each read their own input (HiDream's caption
         projections) expanded to one group per layer of this pipeline's denoiser."""
         family = self._uce_family
-        if any(g.per_layer for g in family.groups):
-            family = specialise(family, getattr(self, family.groups[0].component))
+        missing = tuple(g.component for g in family.groups if g.optional and getattr(self, g.component, None) is None)
+        if missing or any(g.per_layer for g in family.groups):
+            family = specialise(family, getattr(self, family.groups[0].component), missing)
             self.__dict__["_uce_family"] = family
         return family
 
-    def _uce_text_path_fingerprint(self, group: TargetGroup) -> tuple:
-        """What identifies the denoiser's weights on the text path of captured inputs: every weight of the component
-        but the edited layers' own (which fusing changes, and which do not change their own inputs)."""
+    def _uce_fingerprint(self, group: TargetGroup) -> tuple:
+        """What the states `group`'s layers read depend on: its text encoders and tokenizers and, for a captured input,
+        the denoiser's weights on the text path: every weight of the component but the edited layers' own (which
+        fusing changes, and which do not change their own inputs)."""
+        fingerprint = encoders_fingerprint([getattr(self, name) for pair in group.text.encoders for name in pair])
+        if not group.text.captured:
+            return fingerprint
         component = getattr(self, group.component)
-        edited = {id(p) for g in self._uce_layout().groups if g.modules for name in expand_names(component, g.modules)
+        edited = {id(p) for g in self._uce_layout().groups if g.modules and g.component == group.component
+                  for name in expand_names(component, g.modules)
                   if isinstance(m := _get(component, name), torch.nn.Module) for p in m.parameters()}
-        return tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in component.parameters()
-                     if id(t) not in edited)
+        return fingerprint + tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in component.parameters()
+                                   if id(t) not in edited)
 
     @staticmethod
     def _uce_report_part(group: GroupEdit, weights, row_layer, solution, assembled, encoded, held, records):

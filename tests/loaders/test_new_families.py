@@ -161,3 +161,26 @@ def test_command_line_on_the_demo(family, tmp_path):
                if not torch.equal(reloaded.transformer.get_submodule(n).weight, original.transformer.get_submodule(
                    n).weight)]
     assert changed and set(changed) <= {n for n, _ in target_layers(original)}
+
+
+def test_wan_22_edits_both_experts():
+    """Wan 2.2 A14B denoises with two transformers (high-noise, then low-noise): each has its own text embedder, so
+    each expert's cross-attention is a group of its own, and both carry the edit."""
+    from diffusers import WanPipeline
+
+    high, low = make_demo_pipeline("wan"), make_demo_pipeline("wan", seed=1)
+    pipe = diffusers_uce.attach(WanPipeline(**{**high.components, "transformer_2": low.transformer},
+                                            boundary_ratio=0.5))
+    assert [g.group.component for g in pipe._uce_groups(EditState(True, None))] == ["transformer", "transformer_2"]
+    before = {n: m.weight.clone() for n, m in pipe.transformer_2.named_modules() if n.endswith(("attn2.to_v",))}
+    pipe.apply_concept_edits(ERASE, guide="art", preserve=PRESERVE)
+    hooked = generate(pipe, "wan")
+    pipe.fuse_concept_edits()
+    assert rel(generate(pipe, "wan"), hooked) < 1e-4
+    assert all(not torch.equal(pipe.transformer_2.get_submodule(n).weight, w) for n, w in before.items())
+    # the low-noise expert's layers read its own text embedder's output: its edit is that of the same records
+    single = diffusers_uce.attach(WanPipeline(**{**low.components}))
+    single.apply_concept_edits(ERASE, guide="art", preserve=PRESERVE)
+    single.fuse_concept_edits()
+    for name in before:
+        assert rel(pipe.transformer_2.get_submodule(name).weight, single.transformer.get_submodule(name).weight) < 1e-5
