@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..core.families import Segment, TargetGroup
 from ..core.prompts import EncodedPrompts
 from ..core.targets import expand_names
+from ..utils.checks import all_finite
 
 logger = logging.get_logger(__name__)
 
@@ -108,8 +109,10 @@ def denoiser_inputs(denoiser: torch.nn.Module, modules: dict[str, torch.nn.Modul
     return seen
 
 
-def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prompts: list[str], call: dict) -> None:
-    """Raise unless every module of `modules` receives the same input under two other latents and timesteps."""
+def check_text_only(pipe, component: str, modules: dict[str, torch.nn.Module], prompts: list[str],
+                    call: dict) -> dict[str, torch.Tensor]:
+    """Raise unless every module of `modules` receives the same input under two other latents and timesteps; return
+    the inputs (by module name) of the pipeline's own call on `prompts`."""
     first, (args, kwargs) = layer_inputs(pipe, component, modules, prompts, call, denoiser_call=True)
     denoiser = getattr(pipe, component)
     generator = torch.Generator().manual_seed(1234)
@@ -135,6 +138,7 @@ def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prom
             "so it does not depend on the text alone and a closed-form edit of that layer would not be exact: name "
             "the first linear layers that read the text (e.g. a cross-attention's to_k/to_v, or the text "
             "embedder before the transformer blocks)")
+    return first
 
 
 def prompt_positions(pipe, segments: tuple[Segment, ...], prompts: list[str], length: int) -> torch.Tensor:
@@ -142,13 +146,9 @@ def prompt_positions(pipe, segments: tuple[Segment, ...], prompts: list[str], le
     preprocess = getattr(pipe, "_text_preprocessing", None)  # PixArt and Sana lowercase prompts before encoding
     texts = [preprocess(p, clean_caption=False)[0] for p in prompts] if preprocess is not None else prompts
     columns = []
-    for index, segment in enumerate(segments):
+    for segment, (_, run) in zip(segments, _runs(segments, length)):
         tokenizer = getattr(pipe, segment.tokenizer)
         prefix = segment.prefix if segment.prefix is not None else _prefix(tokenizer)
-        if segment.length is None and index + 1 < len(segments):
-            run = segments[index + 1].offset - segment.offset
-        else:
-            run = segment.length if segment.length is not None else length - segment.offset
         if segment.suffix is not None:  # padded on the left: the prompt ends just before the template's suffix
             columns.append([segment.offset + run - 1 - segment.suffix] * len(prompts))
             continue
@@ -203,6 +203,9 @@ def capture_prompts(pipe, family, groups: list[TargetGroup], prompts: list[str],
                 raise RuntimeError(f"{type(pipe).__name__} ran its denoiser on {states.shape[0]} rows for "
                                    f"{len(batch)} prompts, so their inputs cannot be told apart; pass targets that "
                                    "read the prompts' own states")
+            if not all_finite(states):
+                raise ValueError(f"{type(pipe).__name__} gave non-finite inputs to {group.name}; nothing was changed. "
+                                 "Check the text encoders' weights and dtype (fp16 overflow?)")
             parts[group.name].append(states.to(device))
     out = {}
     for group in groups:
@@ -222,6 +225,7 @@ def capture_prompts(pipe, family, groups: list[TargetGroup], prompts: list[str],
 
 
 def _runs(segments: tuple[Segment, ...], length: int) -> tuple[tuple[int, int], ...]:
+    """``(offset, length)`` of each run: its own length, else up to the next run or the end of the sequence."""
     ends = [s.offset + s.length if s.length is not None else None for s in segments]
     starts = [s.offset for s in segments[1:]] + [length]
     return tuple((s.offset, (e if e is not None else nxt) - s.offset) for s, e, nxt in zip(segments, ends, starts))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.utils import logging
 
-from ..core.families import FAMILIES, Family, Segment, TargetGroup, TextStates, family_of
+from ..core.families import Family, Segment, TargetGroup, TextStates, family_of
 from ..core.targets import expand_names, find_linear_layers, find_projections
 from .capture import check_text_only, layer_inputs
 
@@ -37,8 +37,7 @@ def explicit_family(pipe, base: type, targets) -> Family:
     if registry is not None:
         return registry
     call = _working_call(pipe, component, modules)
-    check_text_only(pipe, component, modules, _PROBES, call)
-    inputs, _ = layer_inputs(pipe, component, modules, _PROBES, call)
+    inputs = check_text_only(pipe, component, modules, _PROBES, call)
     groups: list[list[str]] = []
     for name in modules:
         for group in groups:
@@ -101,7 +100,7 @@ def _registry_match(base: type, pipe, component: str, names: set[str]) -> Family
             return None
         found = find_projections(denoiser) if group.cross_attention else find_linear_layers(denoiser, group.modules)
         layers |= {p.name for p in found}
-    return family if layers == names and family in FAMILIES else None
+    return family if layers == names else None
 
 
 def _working_call(pipe, component: str, modules: dict) -> dict:

@@ -1596,6 +1596,8 @@ class TargetGroup:
             layer): `specialise` makes one group of each.
         last_text (`TextStates`, *optional*): with `per_layer`, what the last matched layer reads instead of `text`
             (HiDream's last caption projection reads T5).
+        optional (`bool`): the pipeline may leave `component` out (Wan 2.2's second expert); the group is then
+            skipped.
         bias_in_targets (`bool`): the layers' bias is part of every target, ``W′ = W T + b uᵀ``, as the authors'
             FLUX.1 script solves it. Otherwise (the default) a bias is a constant that cancels out of the targets,
             and ``W′ = W T`` maps each erased token's output exactly as the guide's would be mapped.
@@ -1610,6 +1612,7 @@ class TargetGroup:
     per_layer: bool = False
     last_text: TextStates | None = None
     bias_in_targets: bool = False
+    optional: bool = False
     layer_group: bool = False
 
     @property
@@ -1743,10 +1746,12 @@ PIXART = Family(
     call=(*_NO_GUIDANCE, ("clean_caption", False)),
 )
 
-# Wan 2.1/2.2: UMT5 states through condition_embedder.text_embedder, read by every block's cross-attention.
+# Wan 2.1/2.2: UMT5 states through condition_embedder.text_embedder, read by every block's cross-attention; Wan 2.2
+# A14B's low-noise expert (transformer_2) has a text embedder of its own, so its layers are a second group.
 WAN = Family(
     "wan",
-    (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("blocks")),),
+    (TargetGroup("transformer", "transformer", _captured(_T5), modules=_cross_attention("blocks")),
+     TargetGroup("transformer_2", "transformer_2", _captured(_T5), modules=_cross_attention("blocks"), optional=True)),
     tags=("wan", "text-to-video"),
     pipeline="WanPipeline",
     call=(*_NO_GUIDANCE, ("num_frames", 1)),
@@ -1825,9 +1830,11 @@ FAMILIES = (STABLE_DIFFUSION, STABLE_DIFFUSION_XL, FLUX, SD3, FLUX2, FLUX2_KLEIN
             WAN, COGVIDEOX)
 
 
-def specialise(family: Family, denoiser) -> Family:
-    """`family` with its per-layer groups expanded to one group per layer of `denoiser` (a family without them is
-    returned as it is)."""
+def specialise(family: Family, denoiser, missing: tuple[str, ...] = ()) -> Family:
+    """`family` with its per-layer groups expanded to one group per layer of `denoiser`, and without the optional
+    groups of the components in `missing` (a family with neither is returned as it is)."""
+    if any(g.optional and g.component in missing for g in family.groups):
+        family = replace(family, groups=tuple(g for g in family.groups if not (g.optional and g.component in missing)))
     if not any(g.per_layer for g in family.groups):
         return family
     groups = []
@@ -7285,8 +7292,35 @@ def layer_inputs(pipe, component: str, modules: dict[str, torch.nn.Module], prom
     return seen, (called[0] if called else None)
 
 
-def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prompts: list[str], call: dict) -> None:
-    """Raise unless every module of `modules` receives the same input under two other latents and timesteps."""
+def denoiser_inputs(denoiser: torch.nn.Module, modules: dict[str, torch.nn.Module], args: tuple,
+                    kwargs: dict) -> dict[str, torch.Tensor]:
+    """The input each of `modules` receives when `denoiser` is called with `args` and `kwargs` (the call stops as soon
+    as all are recorded)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, inputs):
+            seen.setdefault(name, inputs[0].detach())
+            if len(seen) == len(modules):
+                raise _Captured
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            denoiser(*args, **kwargs)
+    except _Captured:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def check_text_only(pipe, component: str, modules: dict[str, torch.nn.Module], prompts: list[str],
+                    call: dict) -> dict[str, torch.Tensor]:
+    """Raise unless every module of `modules` receives the same input under two other latents and timesteps; return
+    the inputs (by module name) of the pipeline's own call on `prompts`."""
     first, (args, kwargs) = layer_inputs(pipe, component, modules, prompts, call, denoiser_call=True)
     denoiser = getattr(pipe, component)
     generator = torch.Generator().manual_seed(1234)
@@ -7303,24 +7337,7 @@ def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prom
     names = list(inspect.signature(denoiser.forward).parameters)
     args = tuple(perturbed(a, names[i] if i < len(names) else "") for i, a in enumerate(args))
     kwargs = {k: perturbed(v, k) for k, v in kwargs.items()}
-    second: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, inputs):
-            second.setdefault(name, inputs[0].detach())
-            if len(second) == len(modules):
-                raise _Captured
-        return hook
-
-    hooks = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            denoiser(*args, **kwargs)
-    except _Captured:
-        pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    second = denoiser_inputs(denoiser, modules, args, kwargs)
     moved = [n for n in modules if n not in second or second[n].shape != first[n].shape
              or not torch.allclose(second[n].float(), first[n].float(), rtol=1e-4, atol=1e-5)]
     if moved:
@@ -7329,6 +7346,7 @@ def check_text_only(pipe, component: str, modules: dict[str, torch.Tensor], prom
             "so it does not depend on the text alone and a closed-form edit of that layer would not be exact: name "
             "the first linear layers that read the text (e.g. a cross-attention's to_k/to_v, or the text "
             "embedder before the transformer blocks)")
+    return first
 
 
 def prompt_positions(pipe, segments: tuple[Segment, ...], prompts: list[str], length: int) -> torch.Tensor:
@@ -7336,13 +7354,9 @@ def prompt_positions(pipe, segments: tuple[Segment, ...], prompts: list[str], le
     preprocess = getattr(pipe, "_text_preprocessing", None)  # PixArt and Sana lowercase prompts before encoding
     texts = [preprocess(p, clean_caption=False)[0] for p in prompts] if preprocess is not None else prompts
     columns = []
-    for index, segment in enumerate(segments):
+    for segment, (_, run) in zip(segments, _runs(segments, length)):
         tokenizer = getattr(pipe, segment.tokenizer)
         prefix = segment.prefix if segment.prefix is not None else _prefix(tokenizer)
-        if segment.length is None and index + 1 < len(segments):
-            run = segments[index + 1].offset - segment.offset
-        else:
-            run = segment.length if segment.length is not None else length - segment.offset
         if segment.suffix is not None:  # padded on the left: the prompt ends just before the template's suffix
             columns.append([segment.offset + run - 1 - segment.suffix] * len(prompts))
             continue
@@ -7380,12 +7394,15 @@ def capture_prompts(pipe, family, groups: list[TargetGroup], prompts: list[str],
         `dict[str, EncodedPrompts]`: per group name.
     """
     call = dict(family.call)
-    firsts = {g.name: _first_layer(pipe, g) for g in groups}
-    component = groups[0].component
+    components = list(dict.fromkeys(g.component for g in groups))  # the first is the one the pipeline calls first
+    firsts = {c: {g.name: _first_layer(pipe, g) for g in groups if g.component == c} for c in components}
     parts: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     for batch in tqdm(batches, desc="Encoding prompts", disable=len(batches) < 4, leave=False):
-        seen, _ = layer_inputs(pipe, component, firsts, batch, call)
+        seen, called = layer_inputs(pipe, components[0], firsts[components[0]], batch, call,
+                                    denoiser_call=len(components) > 1)
+        for other in components[1:]:  # another denoiser of the pipeline (Wan 2.2's low-noise expert) on the same call
+            seen.update(denoiser_inputs(getattr(pipe, other), firsts[other], *called))
         for group in groups:
             states = seen[group.name]
             if states.ndim == 2:  # a pooled embedding: one token per prompt
@@ -7394,6 +7411,9 @@ def capture_prompts(pipe, family, groups: list[TargetGroup], prompts: list[str],
                 raise RuntimeError(f"{type(pipe).__name__} ran its denoiser on {states.shape[0]} rows for "
                                    f"{len(batch)} prompts, so their inputs cannot be told apart; pass targets that "
                                    "read the prompts' own states")
+            if not all_finite(states):
+                raise ValueError(f"{type(pipe).__name__} gave non-finite inputs to {group.name}; nothing was changed. "
+                                 "Check the text encoders' weights and dtype (fp16 overflow?)")
             parts[group.name].append(states.to(device))
     out = {}
     for group in groups:
@@ -7413,6 +7433,7 @@ def capture_prompts(pipe, family, groups: list[TargetGroup], prompts: list[str],
 
 
 def _runs(segments: tuple[Segment, ...], length: int) -> tuple[tuple[int, int], ...]:
+    """``(offset, length)`` of each run: its own length, else up to the next run or the end of the sequence."""
     ends = [s.offset + s.length if s.length is not None else None for s in segments]
     starts = [s.offset for s in segments[1:]] + [length]
     return tuple((s.offset, (e if e is not None else nxt) - s.offset) for s, e, nxt in zip(segments, ends, starts))
@@ -7523,16 +7544,13 @@ class UCESolverMixin:
         encoders = [(getattr(self, tok), getattr(self, enc)) for tok, enc in text.encoders]
         full = not (text.causal and last_only)  # else each prompt is encoded up to its last token only
         cache = self.__dict__.get("_uce_encodings") or self.__dict__.setdefault("_uce_encodings", EncodingCache())
-        fingerprint = encoders_fingerprint([m for pair in encoders for m in pair])
-        if text.captured:  # what the layers read also depends on the denoiser's own text path
-            fingerprint += self._uce_text_path_fingerprint(group)
-        missing = cache.split(group.name, fingerprint, prompts, full)
+        missing = cache.split(group.name, self._uce_fingerprint(group), prompts, full)
         if missing and text.captured:  # the pipeline's own call, for every captured group at once
             family = self._uce_layout()
-            captured = [g for g in family.groups if g.text.captured]
-            for other, encoded in capture_prompts(self, family, captured, missing, device).items():
+            captured = {g.name: g for g in family.groups if g.text.captured}
+            for other, encoded in capture_prompts(self, family, list(captured.values()), missing, device).items():
                 if other != group.name:
-                    cache.split(other, fingerprint, [], True)
+                    cache.split(other, self._uce_fingerprint(captured[other]), [], True)
                 cache.store(other, encoded, True)
         elif missing:  # prompts the pipeline has not encoded yet (or not at full length): one batched pass
             encoded = encode_prompts(encoders, missing, causal_cut=not full, output=text.output,
@@ -7549,19 +7567,25 @@ class UCESolverMixin:
         """The pipeline's family, with groups of layers that each read their own input (HiDream's caption
         projections) expanded to one group per layer of this pipeline's denoiser."""
         family = self._uce_family
-        if any(g.per_layer for g in family.groups):
-            family = specialise(family, getattr(self, family.groups[0].component))
+        missing = tuple(g.component for g in family.groups if g.optional and getattr(self, g.component, None) is None)
+        if missing or any(g.per_layer for g in family.groups):
+            family = specialise(family, getattr(self, family.groups[0].component), missing)
             self.__dict__["_uce_family"] = family
         return family
 
-    def _uce_text_path_fingerprint(self, group: TargetGroup) -> tuple:
-        """What identifies the denoiser's weights on the text path of captured inputs: every weight of the component
-        but the edited layers' own (which fusing changes, and which do not change their own inputs)."""
+    def _uce_fingerprint(self, group: TargetGroup) -> tuple:
+        """What the states `group`'s layers read depend on: its text encoders and tokenizers and, for a captured input,
+        the denoiser's weights on the text path: every weight of the component but the edited layers' own (which
+        fusing changes, and which do not change their own inputs)."""
+        fingerprint = encoders_fingerprint([getattr(self, name) for pair in group.text.encoders for name in pair])
+        if not group.text.captured:
+            return fingerprint
         component = getattr(self, group.component)
-        edited = {id(p) for g in self._uce_layout().groups if g.modules for name in expand_names(component, g.modules)
+        edited = {id(p) for g in self._uce_layout().groups if g.modules and g.component == group.component
+                  for name in expand_names(component, g.modules)
                   if isinstance(m := _get(component, name), torch.nn.Module) for p in m.parameters()}
-        return tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in component.parameters()
-                     if id(t) not in edited)
+        return fingerprint + tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in component.parameters()
+                                   if id(t) not in edited)
 
     @staticmethod
     def _uce_report_part(group: GroupEdit, weights, row_layer, solution, assembled, encoded, held, records):
