@@ -184,3 +184,16 @@ def test_wan_22_edits_both_experts():
     single.fuse_concept_edits()
     for name in before:
         assert rel(pipe.transformer_2.get_submodule(name).weight, single.transformer.get_submodule(name).weight) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["pixart", "wan", "cogvideox", "sana", "hidream", "flux2", "flux2-klein"])
+def test_paper_mode_matches_float64_reference(family):
+    """"paper" tokens (each erased prompt's positions from its last token to the end, paired with its guide's; every
+    position of the preserved prompts and of "") on the families whose inputs have a fixed length."""
+    pipe = diffusers_uce.attach(make_demo_pipeline(family))
+    original = weights(pipe)
+    out = pipe.apply_concept_edits(ERASE, guide=["art", ""], preserve=PRESERVE, token_mode="paper", held_out=[])
+    pipe.fuse_concept_edits()
+    expected = reference(pipe, original, ERASE, ["art", ""], PRESERVE, "paper", out.edits[-1].preserve_scale)
+    for name, module in target_layers(pipe):
+        assert rel(module.weight, expected[name]) < 1e-5, name

@@ -118,7 +118,7 @@ def _sana(pipe, prompt):
                                             max_sequence_length=_call_default(pipe, "max_sequence_length"))
     with torch.no_grad():
         states = pipe.transformer.caption_norm(pipe.transformer.caption_projection(embeds))
-    return states[0].double(), int(mask.sum()) - 1 if prompt else 0
+    return states[0].double(), int(mask.sum()) - 1 if prompt.strip() else 0  # (Sana strips prompts)
 
 
 def _qwenimage(pipe, prompt):
