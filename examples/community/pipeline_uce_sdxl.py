@@ -7264,6 +7264,18 @@ def _run(pipe, kwargs: dict, hooks: list) -> None:
                        "in its denoiser's forward pass, so editing them would change nothing")
 
 
+def _recorders(modules: dict[str, torch.nn.Module], seen: dict[str, torch.Tensor]) -> list:
+    """Forward pre-hooks that put each module's input into `seen` and raise `_Captured` once all are there."""
+    def record(name):
+        def hook(module, inputs):
+            seen.setdefault(name, inputs[0].detach())
+            if len(seen) == len(modules):
+                raise _Captured
+        return hook
+
+    return [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+
+
 def layer_inputs(pipe, component: str, modules: dict[str, torch.nn.Module], prompts: list[str], call: dict,
                  *, denoiser_call: bool = False):
     """The input each of `modules` receives when `pipe` generates from `prompts` (one batch), and optionally the
@@ -7275,15 +7287,7 @@ def layer_inputs(pipe, component: str, modules: dict[str, torch.nn.Module], prom
     """
     seen: dict[str, torch.Tensor] = {}
     called: list = []
-
-    def record(name):
-        def hook(module, args):
-            seen.setdefault(name, args[0].detach())
-            if len(seen) == len(modules):
-                raise _Captured
-        return hook
-
-    hooks = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+    hooks = _recorders(modules, seen)
     if denoiser_call:
         def keep(module, args, kwargs):
             called.append((args, kwargs))
@@ -7297,15 +7301,7 @@ def denoiser_inputs(denoiser: torch.nn.Module, modules: dict[str, torch.nn.Modul
     """The input each of `modules` receives when `denoiser` is called with `args` and `kwargs` (the call stops as soon
     as all are recorded)."""
     seen: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, inputs):
-            seen.setdefault(name, inputs[0].detach())
-            if len(seen) == len(modules):
-                raise _Captured
-        return hook
-
-    hooks = [module.register_forward_pre_hook(record(name)) for name, module in modules.items()]
+    hooks = _recorders(modules, seen)
     try:
         with torch.no_grad():
             denoiser(*args, **kwargs)
