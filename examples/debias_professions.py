@@ -32,10 +32,6 @@ AUTHORS_PROFESSIONS = (
 )
 
 
-def split(text):
-    return [item.strip() for item in text.split(";") if item.strip()]
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
@@ -73,12 +69,13 @@ def main(argv=None):
     from accelerate import PartialState  # a single process without `accelerate launch`
 
     import diffusers_uce
-    from diffusers_uce.core.concepts import read_concepts
+    from diffusers_uce.core.concepts import read_concepts, split_concepts
     from diffusers_uce.loaders.debias import clip_zero_shot_classifier
 
     state = PartialState()
-    professions = list(AUTHORS_PROFESSIONS) if args.professions == "authors" else split(args.professions)
-    attributes = split(args.attributes)
+    professions = (list(AUTHORS_PROFESSIONS) if args.professions == "authors"
+                   else split_concepts(args.professions))
+    attributes = split_concepts(args.attributes)
     debiased = {p.lower() for p in professions}
     others = read_concepts(args.preserve_csv, column="profession") if args.preserve_csv else AUTHORS_PROFESSIONS
     preserve = [p for p in others if p.lower() not in debiased]

@@ -146,6 +146,7 @@ def main(argv=None):
     import torch
 
     import diffusers_uce
+    from diffusers_uce.core.concepts import split_concepts
     from diffusers_uce.evaluation.evaluate import evaluate_edit, format_summary
     from diffusers_uce.evaluation.robust_sets import robust_prompt_set_path
 
@@ -164,7 +165,7 @@ def main(argv=None):
     pipe = diffusers_uce.attach(pipe)
 
     if args.task == "artist":
-        erase = [name.strip() for name in args.erase.split(";") if name.strip()]
+        erase = split_concepts(args.erase)
         if args.data:
             preserve = preserved_artists(args.data, erase, args.num_preserve)
             prompts = artist_prompts(args.data, erase, output)
